@@ -1,0 +1,153 @@
+//! The one error type of the crate.
+
+use std::fmt;
+use std::time::Duration;
+
+/// A `Result` whose error is [`enum@Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong when taking, keeping or giving back a lock.
+///
+/// Each case asks the caller for a different reaction:
+///
+/// | case | meaning | typical reaction |
+/// |---|---|---|
+/// | [`Contended`](Error::Contended) | one attempt found the lock held by another owner | skip the work, or try later |
+/// | [`Timeout`](Error::Timeout) | the wait budget ran out while another owner held it | give up or report busy |
+/// | [`Lost`](Error::Lost) | a lease this caller held is no longer its own | stop touching the protected resource |
+/// | [`Redis`](Error::Redis) | the server or the network failed (includes response timeouts) | retry later, alert |
+/// | [`InvalidArgument`](Error::InvalidArgument) | a key or an option cannot be used | fix the call |
+///
+/// "Held by another owner" ([`Contended`](Error::Contended), [`Timeout`](Error::Timeout))
+/// and "Redis is unreachable" ([`Redis`](Error::Redis)) are never reported as one another.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A single attempt ([`LockManager::try_lock`](crate::LockManager::try_lock)) found the
+    /// lock held by another owner.
+    #[error("lock {key} is held by another owner")]
+    Contended {
+        /// The lock's name, as the caller gave it (lossy UTF-8, shortened).
+        key: String,
+        /// How long the current owner's lease has left, when the server said so.
+        /// A good hint for when to try again.
+        retry_after: Option<Duration>,
+    },
+
+    /// The wait budget ran out while another owner held the lock.
+    #[error(
+        "lock {key} still held by another owner after waiting {waited:?} ({attempts} attempts)"
+    )]
+    Timeout {
+        /// The lock's name, as the caller gave it (lossy UTF-8, shortened).
+        key: String,
+        /// How long the call waited, on the monotonic clock.
+        waited: Duration,
+        /// How many acquire attempts were sent to the server.
+        attempts: u32,
+    },
+
+    /// A lease this caller held is gone: it expired, or another owner holds the key now.
+    ///
+    /// Returned by [`LockGuard::extend`](crate::LockGuard::extend) and
+    /// [`LockGuard::release`](crate::LockGuard::release). The protected work must be treated
+    /// as unprotected from the moment the lease ended.
+    #[error("lease on lock {key} was lost: {reason}")]
+    Lost {
+        /// The lock's name, as the caller gave it (lossy UTF-8, shortened).
+        key: String,
+        /// Why the lease is gone.
+        reason: LostReason,
+    },
+
+    /// The Redis server or the connection to it failed, or did not answer in time.
+    ///
+    /// The outcome of the command that failed is unknown; distlock never reports such a
+    /// failure as contention or as a lease still held.
+    #[error("redis error: {0}")]
+    Redis(#[from] redis::RedisError),
+
+    /// A key or an option that distlock cannot use; nothing was sent to Redis.
+    #[error("invalid argument: {0}")]
+    InvalidArgument(InvalidArgument),
+}
+
+impl Error {
+    /// `true` for [`Error::Contended`] and [`Error::Timeout`]: another owner holds the lock.
+    pub fn is_held_by_other(&self) -> bool {
+        matches!(self, Error::Contended { .. } | Error::Timeout { .. })
+    }
+
+    /// `true` for [`Error::Lost`].
+    pub fn is_lost(&self) -> bool {
+        matches!(self, Error::Lost { .. })
+    }
+
+    /// `true` for [`Error::Redis`]: the server or the network failed.
+    pub fn is_redis(&self) -> bool {
+        matches!(self, Error::Redis(_))
+    }
+
+    pub(crate) fn invalid(what: &'static str, detail: impl Into<String>) -> Self {
+        Error::InvalidArgument(InvalidArgument {
+            what,
+            detail: detail.into(),
+        })
+    }
+}
+
+/// Why a lease is no longer held.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum LostReason {
+    /// The lease's time ran out before it was released or extended: the key was gone.
+    Expired,
+    /// The key holds another owner's token: the lease expired and somebody else took it.
+    Taken,
+}
+
+impl fmt::Display for LostReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            LostReason::Expired => "the lease expired",
+            LostReason::Taken => "another owner holds the lock",
+        })
+    }
+}
+
+/// What was wrong with an argument; carried by [`Error::InvalidArgument`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InvalidArgument {
+    what: &'static str,
+    detail: String,
+}
+
+impl InvalidArgument {
+    /// Which argument was rejected: `"key"`, `"ttl"`, `"wait"`, `"backoff"`, `"url"`,
+    /// `"prefix"` or `"timeout"`.
+    pub fn what(&self) -> &'static str {
+        self.what
+    }
+
+    /// A human-readable explanation.
+    pub fn detail(&self) -> &str {
+        &self.detail
+    }
+}
+
+impl fmt::Display for InvalidArgument {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.what, self.detail)
+    }
+}
+
+/// Shortened, printable form of a lock name for errors and logs.
+pub(crate) fn display_key(name: &[u8]) -> String {
+    const MAX: usize = 64;
+    let text = String::from_utf8_lossy(&name[..name.len().min(MAX)]);
+    if name.len() > MAX {
+        format!("{text}…")
+    } else {
+        text.into_owned()
+    }
+}

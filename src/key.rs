@@ -1,0 +1,169 @@
+//! Lock names, the Redis keys they map to, and lease tokens.
+
+use std::fmt;
+use std::sync::Arc;
+
+use crate::error::{Error, Result, display_key};
+
+/// The longest lock name accepted, in bytes. Lock names are identifiers, not payloads;
+/// a longer one is rejected with [`Error::InvalidArgument`] before anything is sent.
+pub const MAX_KEY_LEN: usize = 1024;
+
+/// The longest key prefix accepted, in bytes.
+pub const MAX_PREFIX_LEN: usize = 256;
+
+/// The Redis keys of one lock.
+///
+/// Layout: `<prefix>{<name>}` for the lease and `<prefix>{<name>}:fence` for the fencing
+/// counter. The braces make `<name>` the Redis Cluster hash tag, so every key a script
+/// touches for one lock lives in one slot. A name that itself contains braces still maps
+/// all its keys to one slot: they share everything up to the suffix.
+#[derive(Clone)]
+pub(crate) struct LockKey(Arc<KeyParts>);
+
+struct KeyParts {
+    name: Box<[u8]>,
+    lease: Box<[u8]>,
+    fence: Box<[u8]>,
+    display: String,
+}
+
+impl LockKey {
+    pub(crate) fn new(prefix: &[u8], name: &[u8]) -> Result<Self> {
+        if name.is_empty() {
+            return Err(Error::invalid("key", "a lock name must not be empty"));
+        }
+        if name.len() > MAX_KEY_LEN {
+            return Err(Error::invalid(
+                "key",
+                format!(
+                    "a lock name is at most {MAX_KEY_LEN} bytes, got {}",
+                    name.len()
+                ),
+            ));
+        }
+        let mut lease = Vec::with_capacity(prefix.len() + name.len() + 2);
+        lease.extend_from_slice(prefix);
+        lease.push(b'{');
+        lease.extend_from_slice(name);
+        lease.push(b'}');
+        let mut fence = Vec::with_capacity(lease.len() + 6);
+        fence.extend_from_slice(&lease);
+        fence.extend_from_slice(b":fence");
+        Ok(LockKey(Arc::new(KeyParts {
+            name: name.into(),
+            lease: lease.into(),
+            fence: fence.into(),
+            display: display_key(name),
+        })))
+    }
+
+    /// The name the caller gave.
+    pub(crate) fn name(&self) -> &[u8] {
+        &self.0.name
+    }
+
+    /// The Redis key holding the lease.
+    pub(crate) fn lease(&self) -> &[u8] {
+        &self.0.lease
+    }
+
+    /// The Redis key holding the fencing counter.
+    pub(crate) fn fence(&self) -> &[u8] {
+        &self.0.fence
+    }
+
+    /// Printable, shortened name for errors and logs.
+    pub(crate) fn display(&self) -> &str {
+        &self.0.display
+    }
+}
+
+impl fmt::Debug for LockKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.display())
+    }
+}
+
+pub(crate) fn validate_prefix(prefix: &[u8]) -> Result<()> {
+    if prefix.len() > MAX_PREFIX_LEN {
+        return Err(Error::invalid(
+            "prefix",
+            format!(
+                "a key prefix is at most {MAX_PREFIX_LEN} bytes, got {}",
+                prefix.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The secret that proves ownership of one lease: 128 random bits from the operating
+/// system's CSPRNG (a UUID v4), fresh for every acquisition, stored as 32 hex digits.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct Token([u8; 32]);
+
+impl Token {
+    pub(crate) fn generate() -> Self {
+        let mut out = [0u8; 32];
+        uuid::Uuid::new_v4().simple().encode_lower(&mut out);
+        Token(out)
+    }
+
+    pub(crate) fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    /// The first 8 hex digits: enough to tell leases apart in logs, useless to an attacker.
+    pub(crate) fn short(&self) -> &str {
+        // The bytes are ASCII hex digits written by `encode_lower`.
+        std::str::from_utf8(&self.0[..8]).unwrap_or("????????")
+    }
+}
+
+impl fmt::Debug for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}…", self.short())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_share_the_hash_tag_of_the_name() {
+        let key = LockKey::new(b"app:", b"jobs:nightly").unwrap();
+        assert_eq!(key.lease(), b"app:{jobs:nightly}");
+        assert_eq!(key.fence(), b"app:{jobs:nightly}:fence");
+        assert_eq!(key.name(), b"jobs:nightly");
+    }
+
+    #[test]
+    fn empty_and_oversized_names_are_rejected() {
+        for name in [Vec::new(), vec![b'x'; MAX_KEY_LEN + 1]] {
+            match LockKey::new(b"p:", &name) {
+                Err(Error::InvalidArgument(arg)) => assert_eq!(arg.what(), "key"),
+                other => panic!("accepted a name of {} bytes: {other:?}", name.len()),
+            }
+        }
+        assert!(LockKey::new(b"p:", &[b'x'; MAX_KEY_LEN]).is_ok());
+    }
+
+    #[test]
+    fn binary_names_are_kept_byte_for_byte() {
+        let name = [0u8, 0xff, b'{', b'\n', b'}'];
+        let key = LockKey::new(b"", &name).unwrap();
+        assert_eq!(key.name(), name);
+        assert_eq!(key.lease(), b"{\0\xff{\n}}");
+    }
+
+    #[test]
+    fn tokens_are_32_hex_digits_and_distinct() {
+        let a = Token::generate();
+        let b = Token::generate();
+        assert_ne!(a, b);
+        assert!(a.as_bytes().iter().all(|c| c.is_ascii_hexdigit()));
+        assert_eq!(a.short().len(), 8);
+    }
+}

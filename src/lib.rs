@@ -1,0 +1,103 @@
+//! Distributed lease locks on Redis.
+//!
+//! Use distlock when several processes, possibly on several machines, must agree that only
+//! one of them does something right now: one worker runs the nightly job, one process
+//! rewrites a record, one node leads. Within a single process, a
+//! [`tokio::sync::Mutex`] is the right tool; distlock is for when the contenders do not
+//! share memory but share a Redis server.
+//!
+//! A lock is a **lease** on one Redis key: `SET <key> <token> NX PX <ttl>`, with a fresh
+//! 128-bit random token for every acquisition. Only the holder of the token can extend or
+//! release the lease (compare-and-act Lua scripts), and a holder that vanishes loses the
+//! lease when its TTL runs out.
+//!
+//! ```no_run
+//! # async fn demo() -> distlock::Result<()> {
+//! use std::time::Duration;
+//! use distlock::{LockManager, LockOptions};
+//!
+//! let locks = LockManager::connect("redis://127.0.0.1:6379").await?;
+//!
+//! // Wait (with backoff, up to the wait budget) for the lock, hold it, give it back.
+//! let guard = locks.lock("jobs:nightly").await?;
+//! println!("fencing token {}", guard.fencing_token());
+//! guard.release().await?;
+//!
+//! // One attempt, no waiting.
+//! match locks.try_lock("jobs:nightly").await {
+//!     Ok(guard) => drop(guard), // dropping releases in the background
+//!     Err(e) if e.is_held_by_other() => println!("someone else is on it"),
+//!     Err(e) => return Err(e),
+//! }
+//!
+//! // Custom lease and wait.
+//! let opts = LockOptions::new()
+//!     .ttl(Duration::from_secs(10))
+//!     .wait(Duration::from_secs(5));
+//! let guard = locks.lock_with("jobs:nightly", opts).await?;
+//! guard.extend(Duration::from_secs(10)).await?;
+//! guard.release().await?;
+//! # Ok(()) }
+//! ```
+//!
+//! # Guarantees and their limits
+//!
+//! - **Mutual exclusion while the holder keeps to the lease.** Two guards for one lock
+//!   never overlap as long as each holder stops touching the protected resource by its
+//!   [`LockGuard::valid_until`]. A process that pauses (GC, swap, a stopped VM) past that
+//!   deadline can wake up still believing it holds the lock while someone else does.
+//!   A lease lock alone cannot prevent that.
+//! - **For correctness, check the fencing token at the resource.** Every lease carries a
+//!   [`LockGuard::fencing_token`] that is strictly greater than the tokens of all earlier
+//!   leases on the same lock. A resource that remembers the highest token it has accepted
+//!   and rejects writes with a lower one turns the lease into a safe lock, even across
+//!   pauses. distlock hands out the token; the check lives in your resource. The token is
+//!   `max(counter + 1, Redis server time in µs)`, so it keeps increasing even if the
+//!   counter key is lost, assuming the server clock does not step backwards.
+//! - **Nobody releases or extends another's lease.** Release and extend compare the token
+//!   first; a stale guard gets [`Error::Lost`] and leaves the current holder alone.
+//! - **Validity is measured on the monotonic clock** from just before the acquire was
+//!   sent, minus a drift allowance (`ttl/100 + 2 ms`); wall clocks are never trusted.
+//! - **One Redis primary.** If that primary fails over to a replica that missed the
+//!   latest `SET`, two holders can overlap; the fencing check above still protects the
+//!   resource.
+//! - **Every call is bounded in time**: by the wait budget, the command timeout
+//!   ([`LockManagerBuilder::command_timeout`]) and the connect timeout.
+//!
+//! # Dropping a guard
+//!
+//! A [`LockGuard`] that is dropped without [`LockGuard::release`] hands the release to the
+//! tokio runtime it was acquired on and returns immediately. Dropping never blocks and
+//! never panics, also outside any runtime. If that runtime has shut down, nothing is sent
+//! and the lease ends when its TTL runs out.
+//!
+//! # Errors
+//!
+//! One [`enum@Error`] type whose cases ask for different reactions: held by another owner
+//! ([`Error::Contended`], [`Error::Timeout`]), lease lost ([`Error::Lost`]), server or
+//! network failure ([`Error::Redis`]), bad input ([`Error::InvalidArgument`]). No input
+//! makes distlock panic.
+#![deny(missing_docs)]
+#![warn(rust_2018_idioms, unreachable_pub)]
+
+mod error;
+mod guard;
+mod key;
+mod manager;
+mod options;
+pub mod retry;
+mod scripts;
+mod store;
+
+pub use error::{Error, InvalidArgument, LostReason, Result};
+pub use guard::LockGuard;
+pub use key::{MAX_KEY_LEN, MAX_PREFIX_LEN};
+pub use manager::{
+    DEFAULT_COMMAND_TIMEOUT, DEFAULT_CONNECT_TIMEOUT, DEFAULT_PREFIX, LockManager,
+    LockManagerBuilder,
+};
+pub use options::{LockOptions, MAX_TTL, MIN_TTL};
+pub use retry::Backoff;
+
+// `redis` types appear in the public API (`Error::Redis`, `LockManager::new`).
+pub use redis;

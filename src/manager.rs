@@ -1,0 +1,468 @@
+//! `LockManager`: the connection, the defaults, and the acquire loop.
+
+use std::fmt;
+use std::io;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use tokio::runtime::Handle;
+use tracing::Instrument;
+
+use crate::error::{Error, Result};
+use crate::guard::{Lease, LockGuard};
+use crate::key::{LockKey, Token, validate_prefix};
+use crate::options::{LockOptions, Ttl};
+use crate::store::{Acquire, LeaseStore, RedisStore};
+
+/// The default key prefix: lock `jobs:nightly` lives at `distlock:{jobs:nightly}`.
+pub const DEFAULT_PREFIX: &str = "distlock:";
+
+/// The default bound on one Redis command (acquire, extend or release attempt).
+pub const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The default bound on establishing the connection in [`LockManager::connect`].
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Takes and hands out leases on one Redis server.
+///
+/// Cheap to clone (an `Arc` inside); clones share the connection. Build it from a URL
+/// with [`connect`](Self::connect) (a reconnecting [`ConnectionManager`] inside), from a
+/// connection you already have with [`new`](Self::new), or with options through
+/// [`builder`](Self::builder).
+///
+/// | call | waits? | when the lock is held by another owner |
+/// |---|---|---|
+/// | [`lock`](Self::lock), [`lock_with`](Self::lock_with) | yes, with backoff, up to the wait budget | [`Error::Timeout`] |
+/// | [`try_lock`](Self::try_lock), [`try_lock_with`](Self::try_lock_with) | no, one attempt | [`Error::Contended`] |
+///
+/// ```no_run
+/// # async fn demo() -> distlock::Result<()> {
+/// use std::time::Duration;
+/// use distlock::{LockManager, LockOptions};
+///
+/// let locks = LockManager::connect("redis://127.0.0.1:6379").await?;
+/// let guard = locks
+///     .lock_with("jobs:nightly", LockOptions::new().ttl(Duration::from_secs(10)))
+///     .await?;
+/// // ... only one process runs this at a time ...
+/// guard.release().await?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct LockManager {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    store: Arc<dyn LeaseStore>,
+    prefix: Box<[u8]>,
+    defaults: LockOptions,
+}
+
+impl fmt::Debug for LockManager {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LockManager")
+            .field("prefix", &String::from_utf8_lossy(&self.shared.prefix))
+            .field("defaults", &self.shared.defaults)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Builds a [`LockManager`] with a key prefix, default options and timeouts.
+///
+/// ```no_run
+/// # async fn demo() -> distlock::Result<()> {
+/// use std::time::Duration;
+/// use distlock::{LockManager, LockOptions};
+///
+/// let locks = LockManager::builder()
+///     .prefix("billing:locks:")
+///     .default_options(LockOptions::new().ttl(Duration::from_secs(5)))
+///     .command_timeout(Duration::from_millis(500))
+///     .connect("redis://127.0.0.1:6379")
+///     .await?;
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct LockManagerBuilder {
+    prefix: Vec<u8>,
+    defaults: LockOptions,
+    command_timeout: Duration,
+    connect_timeout: Duration,
+}
+
+impl Default for LockManagerBuilder {
+    fn default() -> Self {
+        LockManagerBuilder {
+            prefix: DEFAULT_PREFIX.as_bytes().to_vec(),
+            defaults: LockOptions::new(),
+            command_timeout: DEFAULT_COMMAND_TIMEOUT,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+        }
+    }
+}
+
+impl LockManagerBuilder {
+    /// The prefix of every Redis key the manager touches (default [`DEFAULT_PREFIX`], at most
+    /// [`MAX_PREFIX_LEN`](crate::MAX_PREFIX_LEN) bytes). Managers that must exclude each
+    /// other need the same prefix.
+    pub fn prefix(mut self, prefix: impl AsRef<[u8]>) -> Self {
+        self.prefix = prefix.as_ref().to_vec();
+        self
+    }
+
+    /// The options [`lock`](LockManager::lock) and [`try_lock`](LockManager::try_lock) use
+    /// (default [`LockOptions::new`]).
+    pub fn default_options(mut self, options: LockOptions) -> Self {
+        self.defaults = options;
+        self
+    }
+
+    /// The longest distlock waits for the reply to one command before it reports
+    /// [`Error::Redis`] (default [`DEFAULT_COMMAND_TIMEOUT`]). Must be above zero.
+    pub fn command_timeout(mut self, timeout: Duration) -> Self {
+        self.command_timeout = timeout;
+        self
+    }
+
+    /// The longest [`connect`](Self::connect) takes to reach the server (default
+    /// [`DEFAULT_CONNECT_TIMEOUT`]). Must be above zero.
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// Connects to `url` (`redis://[user:password@]host[:port][/db]`, `unix://…`) through a
+    /// [`ConnectionManager`], which reconnects by itself after a failure.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidArgument`] for a URL that does not parse or a bad option;
+    /// [`Error::Redis`] when the server cannot be reached (refused, wrong password, or no
+    /// answer within the connect timeout).
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future abandons the connection attempt; nothing is left behind.
+    pub async fn connect(self, url: &str) -> Result<LockManager> {
+        self.check()?;
+        let client = redis::Client::open(url).map_err(|e| Error::invalid("url", e.to_string()))?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(self.connect_timeout))
+            .set_response_timeout(Some(self.command_timeout))
+            .set_number_of_retries(2)
+            .set_max_delay(Duration::from_millis(500));
+        let connect = ConnectionManager::new_with_config(client, config);
+        let conn = match tokio::time::timeout(self.connect_timeout, connect).await {
+            Ok(conn) => conn?,
+            Err(_) => {
+                return Err(Error::Redis(
+                    io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!(
+                            "could not connect to Redis within {:?}",
+                            self.connect_timeout
+                        ),
+                    )
+                    .into(),
+                ));
+            }
+        };
+        self.build(conn)
+    }
+
+    /// Builds the manager on a connection you already have: a [`ConnectionManager`], a
+    /// [`MultiplexedConnection`](redis::aio::MultiplexedConnection), a pooled connection,
+    /// anything that implements [`ConnectionLike`] and is cheap to clone.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidArgument`] for a bad prefix, timeout or default option.
+    pub fn build<C>(self, conn: C) -> Result<LockManager>
+    where
+        C: ConnectionLike + Clone + Send + Sync + 'static,
+    {
+        self.check()?;
+        let store = RedisStore::new(conn, Some(self.command_timeout));
+        Ok(LockManager {
+            shared: Arc::new(Shared {
+                store: Arc::new(store),
+                prefix: self.prefix.into(),
+                defaults: self.defaults,
+            }),
+        })
+    }
+
+    fn check(&self) -> Result<()> {
+        validate_prefix(&self.prefix)?;
+        if self.command_timeout.is_zero() || self.connect_timeout.is_zero() {
+            return Err(Error::invalid("timeout", "timeouts must be above zero"));
+        }
+        self.defaults.validate()
+    }
+}
+
+/// The result of one acquire attempt.
+enum Attempt {
+    Taken(LockGuard),
+    Held { pttl: Option<Duration> },
+}
+
+impl LockManager {
+    /// Connects to `url` with the default prefix, options and timeouts. See
+    /// [`LockManagerBuilder::connect`] for the errors and for other settings.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future abandons the connection attempt; nothing is left behind.
+    pub async fn connect(url: &str) -> Result<Self> {
+        Self::builder().connect(url).await
+    }
+
+    /// A manager on a connection you already have, with the default prefix, options and
+    /// command timeout. See [`LockManagerBuilder::build`].
+    ///
+    /// ```no_run
+    /// # async fn demo() -> distlock::Result<()> {
+    /// let client = redis::Client::open("redis://127.0.0.1:6379")?;
+    /// let conn = client.get_multiplexed_async_connection().await?;
+    /// let locks = distlock::LockManager::new(conn)?;
+    /// # Ok(()) }
+    /// ```
+    pub fn new<C>(conn: C) -> Result<Self>
+    where
+        C: ConnectionLike + Clone + Send + Sync + 'static,
+    {
+        Self::builder().build(conn)
+    }
+
+    /// A builder for a prefix, default options and timeouts.
+    pub fn builder() -> LockManagerBuilder {
+        LockManagerBuilder::default()
+    }
+
+    /// The options [`lock`](Self::lock) and [`try_lock`](Self::try_lock) use.
+    pub fn default_options(&self) -> LockOptions {
+        self.shared.defaults
+    }
+
+    /// Takes the lock `key` with the default options, waiting while another owner holds
+    /// it (see [`lock_with`](Self::lock_with)).
+    ///
+    /// # Cancel safety
+    ///
+    /// As for [`lock_with`](Self::lock_with).
+    pub async fn lock(&self, key: impl AsRef<[u8]>) -> Result<LockGuard> {
+        self.lock_with(key, self.shared.defaults).await
+    }
+
+    /// Takes the lock `key`, waiting while another owner holds it.
+    ///
+    /// Attempts are spaced by `options`' backoff; the call returns [`Error::Timeout`] once
+    /// the wait budget is spent (it never sleeps past the budget; the last attempt is made
+    /// at the deadline), or when the backoff's attempt limit is reached.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Timeout`] (held by another owner the whole time), [`Error::Redis`] (the
+    /// server or network failed; returned at once, not retried),
+    /// [`Error::InvalidArgument`] (bad key or options; nothing was sent).
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future at any point leaves no lease that nobody can release: if an
+    /// attempt was in flight, a compare-and-delete with its token is handed to the
+    /// background, so a lease the server may have granted is released right away instead
+    /// of living out its TTL.
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # async fn demo(locks: distlock::LockManager) -> distlock::Result<()> {
+    /// use std::time::Duration;
+    /// use distlock::{Error, LockOptions};
+    ///
+    /// let opts = LockOptions::new().wait(Duration::from_secs(2));
+    /// match locks.lock_with("ledger", opts).await {
+    ///     Ok(guard) => guard.release().await?,
+    ///     Err(Error::Timeout { waited, attempts, .. }) => {
+    ///         eprintln!("busy: gave up after {waited:?} and {attempts} attempts");
+    ///     }
+    ///     Err(e) => return Err(e),
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn lock_with(
+        &self,
+        key: impl AsRef<[u8]>,
+        options: LockOptions,
+    ) -> Result<LockGuard> {
+        let started = Instant::now();
+        options.validate()?;
+        let key = LockKey::new(&self.shared.prefix, key.as_ref())?;
+        let ttl = Ttl::new(options.lease_ttl())?;
+        let deadline = started.checked_add(options.wait_budget()).ok_or_else(|| {
+            Error::invalid("wait", "the wait budget overflows the monotonic clock")
+        })?;
+        let span = tracing::debug_span!(
+            "distlock.lock",
+            key = key.display(),
+            ttl_ms = ttl.as_millis()
+        );
+        async {
+            let mut delays = options.backoff_policy().delays();
+            let mut attempts: u32 = 0;
+            loop {
+                attempts = attempts.saturating_add(1);
+                let pttl = match self.attempt(&key, ttl).await? {
+                    Attempt::Taken(guard) => return Ok(guard),
+                    Attempt::Held { pttl } => pttl,
+                };
+                let now = Instant::now();
+                let delay = match delays.next() {
+                    Some(delay) if now < deadline => delay,
+                    _ => {
+                        let waited = now.saturating_duration_since(started);
+                        tracing::debug!(attempts, ?waited, "gave up waiting");
+                        return Err(Error::Timeout {
+                            key: key.display().to_owned(),
+                            waited,
+                            attempts,
+                        });
+                    }
+                };
+                let wake = now.checked_add(delay).map_or(deadline, |t| t.min(deadline));
+                tracing::trace!(attempts, ?delay, ?pttl, "held by another owner; waiting");
+                tokio::time::sleep_until(wake.into()).await;
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// One attempt at the lock `key` with the default options.
+    /// See [`try_lock_with`](Self::try_lock_with).
+    ///
+    /// # Cancel safety
+    ///
+    /// As for [`try_lock_with`](Self::try_lock_with).
+    pub async fn try_lock(&self, key: impl AsRef<[u8]>) -> Result<LockGuard> {
+        self.try_lock_with(key, self.shared.defaults).await
+    }
+
+    /// One attempt at the lock `key`: the guard, or [`Error::Contended`] when another owner
+    /// holds it. The wait budget and backoff of `options` are not used.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Contended`], [`Error::Redis`], [`Error::InvalidArgument`].
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future while the attempt is in flight hands a compare-and-delete with
+    /// its token to the background, so no lease is left that nobody can release.
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # async fn demo(locks: distlock::LockManager) -> distlock::Result<()> {
+    /// match locks.try_lock("cache:rebuild").await {
+    ///     Ok(guard) => { /* rebuild */ guard.release().await? }
+    ///     Err(e) if e.is_held_by_other() => println!("another worker is rebuilding"),
+    ///     Err(e) => return Err(e),
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn try_lock_with(
+        &self,
+        key: impl AsRef<[u8]>,
+        options: LockOptions,
+    ) -> Result<LockGuard> {
+        let key = LockKey::new(&self.shared.prefix, key.as_ref())?;
+        let ttl = Ttl::new(options.lease_ttl())?;
+        let span = tracing::debug_span!(
+            "distlock.try_lock",
+            key = key.display(),
+            ttl_ms = ttl.as_millis()
+        );
+        async {
+            match self.attempt(&key, ttl).await? {
+                Attempt::Taken(guard) => Ok(guard),
+                Attempt::Held { pttl } => Err(Error::Contended {
+                    key: key.display().to_owned(),
+                    retry_after: pttl,
+                }),
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// One acquire round trip with a fresh token.
+    async fn attempt(&self, key: &LockKey, ttl: Ttl) -> Result<Attempt> {
+        let token = Token::generate();
+        let runtime = Handle::try_current().ok();
+        let mut pending = PendingAcquire {
+            store: &self.shared.store,
+            key,
+            token,
+            runtime: runtime.as_ref(),
+            armed: true,
+        };
+        let sent = Instant::now();
+        let outcome = self.shared.store.acquire(key, &token, ttl).await;
+        // From here on the outcome is known (or an error is returned): on error the
+        // armed `pending` cleans up, since the SET may have landed before the failure.
+        let outcome = outcome?;
+        pending.armed = false;
+        drop(pending);
+        match outcome {
+            Acquire::Taken { fence } => {
+                tracing::debug!(token = token.short(), fence, "acquired");
+                let lease = Lease::new(key.clone(), token, fence, ttl, sent);
+                Ok(Attempt::Taken(LockGuard::new(
+                    lease,
+                    Arc::clone(&self.shared.store),
+                    runtime,
+                )))
+            }
+            Acquire::Held { pttl } => Ok(Attempt::Held { pttl }),
+        }
+    }
+}
+
+/// Cleans up after an acquire whose outcome is unknown: dropped mid-flight, or failed
+/// after the command may have reached the server. The compare-and-delete only removes a
+/// lease carrying this attempt's token, so it can never hurt another owner.
+struct PendingAcquire<'a> {
+    store: &'a Arc<dyn LeaseStore>,
+    key: &'a LockKey,
+    token: Token,
+    runtime: Option<&'a Handle>,
+    armed: bool,
+}
+
+impl Drop for PendingAcquire<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let Some(runtime) = self.runtime else {
+            return;
+        };
+        let store = Arc::clone(self.store);
+        let key = self.key.clone();
+        let token = self.token;
+        tracing::debug!(
+            key = key.display(),
+            token = token.short(),
+            "acquire abandoned; releasing in the background"
+        );
+        runtime.spawn(async move {
+            if let Err(e) = store.release(&key, &token).await {
+                tracing::warn!(key = key.display(), error = %e, "cleanup of an abandoned acquire failed; its TTL will end it");
+            }
+        });
+    }
+}

@@ -1,0 +1,207 @@
+//! Per-acquisition options: lease TTL, wait budget, backoff.
+
+use std::time::{Duration, Instant};
+
+use crate::error::{Error, Result};
+use crate::retry::Backoff;
+
+/// The shortest lease TTL accepted (Redis expires keys at millisecond resolution).
+pub const MIN_TTL: Duration = Duration::from_millis(1);
+
+/// The longest lease TTL accepted: 365 days. A lease is meant to be renewed, not to
+/// outlive its holder by years; longer values are rejected rather than overflowing the
+/// millisecond arithmetic on either side.
+pub const MAX_TTL: Duration = Duration::from_secs(365 * 24 * 60 * 60);
+
+/// How one acquisition behaves: how long the lease lasts, how long to wait for it, and how
+/// to space out the attempts.
+///
+/// Defaults: TTL 30 s, wait budget 10 s, [`Backoff::new`] (10 ms base, ×2, 500 ms cap,
+/// full jitter). Every setter is a `const fn` and takes effect only for calls that are given
+/// these options; values are checked when a lock call uses them, and an unusable value
+/// gives [`Error::InvalidArgument`] before anything is sent.
+///
+/// ```
+/// use std::time::Duration;
+/// use distlock::LockOptions;
+///
+/// let opts = LockOptions::new()
+///     .ttl(Duration::from_secs(10))
+///     .wait(Duration::from_secs(5));
+/// assert_eq!(opts.lease_ttl(), Duration::from_secs(10));
+/// assert_eq!(opts.wait_budget(), Duration::from_secs(5));
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LockOptions {
+    ttl: Duration,
+    wait: Duration,
+    backoff: Backoff,
+}
+
+impl Default for LockOptions {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl LockOptions {
+    /// The defaults: TTL 30 s, wait 10 s, default backoff.
+    pub const fn new() -> Self {
+        LockOptions {
+            ttl: Duration::from_secs(30),
+            wait: Duration::from_secs(10),
+            backoff: Backoff::new(),
+        }
+    }
+
+    /// How long a lease lasts unless extended or released: between [`MIN_TTL`] and
+    /// [`MAX_TTL`], counted in whole milliseconds (sub-millisecond parts are dropped).
+    pub const fn ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = ttl;
+        self
+    }
+
+    /// How long [`lock`](crate::LockManager::lock) keeps trying while another owner holds
+    /// the key, on the monotonic clock. Zero means one attempt.
+    pub const fn wait(mut self, wait: Duration) -> Self {
+        self.wait = wait;
+        self
+    }
+
+    /// How to space out attempts while waiting.
+    pub const fn backoff(mut self, backoff: Backoff) -> Self {
+        self.backoff = backoff;
+        self
+    }
+
+    /// The lease TTL these options give.
+    pub const fn lease_ttl(&self) -> Duration {
+        self.ttl
+    }
+
+    /// The wait budget these options give.
+    pub const fn wait_budget(&self) -> Duration {
+        self.wait
+    }
+
+    /// The backoff policy these options give.
+    pub const fn backoff_policy(&self) -> Backoff {
+        self.backoff
+    }
+
+    pub(crate) fn validate(&self) -> Result<()> {
+        Ttl::new(self.ttl)?;
+        if Instant::now().checked_add(self.wait).is_none() {
+            return Err(Error::invalid(
+                "wait",
+                format!(
+                    "a wait budget of {:?} overflows the monotonic clock",
+                    self.wait
+                ),
+            ));
+        }
+        self.backoff.validate()
+    }
+}
+
+/// A checked lease TTL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Ttl {
+    ms: u64,
+}
+
+impl Ttl {
+    pub(crate) fn new(ttl: Duration) -> Result<Self> {
+        if ttl < MIN_TTL {
+            return Err(Error::invalid(
+                "ttl",
+                format!("a lease TTL must be at least 1 ms, got {ttl:?}"),
+            ));
+        }
+        if ttl > MAX_TTL {
+            return Err(Error::invalid(
+                "ttl",
+                format!("a lease TTL is at most {MAX_TTL:?}, got {ttl:?}"),
+            ));
+        }
+        // Bounded by MAX_TTL above, so this fits easily.
+        let ms = u64::try_from(ttl.as_millis())
+            .map_err(|_| Error::invalid("ttl", "TTL overflows milliseconds"))?;
+        Ok(Ttl { ms })
+    }
+
+    pub(crate) fn as_millis(self) -> u64 {
+        self.ms
+    }
+
+    pub(crate) fn as_duration(self) -> Duration {
+        Duration::from_millis(self.ms)
+    }
+
+    /// The clock-drift allowance subtracted from a lease's validity: `ttl/100 + 2 ms`.
+    pub(crate) fn drift(self) -> Duration {
+        Duration::from_millis(self.ms / 100 + 2)
+    }
+
+    /// How long a lease taken at `sent` (just before the command left) is known to be valid.
+    pub(crate) fn valid_until(self, sent: Instant) -> Instant {
+        let validity = self.as_duration().saturating_sub(self.drift());
+        // `sent + validity` cannot overflow: validity <= MAX_TTL and `sent` is "now".
+        sent.checked_add(validity).unwrap_or(sent)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn what(err: Error) -> &'static str {
+        match err {
+            Error::InvalidArgument(arg) => arg.what(),
+            other => panic!("expected InvalidArgument, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn ttl_below_one_millisecond_is_rejected() {
+        for ttl in [Duration::ZERO, Duration::from_micros(999)] {
+            assert_eq!(what(Ttl::new(ttl).unwrap_err()), "ttl");
+        }
+        assert_eq!(Ttl::new(MIN_TTL).unwrap().as_millis(), 1);
+    }
+
+    #[test]
+    fn ttl_too_large_for_milliseconds_is_rejected() {
+        for ttl in [
+            MAX_TTL + Duration::from_millis(1),
+            Duration::from_secs(u64::MAX),
+            Duration::MAX,
+        ] {
+            assert_eq!(what(Ttl::new(ttl).unwrap_err()), "ttl");
+        }
+        assert!(Ttl::new(MAX_TTL).is_ok());
+    }
+
+    #[test]
+    fn wait_budget_that_overflows_the_clock_is_rejected() {
+        let opts = LockOptions::new().wait(Duration::MAX);
+        assert_eq!(what(opts.validate().unwrap_err()), "wait");
+    }
+
+    #[test]
+    fn validity_subtracts_the_drift_allowance() {
+        let ttl = Ttl::new(Duration::from_secs(10)).unwrap();
+        assert_eq!(ttl.drift(), Duration::from_millis(102));
+        let sent = Instant::now();
+        assert_eq!(ttl.valid_until(sent) - sent, Duration::from_millis(9_898));
+        // A TTL shorter than its drift has no validity at all.
+        let tiny = Ttl::new(Duration::from_millis(1)).unwrap();
+        assert_eq!(tiny.valid_until(sent), sent);
+    }
+
+    #[test]
+    fn sub_millisecond_parts_are_dropped() {
+        let ttl = Ttl::new(Duration::from_micros(1_999)).unwrap();
+        assert_eq!(ttl.as_millis(), 1);
+    }
+}

@@ -1,0 +1,75 @@
+//! Every Lua script distlock runs, in one place.
+//!
+//! Scripts are sent by SHA (`EVALSHA`) through [`redis::Script`], which loads the body only
+//! when the server answers `NOSCRIPT` (after a restart or `SCRIPT FLUSH`).
+//!
+//! Result codes shared by the compare-and-act scripts:
+//! `1` done, `0` the key is gone (expired), `-1` the key holds another token.
+
+use std::sync::LazyLock;
+
+use redis::Script;
+
+/// Take the lease if the key is free and hand out a fencing token.
+///
+/// KEYS[1] lease key, KEYS[2] fence counter key (same hash tag).
+/// ARGV[1] token, ARGV[2] TTL in ms, ARGV[3] fence counter TTL in ms.
+///
+/// Returns `{1, fence}` when taken, `{0, pttl}` when held by another owner.
+///
+/// The fencing token is `max(counter + 1, server time in µs)`: it keeps increasing even when
+/// the counter key is lost (flush, restart without persistence, failover to a replica that
+/// missed the last write), as long as the server clock does not step backwards. That is
+/// also why the counter may expire instead of living forever.
+pub(crate) static ACQUIRE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  local now = redis.call('TIME')
+  local now_us = tonumber(now[1]) * 1000000 + tonumber(now[2])
+  local last = tonumber(redis.call('GET', KEYS[2]) or '0') or 0
+  local fence = last + 1
+  if now_us > fence then fence = now_us end
+  redis.call('SET', KEYS[2], string.format('%d', fence), 'PX', ARGV[3])
+  return {1, fence}
+end
+return {0, redis.call('PTTL', KEYS[1])}
+"#,
+    )
+});
+
+/// Delete the lease only if it still holds our token.
+///
+/// KEYS[1] lease key. ARGV[1] token.
+pub(crate) static RELEASE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local v = redis.call('GET', KEYS[1])
+if v == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  return 1
+elseif v then
+  return -1
+end
+return 0
+"#,
+    )
+});
+
+/// Set a new TTL on the lease only if it still holds our token.
+///
+/// KEYS[1] lease key. ARGV[1] token, ARGV[2] new TTL in ms.
+pub(crate) static EXTEND: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local v = redis.call('GET', KEYS[1])
+if v == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+elseif v then
+  return -1
+end
+return 0
+"#,
+    )
+});

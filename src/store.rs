@@ -1,0 +1,180 @@
+//! Where a lease lives: the only code that sends lease commands to Redis.
+//!
+//! [`LeaseStore`] is the seam between the lock logic (waiting, guards, drop-release) and the
+//! servers: acquire, extend and release one lease. [`RedisStore`] keeps leases on one
+//! primary; other stores (several primaries) implement the same trait, and the manager and
+//! guard code stay as they are.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::time::Duration;
+
+use redis::aio::ConnectionLike;
+
+use crate::error::{Error, Result};
+use crate::key::{LockKey, Token};
+use crate::options::Ttl;
+use crate::scripts;
+
+/// A boxed, `Send` future borrowed for `'a`.
+pub(crate) type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// What one acquire attempt found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Acquire {
+    /// The lease is ours; `fence` is its fencing token.
+    Taken { fence: u64 },
+    /// Another owner holds the key; `pttl` is how long its lease has left, if known.
+    Held { pttl: Option<Duration> },
+}
+
+/// What a compare-and-act command (extend, release) found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Verdict {
+    /// The key held our token and the command took effect.
+    Done,
+    /// The key was gone: the lease expired.
+    Expired,
+    /// The key holds another token.
+    Taken,
+}
+
+/// Acquire, extend and release one lease. Implementations bound every call in time.
+pub(crate) trait LeaseStore: Send + Sync + 'static {
+    /// `SET key token NX PX ttl`, plus a fencing token on success.
+    fn acquire<'a>(
+        &'a self,
+        key: &'a LockKey,
+        token: &'a Token,
+        ttl: Ttl,
+    ) -> BoxFuture<'a, Result<Acquire>>;
+
+    /// Compare-and-`PEXPIRE`.
+    fn extend<'a>(
+        &'a self,
+        key: &'a LockKey,
+        token: &'a Token,
+        ttl: Ttl,
+    ) -> BoxFuture<'a, Result<Verdict>>;
+
+    /// Compare-and-delete.
+    fn release<'a>(&'a self, key: &'a LockKey, token: &'a Token) -> BoxFuture<'a, Result<Verdict>>;
+}
+
+/// How long the fencing counter outlives the last acquisition: the larger of twice the
+/// lease TTL and one day. Tokens stay increasing after it expires because they never fall
+/// below the server's clock in microseconds.
+fn fence_ttl_ms(ttl: Ttl) -> u64 {
+    const DAY_MS: u64 = 24 * 60 * 60 * 1000;
+    ttl.as_millis().saturating_mul(2).max(DAY_MS)
+}
+
+/// Leases on one Redis primary, through any async connection.
+pub(crate) struct RedisStore<C> {
+    conn: C,
+    command_timeout: Option<Duration>,
+}
+
+impl<C> RedisStore<C>
+where
+    C: ConnectionLike + Clone + Send + Sync + 'static,
+{
+    pub(crate) fn new(conn: C, command_timeout: Option<Duration>) -> Self {
+        RedisStore {
+            conn,
+            command_timeout,
+        }
+    }
+
+    /// Runs one script call under the command timeout.
+    async fn bounded<T>(
+        &self,
+        call: impl Future<Output = redis::RedisResult<T>>,
+    ) -> redis::RedisResult<T> {
+        match self.command_timeout {
+            None => call.await,
+            Some(limit) => match tokio::time::timeout(limit, call).await {
+                Ok(result) => result,
+                Err(_) => Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("no reply from Redis within {limit:?}"),
+                )
+                .into()),
+            },
+        }
+    }
+}
+
+fn verdict(code: i64) -> Result<Verdict> {
+    match code {
+        1 => Ok(Verdict::Done),
+        0 => Ok(Verdict::Expired),
+        -1 => Ok(Verdict::Taken),
+        other => Err(unexpected_reply(format!("script returned {other}"))),
+    }
+}
+
+fn unexpected_reply(detail: String) -> Error {
+    Error::Redis(redis::RedisError::from(io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!("unexpected reply from Redis: {detail}"),
+    )))
+}
+
+impl<C> LeaseStore for RedisStore<C>
+where
+    C: ConnectionLike + Clone + Send + Sync + 'static,
+{
+    fn acquire<'a>(
+        &'a self,
+        key: &'a LockKey,
+        token: &'a Token,
+        ttl: Ttl,
+    ) -> BoxFuture<'a, Result<Acquire>> {
+        Box::pin(async move {
+            let mut conn = self.conn.clone();
+            let mut call = scripts::ACQUIRE.key(key.lease());
+            call.key(key.fence())
+                .arg(token.as_bytes())
+                .arg(ttl.as_millis())
+                .arg(fence_ttl_ms(ttl));
+            let (taken, value): (i64, i64) = self.bounded(call.invoke_async(&mut conn)).await?;
+            match taken {
+                1 => u64::try_from(value)
+                    .map(|fence| Acquire::Taken { fence })
+                    .map_err(|_| unexpected_reply(format!("negative fencing token {value}"))),
+                // PTTL is -1 for a key without expiry (set by something else than distlock).
+                0 => Ok(Acquire::Held {
+                    pttl: u64::try_from(value).ok().map(Duration::from_millis),
+                }),
+                other => Err(unexpected_reply(format!("acquire returned {other}"))),
+            }
+        })
+    }
+
+    fn extend<'a>(
+        &'a self,
+        key: &'a LockKey,
+        token: &'a Token,
+        ttl: Ttl,
+    ) -> BoxFuture<'a, Result<Verdict>> {
+        Box::pin(async move {
+            let mut conn = self.conn.clone();
+            let mut call = scripts::EXTEND.key(key.lease());
+            call.arg(token.as_bytes()).arg(ttl.as_millis());
+            let code: i64 = self.bounded(call.invoke_async(&mut conn)).await?;
+            verdict(code)
+        })
+    }
+
+    fn release<'a>(&'a self, key: &'a LockKey, token: &'a Token) -> BoxFuture<'a, Result<Verdict>> {
+        Box::pin(async move {
+            let mut conn = self.conn.clone();
+            let mut call = scripts::RELEASE.key(key.lease());
+            call.arg(token.as_bytes());
+            let code: i64 = self.bounded(call.invoke_async(&mut conn)).await?;
+            verdict(code)
+        })
+    }
+}

@@ -1,0 +1,146 @@
+//! Redis down, unreachable or refusing: typed errors, bounded in time, never "contended".
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use distlock::{Error, LockManager, LockOptions};
+use support::{RedisNode, free_port, unique_key};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_down_gives_a_redis_error_not_a_timeout_or_contention() {
+    let node = RedisNode::start().await;
+    let locks = LockManager::connect(&node.url()).await.unwrap();
+    let name = unique_key("down");
+    locks
+        .try_lock(&name)
+        .await
+        .unwrap()
+        .release()
+        .await
+        .unwrap();
+
+    node.stop().await;
+    let opts = LockOptions::new().wait(Duration::from_secs(5));
+    for _ in 0..3 {
+        let started = Instant::now();
+        match locks.lock_with(&name, opts).await {
+            Err(Error::Redis(_)) => {}
+            other => panic!("expected a Redis error, got {other:?}"),
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "the error came promptly"
+        );
+        match locks.try_lock(&name).await {
+            Err(Error::Redis(_)) => {}
+            other => panic!("expected a Redis error, got {other:?}"),
+        }
+    }
+
+    // The manager reconnects by itself once the server is back.
+    node.start_again().await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match locks.try_lock(&name).await {
+            Ok(guard) => {
+                guard.release().await.unwrap();
+                break;
+            }
+            Err(Error::Redis(_)) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            other => panic!("expected recovery, got {other:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paused_server_gives_a_redis_timeout_within_the_command_timeout() {
+    let node = RedisNode::start().await;
+    let locks = LockManager::builder()
+        .command_timeout(Duration::from_millis(300))
+        .connect(&node.url())
+        .await
+        .unwrap();
+    let name = unique_key("paused");
+    let guard = locks.try_lock(&name).await.unwrap();
+
+    node.pause().await;
+    let started = Instant::now();
+    let result = locks.try_lock(unique_key("other")).await;
+    let elapsed = started.elapsed();
+    let extend = guard.extend(Duration::from_secs(5)).await;
+    node.resume().await;
+
+    match result {
+        Err(Error::Redis(e)) => assert!(e.is_timeout(), "a timeout, got {e}"),
+        other => panic!("expected a Redis timeout, got {other:?}"),
+    }
+    assert!(
+        elapsed < Duration::from_millis(1000),
+        "bounded: {elapsed:?}"
+    );
+    assert!(matches!(extend, Err(Error::Redis(_))), "got {extend:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connecting_to_a_closed_port_fails_with_a_redis_error_in_bounded_time() {
+    let url = format!("redis://127.0.0.1:{}", free_port());
+    let started = Instant::now();
+    let result = LockManager::builder()
+        .connect_timeout(Duration::from_secs(2))
+        .connect(&url)
+        .await;
+    assert!(matches!(result, Err(Error::Redis(_))), "got {result:?}");
+    assert!(started.elapsed() < Duration::from_millis(2500));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connecting_to_an_unroutable_address_times_out_as_a_redis_error() {
+    // TEST-NET-1 is reserved and never routed: the connect hangs until our timeout.
+    let started = Instant::now();
+    let result = LockManager::builder()
+        .connect_timeout(Duration::from_millis(500))
+        .connect("redis://192.0.2.1:6379")
+        .await;
+    match result {
+        Err(Error::Redis(_)) => {}
+        other => panic!("expected a Redis error, got {other:?}"),
+    }
+    assert!(started.elapsed() < Duration::from_millis(1500));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_password_is_a_redis_error() {
+    let node = RedisNode::start_with(&["--requirepass", "right"]).await;
+    let url = format!("redis://:wrong@127.0.0.1:{}", node.port());
+    let result = LockManager::connect(&url).await;
+    match result {
+        Err(Error::Redis(_)) => {}
+        other => panic!("expected a Redis error, got {other:?}"),
+    }
+    let ok = LockManager::connect(&format!("redis://:right@127.0.0.1:{}", node.port()))
+        .await
+        .unwrap();
+    ok.try_lock("auth").await.unwrap().release().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_holding_another_type_is_a_redis_error() {
+    let node = RedisNode::start().await;
+    let locks = LockManager::connect(&node.url()).await.unwrap();
+    let name = unique_key("wrongtype");
+    let mut raw = node.conn().await;
+    let _: () = redis::cmd("HSET")
+        .arg(format!("{}{{{name}}}:fence", distlock::DEFAULT_PREFIX))
+        .arg("f")
+        .arg("v")
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    match locks.try_lock(&name).await {
+        Err(Error::Redis(e)) => assert!(e.to_string().contains("WRONGTYPE"), "{e}"),
+        other => panic!("expected a Redis error, got {other:?}"),
+    }
+}
