@@ -101,3 +101,8 @@ pub use retry::Backoff;
 
 // `redis` types appear in the public API (`Error::Redis`, `LockManager::new`).
 pub use redis;
+
+// The README's code compiles as a doctest.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
