@@ -20,7 +20,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 ///
 /// "Held by another owner" ([`Contended`](Error::Contended), [`Timeout`](Error::Timeout))
 /// and "Redis is unreachable" ([`Redis`](Error::Redis)) are never reported as one another.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
     /// A single attempt ([`LockManager::try_lock`](crate::LockManager::try_lock)) found the

@@ -73,3 +73,28 @@ return 0
 "#,
     )
 });
+
+/// [`EXTEND`] for many leases in one call: the renewal task's batch.
+///
+/// KEYS[i] lease key i. ARGV[2i-1] token i, ARGV[2i] new TTL in ms for lease i.
+/// Returns one result code per key, in order.
+#[allow(dead_code)] // until the renewal task lands
+pub(crate) static EXTEND_MANY: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local out = {}
+for i, key in ipairs(KEYS) do
+  local v = redis.call('GET', key)
+  if v == ARGV[2 * i - 1] then
+    redis.call('PEXPIRE', key, ARGV[2 * i])
+    out[i] = 1
+  elseif v then
+    out[i] = -1
+  else
+    out[i] = 0
+  end
+end
+return out
+"#,
+    )
+});

@@ -60,7 +60,25 @@ pub(crate) trait LeaseStore: Send + Sync + 'static {
 
     /// Compare-and-delete.
     fn release<'a>(&'a self, key: &'a LockKey, token: &'a Token) -> BoxFuture<'a, Result<Verdict>>;
+
+    /// Compare-and-`PEXPIRE` for many leases at once, in as few round trips as the store
+    /// allows: one verdict (or error) per lease, in order.
+    #[allow(dead_code)] // until the renewal task lands
+    fn extend_many<'a>(&'a self, batch: &'a [Renewal]) -> BoxFuture<'a, Vec<Result<Verdict>>>;
 }
+
+/// One lease in a batch renewal.
+#[derive(Debug, Clone)]
+#[allow(dead_code)] // until the renewal task lands
+pub(crate) struct Renewal {
+    pub(crate) key: LockKey,
+    pub(crate) token: Token,
+    pub(crate) ttl: Ttl,
+}
+
+/// Leases per `EXTEND_MANY` call: large enough that a thousand leases renew in one call,
+/// small enough that one call never blocks the server for long.
+const RENEWALS_PER_CALL: usize = 1000;
 
 /// How long the fencing counter outlives the last acquisition: the larger of twice the
 /// lease TTL and one day. Tokens stay increasing after it expires because they never fall
@@ -175,6 +193,39 @@ where
             call.arg(token.as_bytes());
             let code: i64 = self.bounded(call.invoke_async(&mut conn)).await?;
             verdict(code)
+        })
+    }
+
+    fn extend_many<'a>(&'a self, batch: &'a [Renewal]) -> BoxFuture<'a, Vec<Result<Verdict>>> {
+        Box::pin(async move {
+            let mut out = Vec::with_capacity(batch.len());
+            for chunk in batch.chunks(RENEWALS_PER_CALL) {
+                let mut conn = self.conn.clone();
+                let mut call = scripts::EXTEND_MANY.prepare_invoke();
+                for renewal in chunk {
+                    call.key(renewal.key.lease())
+                        .arg(renewal.token.as_bytes())
+                        .arg(renewal.ttl.as_millis());
+                }
+                match self.bounded(call.invoke_async::<Vec<i64>>(&mut conn)).await {
+                    Ok(codes) if codes.len() == chunk.len() => {
+                        out.extend(codes.into_iter().map(verdict));
+                    }
+                    Ok(codes) => {
+                        let err = unexpected_reply(format!(
+                            "{} results for {} leases",
+                            codes.len(),
+                            chunk.len()
+                        ));
+                        out.extend(chunk.iter().map(|_| Err(err.clone())));
+                    }
+                    Err(e) => {
+                        let err = Error::Redis(e);
+                        out.extend(chunk.iter().map(|_| Err(err.clone())));
+                    }
+                }
+            }
+            out
         })
     }
 }
