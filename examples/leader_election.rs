@@ -52,7 +52,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 };
                 log.lock().await.push(Event::Elected(id, Instant::now()));
                 println!(
-                    "candidate {id} is the leader (fencing token {})",
+                    "candidate {id} is the leader (fencing token {:?})",
                     guard.fencing_token()
                 );
                 // Lead for a while, extending the lease every TTL/3 ...

@@ -18,8 +18,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let opts = LockOptions::new().ttl(Duration::from_secs(10));
     let guard = alice.lock_with("quickstart:report", opts).await?;
+    let guard_token = guard.fencing_token();
     println!(
-        "alice holds quickstart:report (fencing token {}, valid for {:?})",
+        "alice holds quickstart:report (fencing token {:?}, valid for {:?})",
         guard.fencing_token(),
         guard.remaining()
     );
@@ -42,8 +43,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("alice released it");
 
     let bobs = waiter.await??;
+    if bobs.fencing_token() <= guard_token {
+        return Err("fencing tokens must increase from one holder to the next".into());
+    }
     println!(
-        "bob got it after alice released (fencing token {}, higher than alice's)",
+        "bob got it after alice released (fencing token {:?}, higher than alice's)",
         bobs.fencing_token()
     );
     bobs.release().await?;

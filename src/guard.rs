@@ -16,7 +16,7 @@ use crate::store::{LeaseStore, Verdict};
 pub(crate) struct Lease {
     pub(crate) key: LockKey,
     pub(crate) token: Token,
-    pub(crate) fence: u64,
+    pub(crate) fence: Option<u64>,
     state: Mutex<LeaseState>,
 }
 
@@ -31,7 +31,13 @@ struct LeaseState {
 }
 
 impl Lease {
-    pub(crate) fn new(key: LockKey, token: Token, fence: u64, ttl: Ttl, sent: Instant) -> Self {
+    pub(crate) fn new(
+        key: LockKey,
+        token: Token,
+        fence: Option<u64>,
+        ttl: Ttl,
+        sent: Instant,
+    ) -> Self {
         Lease {
             key,
             token,
@@ -119,7 +125,10 @@ impl LockGuard {
     /// lease on the same lock (see the crate docs on fencing). Hand it to the protected
     /// resource with every write, and have the resource reject writes that carry a token
     /// lower than the highest it has seen.
-    pub fn fencing_token(&self) -> u64 {
+    ///
+    /// `Some` for every lease on a single Redis primary. `None` where no token with that
+    /// guarantee exists (leases spread over several independent primaries).
+    pub fn fencing_token(&self) -> Option<u64> {
         self.lease.fence
     }
 

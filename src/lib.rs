@@ -20,7 +20,7 @@
 //!
 //! // Wait (with backoff, up to the wait budget) for the lock, hold it, give it back.
 //! let guard = locks.lock("jobs:nightly").await?;
-//! println!("fencing token {}", guard.fencing_token());
+//! println!("fencing token {:?}", guard.fencing_token());
 //! guard.release().await?;
 //!
 //! // One attempt, no waiting.

@@ -419,7 +419,7 @@ impl LockManager {
         drop(pending);
         match outcome {
             Acquire::Taken { fence } => {
-                tracing::debug!(token = token.short(), fence, "acquired");
+                tracing::debug!(token = token.short(), ?fence, "acquired");
                 let lease = Lease::new(key.clone(), token, fence, ttl, sent);
                 Ok(Attempt::Taken(LockGuard::new(
                     lease,

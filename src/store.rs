@@ -23,8 +23,8 @@ pub(crate) type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 /// What one acquire attempt found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Acquire {
-    /// The lease is ours; `fence` is its fencing token.
-    Taken { fence: u64 },
+    /// The lease is ours; `fence` is its fencing token, where the store can give one.
+    Taken { fence: Option<u64> },
     /// Another owner holds the key; `pttl` is how long its lease has left, if known.
     Held { pttl: Option<Duration> },
 }
@@ -160,7 +160,7 @@ where
             let (taken, value): (i64, i64) = self.bounded(call.invoke_async(&mut conn)).await?;
             match taken {
                 1 => u64::try_from(value)
-                    .map(|fence| Acquire::Taken { fence })
+                    .map(|fence| Acquire::Taken { fence: Some(fence) })
                     .map_err(|_| unexpected_reply(format!("negative fencing token {value}"))),
                 // PTTL is -1 for a key without expiry (set by something else than distlock).
                 0 => Ok(Acquire::Held {
