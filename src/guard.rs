@@ -1,85 +1,18 @@
 //! The guard of a held lease: validity, extend, release, release on drop.
 
 use std::fmt;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::future::Future;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::runtime::Handle;
 use tracing::Instrument;
 
 use crate::error::{Error, LostReason, Result};
-use crate::key::{LockKey, Token};
+use crate::lease::{Lease, LeaseHandle};
 use crate::options::Ttl;
 use crate::store::{LeaseStore, Verdict};
-
-/// One lease as both the guard and background work see it.
-pub(crate) struct Lease {
-    pub(crate) key: LockKey,
-    pub(crate) token: Token,
-    pub(crate) fence: Option<u64>,
-    state: Mutex<LeaseState>,
-}
-
-struct LeaseState {
-    /// When the lease is known to end at the latest, on the monotonic clock.
-    valid_until: Instant,
-    /// Send time of the command that set `valid_until`; an older answer never overrides
-    /// a newer one when several extends race.
-    set_at: Instant,
-    /// Once set, the lease is known to be gone.
-    lost: Option<LostReason>,
-}
-
-impl Lease {
-    pub(crate) fn new(
-        key: LockKey,
-        token: Token,
-        fence: Option<u64>,
-        ttl: Ttl,
-        sent: Instant,
-    ) -> Self {
-        Lease {
-            key,
-            token,
-            fence,
-            state: Mutex::new(LeaseState {
-                valid_until: ttl.valid_until(sent),
-                set_at: sent,
-                lost: None,
-            }),
-        }
-    }
-
-    fn state(&self) -> MutexGuard<'_, LeaseState> {
-        // The lock is never held across code that can panic; recover from poison anyway.
-        self.state
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    pub(crate) fn valid_until(&self) -> Instant {
-        self.state().valid_until
-    }
-
-    pub(crate) fn lost(&self) -> Option<LostReason> {
-        self.state().lost
-    }
-
-    pub(crate) fn mark_lost(&self, reason: LostReason) {
-        let mut state = self.state();
-        if state.lost.is_none() {
-            state.lost = Some(reason);
-        }
-    }
-
-    pub(crate) fn extended(&self, ttl: Ttl, sent: Instant) {
-        let mut state = self.state();
-        if sent >= state.set_at {
-            state.set_at = sent;
-            state.valid_until = ttl.valid_until(sent);
-        }
-    }
-}
+use crate::watchdog::RenewalTicket;
 
 /// A held lease on one lock. Created by [`LockManager::lock`](crate::LockManager::lock) and
 /// friends.
@@ -99,58 +32,94 @@ impl Lease {
 /// - Doing nothing: the lease expires after its TTL.
 #[must_use = "dropping the guard releases the lock at once"]
 pub struct LockGuard {
-    lease: Arc<Lease>,
+    handle: LeaseHandle,
     store: Arc<dyn LeaseStore>,
     runtime: Option<Handle>,
-    /// `true` once the server confirmed the lease is no longer ours to release.
+    /// Present while the renewal task keeps this lease alive; dropping it stops renewal.
+    renewal: Option<RenewalTicket>,
+    /// `true` once the server answered a release: nothing is left to release.
     finished: bool,
 }
 
 impl LockGuard {
-    pub(crate) fn new(lease: Lease, store: Arc<dyn LeaseStore>, runtime: Option<Handle>) -> Self {
+    pub(crate) fn new(
+        lease: Arc<Lease>,
+        store: Arc<dyn LeaseStore>,
+        runtime: Option<Handle>,
+        renewal: Option<RenewalTicket>,
+    ) -> Self {
         LockGuard {
-            lease: Arc::new(lease),
+            handle: LeaseHandle { lease },
             store,
             runtime,
+            renewal,
             finished: false,
         }
     }
 
+    fn lease(&self) -> &Lease {
+        &self.handle.lease
+    }
+
+    /// A cloneable, read-only view of this lease (fencing token, deadline, [`lost`]) to
+    /// hand to other tasks.
+    ///
+    /// [`lost`]: LeaseHandle::lost
+    pub fn handle(&self) -> LeaseHandle {
+        self.handle.clone()
+    }
+
     /// The name of the lock, as given when it was acquired.
     pub fn key(&self) -> &[u8] {
-        self.lease.key.name()
+        self.handle.key()
     }
 
-    /// The fencing token of this lease: strictly greater than the token of every earlier
-    /// lease on the same lock (see the crate docs on fencing). Hand it to the protected
-    /// resource with every write, and have the resource reject writes that carry a token
-    /// lower than the highest it has seen.
-    ///
-    /// `Some` for every lease on a single Redis primary. `None` where no token with that
-    /// guarantee exists (leases spread over several independent primaries).
+    /// The fencing token of this lease; see [`LeaseHandle::fencing_token`].
     pub fn fencing_token(&self) -> Option<u64> {
-        self.lease.fence
+        self.handle.fencing_token()
     }
 
-    /// The instant, on the monotonic clock, until which the lease is known to be held.
-    ///
-    /// Measured from just before the acquire (or the last successful extend) was sent,
-    /// minus a clock-drift allowance of `ttl/100 + 2 ms`. Past it, the server may already
-    /// have expired the key and handed it to someone else.
+    /// The instant until which the lease is known to be held; see
+    /// [`LeaseHandle::valid_until`].
     pub fn valid_until(&self) -> Instant {
-        self.lease.valid_until()
+        self.handle.valid_until()
     }
 
     /// Time left until [`valid_until`](Self::valid_until); zero once it passed.
     pub fn remaining(&self) -> Duration {
-        self.valid_until().saturating_duration_since(Instant::now())
+        self.handle.remaining()
     }
 
-    /// Whether the lease is still held as far as this process knows, without any I/O:
-    /// not yet past [`valid_until`](Self::valid_until) and not found lost by an
-    /// [`extend`](Self::extend).
+    /// Whether the lease is still held as far as this process knows, without any I/O;
+    /// see [`LeaseHandle::is_held`].
     pub fn is_held(&self) -> bool {
-        self.lease.lost().is_none() && Instant::now() < self.valid_until()
+        self.handle.is_held()
+    }
+
+    /// Whether the renewal task keeps this lease alive
+    /// ([`LockOptions::auto_extend`](crate::LockOptions::auto_extend)).
+    pub fn is_auto_extended(&self) -> bool {
+        self.renewal.is_some()
+    }
+
+    /// Resolves with the reason once the lease is gone; see [`LeaseHandle::lost`].
+    ///
+    /// ```no_run
+    /// # async fn demo(locks: distlock::LockManager) -> distlock::Result<()> {
+    /// use distlock::LockOptions;
+    /// let guard = locks.lock_with("index:rebuild", LockOptions::new().auto_extend(true)).await?;
+    /// tokio::select! {
+    ///     reason = guard.lost() => eprintln!("stopped: lease lost ({reason})"),
+    ///     _ = async { /* long work */ } => guard.release().await?,
+    /// }
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future has no effect on the lease.
+    pub fn lost(&self) -> impl Future<Output = LostReason> + Send + 'static {
+        self.handle.lost()
     }
 
     /// Resets the lease's TTL to `ttl`, if the lease is still ours.
@@ -185,9 +154,10 @@ impl LockGuard {
     /// ```
     pub async fn extend(&self, ttl: Duration) -> Result<()> {
         let ttl = Ttl::new(ttl)?;
-        let lease = &self.lease;
+        let lease = self.lease();
         if let Some(reason) = lease.lost() {
-            return Err(self.lost_error(reason));
+            // A loss, once seen, is final: never revive a lease reported gone.
+            return Err(self.lose(reason));
         }
         let span = tracing::debug_span!(
             "distlock.extend",
@@ -237,21 +207,26 @@ impl LockGuard {
     /// # Ok(()) }
     /// ```
     pub async fn release(mut self) -> Result<()> {
+        // Stop renewal first: a renewal still in flight can only find the key gone after
+        // this release (compare-and-`PEXPIRE` never re-creates a key).
+        self.renewal = None;
+        let lease = Arc::clone(&self.handle.lease);
         let span = tracing::debug_span!(
             "distlock.release",
-            key = self.lease.key.display(),
-            token = self.lease.token.short()
+            key = lease.key.display(),
+            token = lease.token.short()
         );
         async {
             let verdict = self
                 .store
-                .release(&self.lease.key, &self.lease.token)
+                .release(&lease.key, &lease.token)
                 .await
                 // On a Redis error `finished` stays false: Drop tries once more.
                 .inspect_err(|e| tracing::warn!(error = %e, "release failed"))?;
             self.finished = true;
             match verdict {
                 Verdict::Done => {
+                    lease.mark_lost(LostReason::Released);
                     tracing::debug!("released");
                     Ok(())
                 }
@@ -264,14 +239,11 @@ impl LockGuard {
     }
 
     fn lose(&self, reason: LostReason) -> Error {
-        self.lease.mark_lost(reason);
-        tracing::warn!(key = self.lease.key.display(), %reason, "lease lost");
-        self.lost_error(reason)
-    }
-
-    fn lost_error(&self, reason: LostReason) -> Error {
+        let lease = self.lease();
+        lease.mark_lost(reason);
+        tracing::warn!(key = lease.key.display(), %reason, "lease lost");
         Error::Lost {
-            key: self.lease.key.display().to_owned(),
+            key: lease.key.display().to_owned(),
             reason,
         }
     }
@@ -279,13 +251,17 @@ impl LockGuard {
 
 impl Drop for LockGuard {
     fn drop(&mut self) {
-        if self.finished || self.lease.lost().is_some() {
+        self.renewal = None;
+        let lease = Arc::clone(&self.handle.lease);
+        let taken = lease.lost() == Some(LostReason::Taken);
+        // Whatever happens next, this holder has given the lease up.
+        lease.mark_lost(LostReason::Released);
+        if self.finished || taken {
             return;
         }
         let Some(runtime) = self.runtime.take() else {
             return;
         };
-        let lease = Arc::clone(&self.lease);
         let store = Arc::clone(&self.store);
         let span = tracing::debug_span!(
             "distlock.drop_release",
@@ -310,11 +286,8 @@ impl Drop for LockGuard {
 impl fmt::Debug for LockGuard {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("LockGuard")
-            .field("key", &self.lease.key)
-            .field("token", &self.lease.token)
-            .field("fencing_token", &self.lease.fence)
-            .field("remaining", &self.remaining())
-            .field("lost", &self.lease.lost())
+            .field("lease", &self.handle)
+            .field("auto_extended", &self.renewal.is_some())
             .finish()
     }
 }

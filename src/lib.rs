@@ -83,15 +83,18 @@
 mod error;
 mod guard;
 mod key;
+mod lease;
 mod manager;
 mod options;
 pub mod retry;
 mod scripts;
 mod store;
+mod watchdog;
 
 pub use error::{Error, InvalidArgument, LostReason, Result};
 pub use guard::LockGuard;
 pub use key::{MAX_KEY_LEN, MAX_PREFIX_LEN};
+pub use lease::LeaseHandle;
 pub use manager::{
     DEFAULT_COMMAND_TIMEOUT, DEFAULT_CONNECT_TIMEOUT, DEFAULT_PREFIX, LockManager,
     LockManagerBuilder,

@@ -1,6 +1,7 @@
 //! `LockManager`: the connection, the defaults, and the acquire loop.
 
 use std::fmt;
+use std::future::Future;
 use std::io;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -10,10 +11,12 @@ use tokio::runtime::Handle;
 use tracing::Instrument;
 
 use crate::error::{Error, Result};
-use crate::guard::{Lease, LockGuard};
+use crate::guard::LockGuard;
 use crate::key::{LockKey, Token, validate_prefix};
+use crate::lease::{Lease, LeaseHandle};
 use crate::options::{LockOptions, Ttl};
 use crate::store::{Acquire, LeaseStore, RedisStore};
+use crate::watchdog::Watchdog;
 
 /// The default key prefix: lock `jobs:nightly` lives at `distlock:{jobs:nightly}`.
 pub const DEFAULT_PREFIX: &str = "distlock:";
@@ -56,8 +59,27 @@ pub struct LockManager {
 
 struct Shared {
     store: Arc<dyn LeaseStore>,
+    watchdog: Watchdog,
     prefix: Box<[u8]>,
     defaults: LockOptions,
+}
+
+/// What one acquisition asks for, checked.
+#[derive(Clone, Copy)]
+struct Request {
+    ttl: Ttl,
+    auto_extend: bool,
+    max_hold: Option<Duration>,
+}
+
+impl Request {
+    fn new(options: &LockOptions, auto_extend_default: bool) -> Result<Self> {
+        Ok(Request {
+            ttl: Ttl::new(options.lease_ttl())?,
+            auto_extend: options.auto_extend_or(auto_extend_default),
+            max_hold: options.hold_cap(),
+        })
+    }
 }
 
 impl fmt::Debug for LockManager {
@@ -185,13 +207,19 @@ impl LockManagerBuilder {
     {
         self.check()?;
         let store = RedisStore::new(conn, Some(self.command_timeout));
-        Ok(LockManager {
+        Ok(self.with_store(Arc::new(store)))
+    }
+
+    /// The manager over any store: where its leases live is the store's business.
+    fn with_store(self, store: Arc<dyn LeaseStore>) -> LockManager {
+        LockManager {
             shared: Arc::new(Shared {
-                store: Arc::new(store),
+                watchdog: Watchdog::new(Arc::clone(&store)),
+                store,
                 prefix: self.prefix.into(),
                 defaults: self.defaults,
             }),
-        })
+        }
     }
 
     fn check(&self) -> Result<()> {
@@ -298,10 +326,20 @@ impl LockManager {
         key: impl AsRef<[u8]>,
         options: LockOptions,
     ) -> Result<LockGuard> {
+        self.lock_request(key.as_ref(), &options, false).await
+    }
+
+    async fn lock_request(
+        &self,
+        key: &[u8],
+        options: &LockOptions,
+        auto_extend_default: bool,
+    ) -> Result<LockGuard> {
         let started = Instant::now();
         options.validate()?;
-        let key = LockKey::new(&self.shared.prefix, key.as_ref())?;
-        let ttl = Ttl::new(options.lease_ttl())?;
+        let key = LockKey::new(&self.shared.prefix, key)?;
+        let request = Request::new(options, auto_extend_default)?;
+        let ttl = request.ttl;
         let deadline = started.checked_add(options.wait_budget()).ok_or_else(|| {
             Error::invalid("wait", "the wait budget overflows the monotonic clock")
         })?;
@@ -315,7 +353,7 @@ impl LockManager {
             let mut attempts: u32 = 0;
             loop {
                 attempts = attempts.saturating_add(1);
-                let pttl = match self.attempt(&key, ttl).await? {
+                let pttl = match self.attempt(&key, request).await? {
                     Attempt::Taken(guard) => return Ok(guard),
                     Attempt::Held { pttl } => pttl,
                 };
@@ -380,14 +418,14 @@ impl LockManager {
         options: LockOptions,
     ) -> Result<LockGuard> {
         let key = LockKey::new(&self.shared.prefix, key.as_ref())?;
-        let ttl = Ttl::new(options.lease_ttl())?;
+        let request = Request::new(&options, false)?;
         let span = tracing::debug_span!(
             "distlock.try_lock",
             key = key.display(),
-            ttl_ms = ttl.as_millis()
+            ttl_ms = request.ttl.as_millis()
         );
         async {
-            match self.attempt(&key, ttl).await? {
+            match self.attempt(&key, request).await? {
                 Attempt::Taken(guard) => Ok(guard),
                 Attempt::Held { pttl } => Err(Error::Contended {
                     key: key.display().to_owned(),
@@ -399,10 +437,100 @@ impl LockManager {
         .await
     }
 
+    /// Runs `work` while holding the lock `key`, with the default options and
+    /// auto-extension on; see [`with_lock_with`](Self::with_lock_with).
+    ///
+    /// # Cancel safety
+    ///
+    /// As for [`with_lock_with`](Self::with_lock_with).
+    pub async fn with_lock<F, Fut, T>(&self, key: impl AsRef<[u8]>, work: F) -> Result<T>
+    where
+        F: FnOnce(LeaseHandle) -> Fut,
+        Fut: Future<Output = T>,
+    {
+        self.with_lock_with(key, self.shared.defaults, work).await
+    }
+
+    /// Takes the lock `key` (waiting as [`lock_with`](Self::lock_with) does), runs `work`
+    /// while the lease is held, and releases it.
+    ///
+    /// The lease is auto-extended unless `options` turn that off
+    /// ([`LockOptions::auto_extend`]). If the lease is lost before `work` finishes (a
+    /// renewal finds it taken, Redis stays unreachable until the deadline, the hold-time cap
+    /// runs out), `work` is dropped, that is cancelled at its next `.await`, and the call
+    /// returns [`Error::Lost`]. Otherwise the lease is released and `work`'s output returned;
+    /// a release that fails after `work` finished under a valid lease is logged, not
+    /// returned, since the work itself was protected.
+    ///
+    /// `work` receives a [`LeaseHandle`]: the fencing token to pass to the protected
+    /// resource, the deadline, and its own `lost()` future for sub-tasks. If `work` panics,
+    /// the guard is dropped while unwinding and the lease is released in the background.
+    ///
+    /// # Errors
+    ///
+    /// Those of [`lock_with`](Self::lock_with), and [`Error::Lost`].
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future drops `work` and the guard; the lease is released in the
+    /// background, as for a dropped [`LockGuard`].
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # async fn demo(locks: distlock::LockManager) -> distlock::Result<()> {
+    /// let rows = locks
+    ///     .with_lock("reports:nightly", |lease| async move {
+    ///         // Pass the fencing token to every write the work makes.
+    ///         let token = lease.fencing_token();
+    ///         /* ... long work, renewed in the background ... */
+    ///         42
+    ///     })
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn with_lock_with<F, Fut, T>(
+        &self,
+        key: impl AsRef<[u8]>,
+        options: LockOptions,
+        work: F,
+    ) -> Result<T>
+    where
+        F: FnOnce(LeaseHandle) -> Fut,
+        Fut: Future<Output = T>,
+    {
+        let guard = self.lock_request(key.as_ref(), &options, true).await?;
+        let lost = guard.lost();
+        let work = work(guard.handle());
+        tokio::select! {
+            biased;
+            reason = lost => {
+                tracing::warn!(key = %String::from_utf8_lossy(guard.key()), %reason, "lease lost; work cancelled");
+                Err(Error::Lost { key: crate::error::display_key(guard.key()), reason })
+            }
+            output = work => {
+                if let Some(reason) = guard.handle().lost_reason() {
+                    return Err(Error::Lost { key: crate::error::display_key(guard.key()), reason });
+                }
+                if let Err(e) = guard.release().await {
+                    tracing::warn!(error = %e, "release after the work finished failed");
+                }
+                Ok(output)
+            }
+        }
+    }
+
     /// One acquire round trip with a fresh token.
-    async fn attempt(&self, key: &LockKey, ttl: Ttl) -> Result<Attempt> {
+    async fn attempt(&self, key: &LockKey, request: Request) -> Result<Attempt> {
+        let ttl = request.ttl;
         let token = Token::generate();
         let runtime = Handle::try_current().ok();
+        if request.auto_extend && runtime.is_none() {
+            return Err(Error::invalid(
+                "auto_extend",
+                "auto-extension needs a tokio runtime to renew in",
+            ));
+        }
         let mut pending = PendingAcquire {
             store: &self.shared.store,
             key,
@@ -420,11 +548,21 @@ impl LockManager {
         match outcome {
             Acquire::Taken { fence } => {
                 tracing::debug!(token = token.short(), ?fence, "acquired");
-                let lease = Lease::new(key.clone(), token, fence, ttl, sent);
+                let lease = Arc::new(Lease::new(key.clone(), token, fence, ttl, sent));
+                let renewal = match (&runtime, request.auto_extend) {
+                    (Some(runtime), true) => Some(self.shared.watchdog.register(
+                        Arc::clone(&lease),
+                        sent,
+                        request.max_hold,
+                        runtime,
+                    )),
+                    _ => None,
+                };
                 Ok(Attempt::Taken(LockGuard::new(
                     lease,
                     Arc::clone(&self.shared.store),
                     runtime,
+                    renewal,
                 )))
             }
             Acquire::Held { pttl } => Ok(Attempt::Held { pttl }),

@@ -36,6 +36,8 @@ pub struct LockOptions {
     ttl: Duration,
     wait: Duration,
     backoff: Backoff,
+    auto_extend: Option<bool>,
+    max_hold: Option<Duration>,
 }
 
 impl Default for LockOptions {
@@ -51,6 +53,8 @@ impl LockOptions {
             ttl: Duration::from_secs(30),
             wait: Duration::from_secs(10),
             backoff: Backoff::new(),
+            auto_extend: None,
+            max_hold: None,
         }
     }
 
@@ -72,6 +76,40 @@ impl LockOptions {
     pub const fn backoff(mut self, backoff: Backoff) -> Self {
         self.backoff = backoff;
         self
+    }
+
+    /// Keep the lease alive while its guard lives: the manager's renewal task extends it
+    /// about every `ttl / 3`, and [`LockGuard::lost`](crate::LockGuard::lost) resolves if a
+    /// renewal finds it gone or Redis stays unreachable until its deadline.
+    ///
+    /// Off by default for [`lock`](crate::LockManager::lock) and friends, on by default for
+    /// [`with_lock`](crate::LockManager::with_lock); setting it here decides for both.
+    pub const fn auto_extend(mut self, on: bool) -> Self {
+        self.auto_extend = Some(on);
+        self
+    }
+
+    /// Caps how long auto-extension keeps a lease alive, counted from the acquisition:
+    /// renewals never extend the lease past it, after which the lease runs out and
+    /// [`LockGuard::lost`](crate::LockGuard::lost) resolves with
+    /// [`LostReason::MaxHoldReached`](crate::LostReason::MaxHoldReached). Explicit
+    /// [`extend`](crate::LockGuard::extend) calls are not capped. No cap by default.
+    pub const fn max_hold(mut self, max_hold: Duration) -> Self {
+        self.max_hold = Some(max_hold);
+        self
+    }
+
+    /// Whether these options turn auto-extension on, given the call's default.
+    pub const fn auto_extend_or(&self, default: bool) -> bool {
+        match self.auto_extend {
+            Some(on) => on,
+            None => default,
+        }
+    }
+
+    /// The hold-time cap these options give, if any.
+    pub const fn hold_cap(&self) -> Option<Duration> {
+        self.max_hold
     }
 
     /// The lease TTL these options give.

@@ -78,7 +78,6 @@ return 0
 ///
 /// KEYS[i] lease key i. ARGV[2i-1] token i, ARGV[2i] new TTL in ms for lease i.
 /// Returns one result code per key, in order.
-#[allow(dead_code)] // until the renewal task lands
 pub(crate) static EXTEND_MANY: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"

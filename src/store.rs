@@ -63,13 +63,11 @@ pub(crate) trait LeaseStore: Send + Sync + 'static {
 
     /// Compare-and-`PEXPIRE` for many leases at once, in as few round trips as the store
     /// allows: one verdict (or error) per lease, in order.
-    #[allow(dead_code)] // until the renewal task lands
     fn extend_many<'a>(&'a self, batch: &'a [Renewal]) -> BoxFuture<'a, Vec<Result<Verdict>>>;
 }
 
 /// One lease in a batch renewal.
 #[derive(Debug, Clone)]
-#[allow(dead_code)] // until the renewal task lands
 pub(crate) struct Renewal {
     pub(crate) key: LockKey,
     pub(crate) token: Token,

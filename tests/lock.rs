@@ -242,28 +242,44 @@ async fn extend_after_expiry_fails_with_lost() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn extend_after_takeover_fails_with_taken_and_leaves_the_new_lease() {
+async fn extend_of_a_lease_taken_behind_its_back_fails_with_taken_and_leaves_the_new_lease() {
     let node = RedisNode::start().await;
     let locks = LockManager::connect(&node.url()).await.unwrap();
     let mut raw = node.conn().await;
     let name = unique_key("taken-extend");
 
-    let stale = locks
-        .lock_with(&name, LockOptions::new().ttl(Duration::from_millis(50)))
+    let guard = locks
+        .lock_with(&name, LockOptions::new().ttl(Duration::from_secs(10)))
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(120)).await;
-    let next = locks
-        .lock_with(&name, LockOptions::new().ttl(Duration::from_secs(3)))
+    // Another owner's token replaces ours while our local deadline is still ahead.
+    let _: () = redis::cmd("SET")
+        .arg(lease_key(&name))
+        .arg("another-owner")
+        .arg("PX")
+        .arg(3000)
+        .query_async(&mut raw)
         .await
         .unwrap();
-    match stale.extend(Duration::from_secs(60)).await {
+    match guard.extend(Duration::from_secs(60)).await {
         Err(Error::Lost { reason, .. }) => assert_eq!(reason, LostReason::Taken),
         other => panic!("expected Lost(Taken), got {other:?}"),
     }
+    assert!(!guard.is_held());
+    let value: String = raw.get(lease_key(&name)).await.unwrap();
+    assert_eq!(value, "another-owner");
     let pttl: i64 = raw.pttl(lease_key(&name)).await.unwrap();
-    assert!(pttl <= 3000, "the new holder's TTL was not touched: {pttl}");
-    next.release().await.unwrap();
+    assert!(
+        pttl <= 3000,
+        "the other owner's TTL was not touched: {pttl}"
+    );
+    drop(guard);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let value: String = raw.get(lease_key(&name)).await.unwrap();
+    assert_eq!(
+        value, "another-owner",
+        "dropping a taken guard deletes nothing"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,0 +1,270 @@
+//! Auto-extension: one background task per manager renews all of its leases in batches.
+//!
+//! Each registered lease is due for renewal a third of its TTL after its last renewal was
+//! sent. When the earliest lease falls due, the task renews it together with every lease
+//! due within the next sixth of a TTL, in one `extend_many` call (one round trip and one
+//! Lua call per thousand leases on a single primary). Renewing a little early costs
+//! nothing and pulls leases into the same batch, so a thousand leases settle into one
+//! round trip per tick instead of a thousand.
+//!
+//! A renewal that finds the key gone or held by another token marks the lease lost at
+//! once. A renewal that cannot reach the server is retried every tenth of the TTL; if none
+//! succeeds, the lease's own deadline makes it lost ([`LostReason::Unreachable`]), so a
+//! slow or stuck renewal never delays the loss past the validity deadline.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, Instant};
+
+use tokio::runtime::Handle;
+use tokio::sync::Notify;
+use tracing::Instrument;
+
+use crate::error::LostReason;
+use crate::lease::Lease;
+use crate::options::Ttl;
+use crate::store::{LeaseStore, Renewal, Verdict};
+
+/// The renewal task of one manager (started on demand, gone when nothing is registered).
+#[derive(Clone)]
+pub(crate) struct Watchdog {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: Arc<dyn LeaseStore>,
+    registry: Mutex<Registry>,
+    /// Wakes the task when a lease is registered (it may be due before the current sleep).
+    wake: Notify,
+}
+
+#[derive(Default)]
+struct Registry {
+    next_id: u64,
+    entries: HashMap<u64, Entry>,
+    /// The id of the running task, if one runs.
+    running: Option<u64>,
+    next_task: u64,
+}
+
+struct Entry {
+    lease: Arc<Lease>,
+    /// When the next renewal is due.
+    due: Instant,
+    /// The end of the hold-time cap, if any: renewals never extend the lease past it.
+    hold_until: Option<Instant>,
+}
+
+/// Registration of one lease with the renewal task; dropping it stops the renewal.
+pub(crate) struct RenewalTicket {
+    inner: Weak<Inner>,
+    id: u64,
+}
+
+impl Drop for RenewalTicket {
+    fn drop(&mut self) {
+        if let Some(inner) = self.inner.upgrade() {
+            inner.registry().entries.remove(&self.id);
+        }
+    }
+}
+
+/// A third of the TTL: the renewal period.
+fn period(ttl: Ttl) -> Duration {
+    ttl.as_duration() / 3
+}
+
+impl Watchdog {
+    pub(crate) fn new(store: Arc<dyn LeaseStore>) -> Self {
+        Watchdog {
+            inner: Arc::new(Inner {
+                store,
+                registry: Mutex::new(Registry::default()),
+                wake: Notify::new(),
+            }),
+        }
+    }
+
+    /// Keeps `lease` alive until the returned ticket is dropped, for at most `max_hold`
+    /// after `acquired_at`. Starts the task on `runtime` if it is not running.
+    pub(crate) fn register(
+        &self,
+        lease: Arc<Lease>,
+        acquired_at: Instant,
+        max_hold: Option<Duration>,
+        runtime: &Handle,
+    ) -> RenewalTicket {
+        let state = lease.state();
+        let entry = Entry {
+            due: state.set_at + period(state.ttl),
+            hold_until: max_hold.and_then(|hold| acquired_at.checked_add(hold)),
+            lease,
+        };
+        let mut registry = self.inner.registry();
+        let id = registry.next_id;
+        registry.next_id += 1;
+        registry.entries.insert(id, entry);
+        if registry.running.is_some() {
+            self.inner.wake.notify_one();
+        } else {
+            let task = registry.next_task;
+            registry.next_task += 1;
+            registry.running = Some(task);
+            let inner = Arc::clone(&self.inner);
+            runtime.spawn(run(inner, task).instrument(tracing::debug_span!("distlock.renewal")));
+        }
+        RenewalTicket {
+            inner: Arc::downgrade(&self.inner),
+            id,
+        }
+    }
+}
+
+impl Inner {
+    fn registry(&self) -> MutexGuard<'_, Registry> {
+        // No code that can panic runs under this lock; recover from poison anyway.
+        self.registry
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// Clears `running` when the task ends, including when its runtime shuts down and drops
+/// it, so the next registration starts a new task.
+struct RunningFlag(Arc<Inner>, u64);
+
+impl Drop for RunningFlag {
+    fn drop(&mut self) {
+        let mut registry = self.0.registry();
+        if registry.running == Some(self.1) {
+            registry.running = None;
+        }
+    }
+}
+
+/// What one pass over the registry decided.
+enum Plan {
+    /// Nothing registered: the task ends.
+    Stop,
+    /// Nothing due: sleep until then (or until woken).
+    Sleep(Instant),
+    /// Renew these now.
+    Renew(Vec<(u64, Arc<Lease>, Renewal)>),
+}
+
+async fn run(inner: Arc<Inner>, task: u64) {
+    let flag = RunningFlag(inner, task);
+    let inner = &flag.0;
+    loop {
+        // Created before reading the registry, so a registration in between is not missed.
+        let woken = inner.wake.notified();
+        match plan(inner) {
+            Plan::Stop => return,
+            Plan::Sleep(until) => {
+                tokio::select! {
+                    _ = woken => {}
+                    _ = tokio::time::sleep_until(until.into()) => {}
+                }
+            }
+            Plan::Renew(batch) => renew(inner, batch).await,
+        }
+    }
+}
+
+fn plan(inner: &Inner) -> Plan {
+    let mut registry = inner.registry();
+    let now = Instant::now();
+    // Leases that are gone need no renewal.
+    registry.entries.retain(|_, e| e.lease.lost().is_none());
+    if registry.entries.is_empty() {
+        // Cleared here, under the lock, so a concurrent `register` starts a new task.
+        registry.running = None;
+        return Plan::Stop;
+    }
+    let Some(earliest) = registry.entries.values().map(|e| e.due).min() else {
+        return Plan::Stop;
+    };
+    if earliest > now {
+        return Plan::Sleep(earliest);
+    }
+    let mut batch = Vec::new();
+    let mut capped = Vec::new();
+    for (&id, entry) in &registry.entries {
+        let ttl = entry.lease.state().ttl;
+        // Coalesce: also renew what falls due within the next sixth of a TTL.
+        if entry.due > now + ttl.as_duration() / 6 {
+            continue;
+        }
+        let ttl = match entry.hold_until {
+            None => ttl,
+            Some(until) => {
+                match Ttl::new(ttl.as_duration().min(until.saturating_duration_since(now))) {
+                    Ok(ttl) => ttl,
+                    // Less than a millisecond of hold time left: stop renewing.
+                    Err(_) => {
+                        capped.push(id);
+                        continue;
+                    }
+                }
+            }
+        };
+        let renewal = Renewal {
+            key: entry.lease.key.clone(),
+            token: entry.lease.token,
+            ttl,
+        };
+        batch.push((id, Arc::clone(&entry.lease), renewal));
+    }
+    for id in capped {
+        if let Some(entry) = registry.entries.remove(&id) {
+            tracing::debug!(
+                key = entry.lease.key.display(),
+                "hold-time cap reached; renewal stops"
+            );
+            entry.lease.hold_capped();
+        }
+    }
+    if batch.is_empty() {
+        // Only capped leases were due; plan again.
+        return Plan::Sleep(now);
+    }
+    Plan::Renew(batch)
+}
+
+async fn renew(inner: &Inner, batch: Vec<(u64, Arc<Lease>, Renewal)>) {
+    let renewals: Vec<Renewal> = batch.iter().map(|(_, _, r)| r.clone()).collect();
+    let sent = Instant::now();
+    let results = inner.store.extend_many(&renewals).await;
+    let done = Instant::now();
+    let mut registry = inner.registry();
+    let mut failed = 0usize;
+    for ((id, lease, renewal), result) in batch.into_iter().zip(results) {
+        // Released or dropped meanwhile: its guard owns the outcome now.
+        let Some(entry) = registry.entries.get_mut(&id) else {
+            continue;
+        };
+        match result {
+            Ok(Verdict::Done) => {
+                lease.extended(renewal.ttl, sent);
+                entry.due = sent + period(renewal.ttl);
+            }
+            Ok(Verdict::Expired) => {
+                lease.mark_lost(LostReason::Expired);
+                registry.entries.remove(&id);
+            }
+            Ok(Verdict::Taken) => {
+                lease.mark_lost(LostReason::Taken);
+                registry.entries.remove(&id);
+            }
+            Err(_) => {
+                failed += 1;
+                lease.renewal_failed();
+                entry.due = done + (renewal.ttl.as_duration() / 10).max(Duration::from_millis(5));
+            }
+        }
+    }
+    tracing::trace!(leases = renewals.len(), failed, elapsed = ?done - sent, "renewed");
+    if failed > 0 {
+        tracing::warn!(failed, "lease renewals could not reach Redis; retrying");
+    }
+}
