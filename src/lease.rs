@@ -32,8 +32,9 @@ pub(crate) struct LeaseState {
     pub(crate) ttl: Ttl,
     /// Once set, the lease is gone for good.
     pub(crate) lost: Option<LostReason>,
-    /// The last renewal attempt failed to reach the server.
-    pub(crate) unreachable: bool,
+    /// The renewal task keeps this lease alive: if its deadline passes, renewals did not
+    /// get through in time.
+    pub(crate) renewed: bool,
     /// Renewal stopped because the hold-time cap was reached.
     pub(crate) hold_capped: bool,
 }
@@ -55,7 +56,7 @@ impl Lease {
                 set_at: sent,
                 ttl,
                 lost: None,
-                unreachable: false,
+                renewed: false,
                 hold_capped: false,
             }),
         }
@@ -66,16 +67,18 @@ impl Lease {
         *self.state.borrow()
     }
 
+    /// The loss, if any: recorded, or implied by a passed deadline. A loss seen once is
+    /// recorded, so the answer never flips back to "held".
     pub(crate) fn lost(&self) -> Option<LostReason> {
-        self.current_loss(Instant::now())
-    }
-
-    /// The loss, if any, as of `now`: recorded, or implied by a passed deadline.
-    fn current_loss(&self, now: Instant) -> Option<LostReason> {
         let state = self.state();
-        state
-            .lost
-            .or_else(|| (now >= state.valid_until).then(|| state.deadline_reason()))
+        if state.lost.is_some() {
+            return state.lost;
+        }
+        if Instant::now() < state.valid_until {
+            return None;
+        }
+        self.mark_lost(state.deadline_reason());
+        self.state().lost
     }
 
     /// Records that the lease is gone. The first reason sticks.
@@ -104,16 +107,15 @@ impl Lease {
             state.set_at = sent;
             state.ttl = ttl;
             state.valid_until = ttl.valid_until(sent);
-            state.unreachable = false;
             true
         });
     }
 
-    /// Records that a renewal could not reach the server.
-    pub(crate) fn renewal_failed(&self) {
+    /// Records whether the renewal task keeps this lease alive.
+    pub(crate) fn set_renewed(&self, renewed: bool) {
         self.state.send_if_modified(|state| {
-            let changed = !state.unreachable;
-            state.unreachable = true;
+            let changed = state.renewed != renewed;
+            state.renewed = renewed;
             changed
         });
     }
@@ -154,7 +156,8 @@ impl LeaseState {
     fn deadline_reason(&self) -> LostReason {
         if self.hold_capped {
             LostReason::MaxHoldReached
-        } else if self.unreachable {
+        } else if self.renewed {
+            // No renewal got through before the deadline: failed, or stuck in flight.
             LostReason::Unreachable
         } else {
             LostReason::Expired

@@ -2,9 +2,9 @@
 //!
 //! Each registered lease is due for renewal a third of its TTL after its last renewal was
 //! sent. When the earliest lease falls due, the task renews it together with every lease
-//! due within the next sixth of a TTL, in one `extend_many` call (one round trip and one
+//! due within the next renewal period, in one `extend_many` call (one round trip and one
 //! Lua call per thousand leases on a single primary). Renewing a little early costs
-//! nothing and pulls leases into the same batch, so a thousand leases settle into one
+//! little and pulls leases into the same batch, so a thousand leases settle into one
 //! round trip per tick instead of a thousand.
 //!
 //! A renewal that finds the key gone or held by another token marks the lease lost at
@@ -63,8 +63,10 @@ pub(crate) struct RenewalTicket {
 
 impl Drop for RenewalTicket {
     fn drop(&mut self) {
-        if let Some(inner) = self.inner.upgrade() {
-            inner.registry().entries.remove(&self.id);
+        if let Some(inner) = self.inner.upgrade()
+            && let Some(entry) = inner.registry().entries.remove(&self.id)
+        {
+            entry.lease.set_renewed(false);
         }
     }
 }
@@ -94,6 +96,7 @@ impl Watchdog {
         max_hold: Option<Duration>,
         runtime: &Handle,
     ) -> RenewalTicket {
+        lease.set_renewed(true);
         let state = lease.state();
         let entry = Entry {
             due: state.set_at + period(state.ttl),
@@ -149,7 +152,16 @@ enum Plan {
     /// Nothing due: sleep until then (or until woken).
     Sleep(Instant),
     /// Renew these now.
-    Renew(Vec<(u64, Arc<Lease>, Renewal)>),
+    Renew(Vec<Item>),
+}
+
+/// One lease in a renewal batch.
+struct Item {
+    id: u64,
+    lease: Arc<Lease>,
+    renewal: Renewal,
+    /// The final renewal under a hold-time cap: the lease is no longer registered.
+    last: bool,
 }
 
 async fn run(inner: Arc<Inner>, task: u64) {
@@ -181,39 +193,51 @@ fn plan(inner: &Inner) -> Plan {
         registry.running = None;
         return Plan::Stop;
     }
-    let Some(earliest) = registry.entries.values().map(|e| e.due).min() else {
+    let Some(first) = registry.entries.values().min_by_key(|e| e.due) else {
         return Plan::Stop;
     };
-    if earliest > now {
-        return Plan::Sleep(earliest);
+    if first.due > now {
+        return Plan::Sleep(first.due);
     }
+    // Coalesce: renew, with the lease that fell due, every lease due within the next
+    // period (the shorter of its own and the due lease's), so leases drift into one
+    // batch and stay there; none is renewed more than one of its own periods early.
+    let window = period(first.lease.state().ttl);
     let mut batch = Vec::new();
     let mut capped = Vec::new();
     for (&id, entry) in &registry.entries {
         let ttl = entry.lease.state().ttl;
-        // Coalesce: also renew what falls due within the next sixth of a TTL.
-        if entry.due > now + ttl.as_duration() / 6 {
+        if entry.due > now + window.min(period(ttl)) {
             continue;
         }
+        // Under a hold-time cap, the renewal that reaches the cap is the last one: it
+        // gives exactly the hold time left, and renewal stops.
+        let mut last = false;
         let ttl = match entry.hold_until {
-            None => ttl,
-            Some(until) => {
-                match Ttl::new(ttl.as_duration().min(until.saturating_duration_since(now))) {
-                    Ok(ttl) => ttl,
-                    // Less than a millisecond of hold time left: stop renewing.
-                    Err(_) => {
-                        capped.push(id);
-                        continue;
+            Some(until) if until.saturating_duration_since(now) <= ttl.as_duration() => {
+                capped.push(id);
+                match Ttl::new(until.saturating_duration_since(now)) {
+                    Ok(left) => {
+                        last = true;
+                        left
                     }
+                    // Less than a millisecond left: let the lease run out.
+                    Err(_) => continue,
                 }
             }
+            _ => ttl,
         };
         let renewal = Renewal {
             key: entry.lease.key.clone(),
             token: entry.lease.token,
             ttl,
         };
-        batch.push((id, Arc::clone(&entry.lease), renewal));
+        batch.push(Item {
+            id,
+            lease: Arc::clone(&entry.lease),
+            renewal,
+            last,
+        });
     }
     for id in capped {
         if let Some(entry) = registry.entries.remove(&id) {
@@ -222,6 +246,7 @@ fn plan(inner: &Inner) -> Plan {
                 "hold-time cap reached; renewal stops"
             );
             entry.lease.hold_capped();
+            entry.lease.set_renewed(false);
         }
     }
     if batch.is_empty() {
@@ -231,22 +256,32 @@ fn plan(inner: &Inner) -> Plan {
     Plan::Renew(batch)
 }
 
-async fn renew(inner: &Inner, batch: Vec<(u64, Arc<Lease>, Renewal)>) {
-    let renewals: Vec<Renewal> = batch.iter().map(|(_, _, r)| r.clone()).collect();
+async fn renew(inner: &Inner, batch: Vec<Item>) {
+    let renewals: Vec<Renewal> = batch.iter().map(|item| item.renewal.clone()).collect();
     let sent = Instant::now();
     let results = inner.store.extend_many(&renewals).await;
     let done = Instant::now();
     let mut registry = inner.registry();
     let mut failed = 0usize;
-    for ((id, lease, renewal), result) in batch.into_iter().zip(results) {
-        // Released or dropped meanwhile: its guard owns the outcome now.
-        let Some(entry) = registry.entries.get_mut(&id) else {
+    for (item, result) in batch.into_iter().zip(results) {
+        let Item {
+            id,
+            lease,
+            renewal,
+            last,
+        } = item;
+        let entry = registry.entries.get_mut(&id);
+        // Released or dropped meanwhile: its guard owns the outcome now. (A released
+        // lease is marked lost, so a late success cannot revive it either way.)
+        if entry.is_none() && !last {
             continue;
-        };
+        }
         match result {
             Ok(Verdict::Done) => {
                 lease.extended(renewal.ttl, sent);
-                entry.due = sent + period(renewal.ttl);
+                if let Some(entry) = entry {
+                    entry.due = sent + period(renewal.ttl);
+                }
             }
             Ok(Verdict::Expired) => {
                 lease.mark_lost(LostReason::Expired);
@@ -258,8 +293,10 @@ async fn renew(inner: &Inner, batch: Vec<(u64, Arc<Lease>, Renewal)>) {
             }
             Err(_) => {
                 failed += 1;
-                lease.renewal_failed();
-                entry.due = done + (renewal.ttl.as_duration() / 10).max(Duration::from_millis(5));
+                if let Some(entry) = entry {
+                    entry.due =
+                        done + (renewal.ttl.as_duration() / 10).max(Duration::from_millis(5));
+                }
             }
         }
     }
