@@ -40,6 +40,26 @@
 //! # Ok(()) }
 //! ```
 //!
+//! # Keeping a lease alive
+//!
+//! With [`LockOptions::auto_extend`], the manager's renewal task extends the lease about
+//! every `ttl/3` while the guard lives (all leases of a manager in one batched call per
+//! period). [`LockGuard::lost`] resolves when the lease is gone anyway (taken, expired,
+//! Redis unreachable until the deadline, hold-time cap), and
+//! [`LockManager::with_lock`] runs a future under an auto-extended lease and cancels it if
+//! the lease is lost:
+//!
+//! ```no_run
+//! # async fn demo(locks: distlock::LockManager) -> distlock::Result<()> {
+//! let total = locks
+//!     .with_lock("reports:nightly", |lease| async move {
+//!         // `lease.fencing_token()` goes with every write to the protected resource.
+//!         40 + 2
+//!     })
+//!     .await?;
+//! # Ok(()) }
+//! ```
+//!
 //! # Guarantees and their limits
 //!
 //! - **Mutual exclusion while the holder keeps to the lease.** Two guards for one lock
