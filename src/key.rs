@@ -14,8 +14,8 @@ pub const MAX_PREFIX_LEN: usize = 256;
 
 /// The Redis keys of one lock.
 ///
-/// Layout: `<prefix>{<name>}` for the lease and `<prefix>{<name>}:fence` for the fencing
-/// counter. The braces make `<name>` the Redis Cluster hash tag, so every key a script
+/// Layout: `<prefix>{<name>}` for the lease, `<prefix>{<name>}:fence` for the fencing
+/// counter, and the pub/sub channel `<prefix>{<name>}:released` for release notifications. The braces make `<name>` the Redis Cluster hash tag, so every key a script
 /// touches for one lock lives in one slot. A name that itself contains braces still maps
 /// all its keys to one slot: they share everything up to the suffix.
 #[derive(Clone)]
@@ -25,6 +25,7 @@ struct KeyParts {
     name: Box<[u8]>,
     lease: Box<[u8]>,
     fence: Box<[u8]>,
+    released: Box<[u8]>,
     display: String,
 }
 
@@ -50,10 +51,14 @@ impl LockKey {
         let mut fence = Vec::with_capacity(lease.len() + 6);
         fence.extend_from_slice(&lease);
         fence.extend_from_slice(b":fence");
+        let mut released = Vec::with_capacity(lease.len() + 9);
+        released.extend_from_slice(&lease);
+        released.extend_from_slice(b":released");
         Ok(LockKey(Arc::new(KeyParts {
             name: name.into(),
             lease: lease.into(),
             fence: fence.into(),
+            released: released.into(),
             display: display_key(name),
         })))
     }
@@ -71,6 +76,11 @@ impl LockKey {
     /// The Redis key holding the fencing counter.
     pub(crate) fn fence(&self) -> &[u8] {
         &self.0.fence
+    }
+
+    /// The pub/sub channel a release of this lock is announced on.
+    pub(crate) fn released_channel(&self) -> &[u8] {
+        &self.0.released
     }
 
     /// Printable, shortened name for errors and logs.

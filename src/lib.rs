@@ -105,6 +105,7 @@ mod guard;
 mod key;
 mod lease;
 mod manager;
+mod notify;
 mod options;
 pub mod retry;
 mod scripts;

@@ -14,12 +14,16 @@ use crate::error::{Error, Result};
 use crate::guard::LockGuard;
 use crate::key::{LockKey, Token, validate_prefix};
 use crate::lease::{Lease, LeaseHandle};
+use crate::notify::{Notifier, Waiter};
 use crate::options::{LockOptions, Ttl};
 use crate::store::{Acquire, LeaseStore, RedisStore};
 use crate::watchdog::Watchdog;
 
 /// The default key prefix: lock `jobs:nightly` lives at `distlock:{jobs:nightly}`.
 pub const DEFAULT_PREFIX: &str = "distlock:";
+
+/// Waiting past a holder's reported remaining TTL by this much finds the key expired.
+const EXPIRY_SLACK: Duration = Duration::from_millis(1);
 
 /// The default bound on one Redis command (acquire, extend or release attempt).
 pub const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
@@ -60,6 +64,7 @@ pub struct LockManager {
 struct Shared {
     store: Arc<dyn LeaseStore>,
     watchdog: Watchdog,
+    notifier: Option<Notifier>,
     prefix: Box<[u8]>,
     defaults: LockOptions,
 }
@@ -112,6 +117,8 @@ pub struct LockManagerBuilder {
     defaults: LockOptions,
     command_timeout: Duration,
     connect_timeout: Duration,
+    notify: bool,
+    pubsub: Option<redis::Client>,
 }
 
 impl Default for LockManagerBuilder {
@@ -121,6 +128,8 @@ impl Default for LockManagerBuilder {
             defaults: LockOptions::new(),
             command_timeout: DEFAULT_COMMAND_TIMEOUT,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            notify: true,
+            pubsub: None,
         }
     }
 }
@@ -155,6 +164,28 @@ impl LockManagerBuilder {
         self
     }
 
+    /// Release notifications (default on): releases are published on the lock's pub/sub
+    /// channel, and waiters of this manager sleep until a release wakes them instead of
+    /// polling. Waiters share one subscription connection per manager and are woken in
+    /// arrival order, one per release. A notification is only a shortcut: every wait is
+    /// still bounded by the holder's remaining TTL, the backoff policy and the wait budget.
+    ///
+    /// Off, releases are not published and waiters poll with the backoff policy. Managers
+    /// that compete for the same locks should agree: a manager with notifications off does
+    /// not wake the waiters of the others.
+    pub fn notify(mut self, on: bool) -> Self {
+        self.notify = on;
+        self
+    }
+
+    /// The client to open the subscription connection with, for a manager built with
+    /// [`build`](Self::build) on a connection of your own (which cannot subscribe).
+    /// [`connect`](Self::connect) uses its own URL. Without one, waiters poll.
+    pub fn notify_via(mut self, client: redis::Client) -> Self {
+        self.pubsub = Some(client);
+        self
+    }
+
     /// Connects to `url` (`redis://[user:password@]host[:port][/db]`, `unix://…`) through a
     /// [`ConnectionManager`], which reconnects by itself after a failure.
     ///
@@ -167,9 +198,12 @@ impl LockManagerBuilder {
     /// # Cancel safety
     ///
     /// Dropping the future abandons the connection attempt; nothing is left behind.
-    pub async fn connect(self, url: &str) -> Result<LockManager> {
+    pub async fn connect(mut self, url: &str) -> Result<LockManager> {
         self.check()?;
         let client = redis::Client::open(url).map_err(|e| Error::invalid("url", e.to_string()))?;
+        if self.pubsub.is_none() {
+            self.pubsub = Some(client.clone());
+        }
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(self.connect_timeout))
             .set_response_timeout(Some(self.command_timeout))
@@ -206,16 +240,25 @@ impl LockManagerBuilder {
         C: ConnectionLike + Clone + Send + Sync + 'static,
     {
         self.check()?;
-        let store = RedisStore::new(conn, Some(self.command_timeout));
+        let store = RedisStore::new(conn, Some(self.command_timeout), self.notify);
         Ok(self.with_store(Arc::new(store)))
     }
 
     /// The manager over any store: where its leases live is the store's business.
     fn with_store(self, store: Arc<dyn LeaseStore>) -> LockManager {
+        let notifier = match (self.notify, self.pubsub) {
+            (true, Some(client)) => Some(Notifier::new(
+                client,
+                self.connect_timeout,
+                self.command_timeout,
+            )),
+            _ => None,
+        };
         LockManager {
             shared: Arc::new(Shared {
                 watchdog: Watchdog::new(Arc::clone(&store)),
                 store,
+                notifier,
                 prefix: self.prefix.into(),
                 defaults: self.defaults,
             }),
@@ -351,17 +394,38 @@ impl LockManager {
         async {
             let mut delays = options.backoff_policy().delays();
             let mut attempts: u32 = 0;
+            let mut waiter: Option<Waiter> = None;
+            // First come, first served within this manager: when callers of this manager
+            // already wait for the key, queue behind them instead of snatching it from
+            // the one a release is waking.
+            let mut wait_turn = false;
+            if let Some(notifier) = &self.shared.notifier
+                && notifier.has_waiters(key.released_channel())
+                && let Ok(Ok(queued)) = tokio::time::timeout_at(
+                    deadline.into(),
+                    notifier.register(key.released_channel()),
+                )
+                .await
+            {
+                waiter = Some(queued);
+                wait_turn = true;
+            }
             loop {
-                attempts = attempts.saturating_add(1);
-                let pttl = match self.attempt(&key, request).await? {
-                    Attempt::Taken(guard) => return Ok(guard),
-                    Attempt::Held { pttl } => pttl,
-                };
                 let now = Instant::now();
+                let pttl = if std::mem::take(&mut wait_turn) {
+                    None
+                } else {
+                    attempts = attempts.saturating_add(1);
+                    match self.attempt(&key, request).await? {
+                        Attempt::Taken(guard) => return Ok(guard),
+                        Attempt::Held { pttl } => pttl,
+                    }
+                };
+                let now_after = Instant::now();
                 let delay = match delays.next() {
-                    Some(delay) if now < deadline => delay,
+                    Some(delay) if now_after < deadline => delay,
                     _ => {
-                        let waited = now.saturating_duration_since(started);
+                        let waited = now_after.saturating_duration_since(started);
                         tracing::debug!(attempts, ?waited, "gave up waiting");
                         return Err(Error::Timeout {
                             key: key.display().to_owned(),
@@ -370,9 +434,52 @@ impl LockManager {
                         });
                     }
                 };
-                let wake = now.checked_add(delay).map_or(deadline, |t| t.min(deadline));
+                let now = now_after.max(now);
+                if waiter.is_none()
+                    && let Some(notifier) = &self.shared.notifier
+                {
+                    // Subscribe, then try again at once: that attempt decides to wait,
+                    // and any release after it wakes this waiter.
+                    let registered = tokio::time::timeout_at(
+                        deadline.into(),
+                        notifier.register(key.released_channel()),
+                    )
+                    .await;
+                    match registered {
+                        Ok(Ok(registered)) => {
+                            waiter = Some(registered);
+                            continue;
+                        }
+                        Ok(Err(e)) => {
+                            tracing::debug!(error = %e, "no release notifications; polling")
+                        }
+                        Err(_) => {}
+                    }
+                }
+                // Every wait ends by the holder's remaining TTL (an expiry is not
+                // announced) and the budget. A polling waiter also retries after a backoff
+                // step; with notifications only the longest-waiting waiter of this manager
+                // does (a missed notification costs at most that), the others wait their
+                // turn instead of snatching the lock from it.
+                let held_until = pttl.and_then(|left| now.checked_add(left + EXPIRY_SLACK));
+                if let (Some(waiter), Some(until)) = (&waiter, held_until) {
+                    waiter.note_held_until(until);
+                }
+                let mut bound = deadline;
+                if let Some(until) = held_until.or_else(|| waiter.as_ref()?.held_until()) {
+                    bound = bound.min(until.max(now));
+                }
+                let poll = now.checked_add(delay).map_or(bound, |t| t.min(bound));
                 tracing::trace!(attempts, ?delay, ?pttl, "held by another owner; waiting");
-                tokio::time::sleep_until(wake.into()).await;
+                match &waiter {
+                    Some(waiter) => {
+                        waiter
+                            .wait(if waiter.is_first() { poll } else { bound })
+                            .await;
+                        waiter.rearm().await;
+                    }
+                    None => tokio::time::sleep_until(poll.into()).await,
+                }
             }
         }
         .instrument(span)

@@ -38,15 +38,17 @@ return {0, redis.call('PTTL', KEYS[1])}
     )
 });
 
-/// Delete the lease only if it still holds our token.
+/// Delete the lease only if it still holds our token, and announce it to waiters.
 ///
-/// KEYS[1] lease key. ARGV[1] token.
+/// KEYS[1] lease key. ARGV[1] token, ARGV[2] (optional) the channel to publish the release
+/// on.
 pub(crate) static RELEASE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
 local v = redis.call('GET', KEYS[1])
 if v == ARGV[1] then
   redis.call('DEL', KEYS[1])
+  if ARGV[2] then redis.call('PUBLISH', ARGV[2], '') end
   return 1
 elseif v then
   return -1

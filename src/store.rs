@@ -90,16 +90,19 @@ fn fence_ttl_ms(ttl: Ttl) -> u64 {
 pub(crate) struct RedisStore<C> {
     conn: C,
     command_timeout: Option<Duration>,
+    /// Publish each release on the lock's channel for waiters.
+    announce_releases: bool,
 }
 
 impl<C> RedisStore<C>
 where
     C: ConnectionLike + Clone + Send + Sync + 'static,
 {
-    pub(crate) fn new(conn: C, command_timeout: Option<Duration>) -> Self {
+    pub(crate) fn new(conn: C, command_timeout: Option<Duration>, announce_releases: bool) -> Self {
         RedisStore {
             conn,
             command_timeout,
+            announce_releases,
         }
     }
 
@@ -189,6 +192,9 @@ where
             let mut conn = self.conn.clone();
             let mut call = scripts::RELEASE.key(key.lease());
             call.arg(token.as_bytes());
+            if self.announce_releases {
+                call.arg(key.released_channel());
+            }
             let code: i64 = self.bounded(call.invoke_async(&mut conn)).await?;
             verdict(code)
         })

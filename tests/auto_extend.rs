@@ -194,11 +194,11 @@ async fn with_lock_returns_the_output_keeps_the_lease_alive_and_releases() {
     let name = unique_key("with-lock");
     let key = lease_key(&name);
 
-    // The work outlives the 600 ms TTL three times over: auto-extension is on.
-    let opts = LockOptions::new().ttl(Duration::from_millis(600));
+    // The work outlives the 1 s TTL two and a half times: auto-extension is on.
+    let opts = LockOptions::new().ttl(Duration::from_millis(1000));
     let output = locks
         .with_lock_with(&name, opts, |lease| async move {
-            tokio::time::sleep(Duration::from_millis(1800)).await;
+            tokio::time::sleep(Duration::from_millis(2500)).await;
             assert!(lease.is_held());
             lease.fencing_token()
         })
