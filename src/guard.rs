@@ -161,7 +161,7 @@ impl LockGuard {
         }
         let span = tracing::debug_span!(
             "distlock.extend",
-            key = lease.key.display(),
+            key = %lease.key,
             token = lease.token.short(),
             ttl_ms = ttl.as_millis()
         );
@@ -213,7 +213,7 @@ impl LockGuard {
         let lease = Arc::clone(&self.handle.lease);
         let span = tracing::debug_span!(
             "distlock.release",
-            key = lease.key.display(),
+            key = %lease.key,
             token = lease.token.short()
         );
         async {
@@ -241,9 +241,9 @@ impl LockGuard {
     fn lose(&self, reason: LostReason) -> Error {
         let lease = self.lease();
         lease.mark_lost(reason);
-        tracing::warn!(key = lease.key.display(), %reason, "lease lost");
+        tracing::warn!(key = %lease.key, %reason, "lease lost");
         Error::Lost {
-            key: lease.key.display().to_owned(),
+            key: lease.key.display(),
             reason,
         }
     }
@@ -252,11 +252,14 @@ impl LockGuard {
 impl Drop for LockGuard {
     fn drop(&mut self) {
         self.renewal = None;
+        if self.finished {
+            return;
+        }
         let lease = Arc::clone(&self.handle.lease);
         let taken = lease.lost() == Some(LostReason::Taken);
         // Whatever happens next, this holder has given the lease up.
         lease.mark_lost(LostReason::Released);
-        if self.finished || taken {
+        if taken {
             return;
         }
         let Some(runtime) = self.runtime.take() else {
@@ -265,7 +268,7 @@ impl Drop for LockGuard {
         let store = Arc::clone(&self.store);
         let span = tracing::debug_span!(
             "distlock.drop_release",
-            key = lease.key.display(),
+            key = %lease.key,
             token = lease.token.short()
         );
         // `Handle::spawn` neither blocks nor panics; on a runtime that has shut down the

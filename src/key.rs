@@ -21,13 +21,16 @@ pub const MAX_PREFIX_LEN: usize = 256;
 #[derive(Clone)]
 pub(crate) struct LockKey(Arc<KeyParts>);
 
+/// All names of one lock in one allocation: `<lease>:fence<lease>:released`, where
+/// `<lease>` is `<prefix>{<name>}`.
 struct KeyParts {
-    name: Box<[u8]>,
-    lease: Box<[u8]>,
-    fence: Box<[u8]>,
-    released: Box<[u8]>,
-    display: String,
+    buf: Box<[u8]>,
+    prefix_len: usize,
+    lease_len: usize,
 }
+
+const FENCE_SUFFIX: &[u8] = b":fence";
+const RELEASED_SUFFIX: &[u8] = b":released";
 
 impl LockKey {
     pub(crate) fn new(prefix: &[u8], name: &[u8]) -> Result<Self> {
@@ -43,55 +46,60 @@ impl LockKey {
                 ),
             ));
         }
-        let mut lease = Vec::with_capacity(prefix.len() + name.len() + 2);
-        lease.extend_from_slice(prefix);
-        lease.push(b'{');
-        lease.extend_from_slice(name);
-        lease.push(b'}');
-        let mut fence = Vec::with_capacity(lease.len() + 6);
-        fence.extend_from_slice(&lease);
-        fence.extend_from_slice(b":fence");
-        let mut released = Vec::with_capacity(lease.len() + 9);
-        released.extend_from_slice(&lease);
-        released.extend_from_slice(b":released");
+        let lease_len = prefix.len() + name.len() + 2;
+        let mut buf =
+            Vec::with_capacity(2 * lease_len + FENCE_SUFFIX.len() + RELEASED_SUFFIX.len());
+        for suffix in [FENCE_SUFFIX, RELEASED_SUFFIX] {
+            buf.extend_from_slice(prefix);
+            buf.push(b'{');
+            buf.extend_from_slice(name);
+            buf.push(b'}');
+            buf.extend_from_slice(suffix);
+        }
         Ok(LockKey(Arc::new(KeyParts {
-            name: name.into(),
-            lease: lease.into(),
-            fence: fence.into(),
-            released: released.into(),
-            display: display_key(name),
+            buf: buf.into(),
+            prefix_len: prefix.len(),
+            lease_len,
         })))
     }
 
     /// The name the caller gave.
     pub(crate) fn name(&self) -> &[u8] {
-        &self.0.name
+        let parts = &self.0;
+        &parts.buf[parts.prefix_len + 1..parts.lease_len - 1]
     }
 
     /// The Redis key holding the lease.
     pub(crate) fn lease(&self) -> &[u8] {
-        &self.0.lease
+        &self.0.buf[..self.0.lease_len]
     }
 
     /// The Redis key holding the fencing counter.
     pub(crate) fn fence(&self) -> &[u8] {
-        &self.0.fence
+        &self.0.buf[..self.0.lease_len + FENCE_SUFFIX.len()]
     }
 
     /// The pub/sub channel a release of this lock is announced on.
     pub(crate) fn released_channel(&self) -> &[u8] {
-        &self.0.released
+        &self.0.buf[self.0.lease_len + FENCE_SUFFIX.len()..]
     }
 
-    /// Printable, shortened name for errors and logs.
-    pub(crate) fn display(&self) -> &str {
-        &self.0.display
+    /// Printable, shortened name for errors.
+    pub(crate) fn display(&self) -> String {
+        display_key(self.name())
+    }
+}
+
+/// Printable, shortened name for logs, formatted only when a log line is written.
+impl fmt::Display for LockKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.display())
     }
 }
 
 impl fmt::Debug for LockKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.display())
+        f.write_str(&self.display())
     }
 }
 
@@ -146,6 +154,7 @@ mod tests {
         let key = LockKey::new(b"app:", b"jobs:nightly").unwrap();
         assert_eq!(key.lease(), b"app:{jobs:nightly}");
         assert_eq!(key.fence(), b"app:{jobs:nightly}:fence");
+        assert_eq!(key.released_channel(), b"app:{jobs:nightly}:released");
         assert_eq!(key.name(), b"jobs:nightly");
     }
 

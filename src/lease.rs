@@ -2,10 +2,10 @@
 
 use std::fmt;
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use tokio::sync::watch;
+use tokio::sync::Notify;
 
 use crate::error::LostReason;
 use crate::key::{LockKey, Token};
@@ -16,7 +16,9 @@ pub(crate) struct Lease {
     pub(crate) key: LockKey,
     pub(crate) token: Token,
     pub(crate) fence: Option<u64>,
-    state: watch::Sender<LeaseState>,
+    state: Mutex<LeaseState>,
+    /// Wakes `wait_lost` futures on every change of `state`.
+    changed: Notify,
 }
 
 /// What is known locally about a lease. Every change is broadcast, so `lost()` futures
@@ -51,7 +53,7 @@ impl Lease {
             key,
             token,
             fence,
-            state: watch::Sender::new(LeaseState {
+            state: Mutex::new(LeaseState {
                 valid_until: ttl.valid_until(sent),
                 set_at: sent,
                 ttl,
@@ -59,12 +61,28 @@ impl Lease {
                 renewed: false,
                 hold_capped: false,
             }),
+            changed: Notify::new(),
         }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, LeaseState> {
+        // No code that can panic runs under this lock; recover from poison anyway.
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// A copy of the current state.
     pub(crate) fn state(&self) -> LeaseState {
-        *self.state.borrow()
+        *self.lock()
+    }
+
+    /// Applies `change`; if it reports a change, wakes everyone waiting for one.
+    fn send_if_modified(&self, change: impl FnOnce(&mut LeaseState) -> bool) {
+        let changed = change(&mut self.lock());
+        if changed {
+            self.changed.notify_waiters();
+        }
     }
 
     /// The loss, if any: recorded, or implied by a passed deadline. A loss seen once is
@@ -83,7 +101,7 @@ impl Lease {
 
     /// Records that the lease is gone. The first reason sticks.
     pub(crate) fn mark_lost(&self, reason: LostReason) {
-        self.state.send_if_modified(|state| {
+        self.send_if_modified(|state| {
             if state.lost.is_some() {
                 return false;
             }
@@ -96,7 +114,7 @@ impl Lease {
     /// a lease already lost, nor one whose deadline had passed when the extend was sent
     /// (the lease was not guaranteed in between): that lease is lost instead.
     pub(crate) fn extended(&self, ttl: Ttl, sent: Instant) {
-        self.state.send_if_modified(|state| {
+        self.send_if_modified(|state| {
             if state.lost.is_some() || sent < state.set_at {
                 return false;
             }
@@ -113,7 +131,7 @@ impl Lease {
 
     /// Records whether the renewal task keeps this lease alive.
     pub(crate) fn set_renewed(&self, renewed: bool) {
-        self.state.send_if_modified(|state| {
+        self.send_if_modified(|state| {
             let changed = state.renewed != renewed;
             state.renewed = renewed;
             changed
@@ -122,7 +140,7 @@ impl Lease {
 
     /// Records that renewal stopped at the hold-time cap.
     pub(crate) fn hold_capped(&self) {
-        self.state.send_if_modified(|state| {
+        self.send_if_modified(|state| {
             let changed = !state.hold_capped;
             state.hold_capped = true;
             changed
@@ -132,9 +150,12 @@ impl Lease {
     /// Resolves with the reason once the lease is gone: a recorded loss, or the validity
     /// deadline passing without an extension.
     pub(crate) async fn wait_lost(&self) -> LostReason {
-        let mut changes = self.state.subscribe();
         loop {
-            let state = *changes.borrow_and_update();
+            // Registered before reading the state, so a change in between is not missed.
+            let changed = self.changed.notified();
+            let mut changed = std::pin::pin!(changed);
+            changed.as_mut().enable();
+            let state = self.state();
             if let Some(reason) = state.lost {
                 return reason;
             }
@@ -143,8 +164,7 @@ impl Lease {
                 continue; // read back whichever reason won
             }
             tokio::select! {
-                // The sender lives in `self`, so `changed` cannot fail while we wait.
-                _ = changes.changed() => {}
+                _ = changed => {}
                 _ = tokio::time::sleep_until(state.valid_until.into()) => {}
             }
         }

@@ -119,6 +119,7 @@ pub struct LockManagerBuilder {
     connect_timeout: Duration,
     notify: bool,
     pubsub: Option<redis::Client>,
+    connection_times_out: bool,
 }
 
 impl Default for LockManagerBuilder {
@@ -130,6 +131,7 @@ impl Default for LockManagerBuilder {
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             notify: true,
             pubsub: None,
+            connection_times_out: false,
         }
     }
 }
@@ -152,8 +154,23 @@ impl LockManagerBuilder {
 
     /// The longest distlock waits for the reply to one command before it reports
     /// [`Error::Redis`] (default [`DEFAULT_COMMAND_TIMEOUT`]). Must be above zero.
+    ///
+    /// With [`connect`](Self::connect) it is the response timeout of the reconnecting
+    /// connection. With [`build`](Self::build), distlock enforces it with a timer of its own
+    /// around every command, unless [`connection_enforces_timeout`](Self::connection_enforces_timeout)
+    /// says the connection already does.
     pub fn command_timeout(mut self, timeout: Duration) -> Self {
         self.command_timeout = timeout;
+        self
+    }
+
+    /// For [`build`](Self::build): the connection given bounds every reply in time itself,
+    /// so distlock adds no timer of its own (one less timer per command). redis-rs's
+    /// `MultiplexedConnection` and `ConnectionManager` do (a 500 ms response timeout unless
+    /// configured otherwise). Do not claim it for a connection without a response timeout:
+    /// a server that stops answering would then make calls wait forever.
+    pub fn connection_enforces_timeout(mut self) -> Self {
+        self.connection_times_out = true;
         self
     }
 
@@ -204,6 +221,8 @@ impl LockManagerBuilder {
         if self.pubsub.is_none() {
             self.pubsub = Some(client.clone());
         }
+        // The connection manager's response timeout is the command timeout.
+        self.connection_times_out = true;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(self.connect_timeout))
             .set_response_timeout(Some(self.command_timeout))
@@ -240,7 +259,8 @@ impl LockManagerBuilder {
         C: ConnectionLike + Clone + Send + Sync + 'static,
     {
         self.check()?;
-        let store = RedisStore::new(conn, Some(self.command_timeout), self.notify);
+        let timer = (!self.connection_times_out).then_some(self.command_timeout);
+        let store = RedisStore::new(conn, timer, self.notify);
         Ok(self.with_store(Arc::new(store)))
     }
 
@@ -388,7 +408,7 @@ impl LockManager {
         })?;
         let span = tracing::debug_span!(
             "distlock.lock",
-            key = key.display(),
+            key = %key,
             ttl_ms = ttl.as_millis()
         );
         async {
@@ -428,7 +448,7 @@ impl LockManager {
                         let waited = now_after.saturating_duration_since(started);
                         tracing::debug!(attempts, ?waited, "gave up waiting");
                         return Err(Error::Timeout {
-                            key: key.display().to_owned(),
+                            key: key.display(),
                             waited,
                             attempts,
                         });
@@ -528,14 +548,14 @@ impl LockManager {
         let request = Request::new(&options, false)?;
         let span = tracing::debug_span!(
             "distlock.try_lock",
-            key = key.display(),
+            key = %key,
             ttl_ms = request.ttl.as_millis()
         );
         async {
             match self.attempt(&key, request).await? {
                 Attempt::Taken(guard) => Ok(guard),
                 Attempt::Held { pttl } => Err(Error::Contended {
-                    key: key.display().to_owned(),
+                    key: key.display(),
                     retry_after: pttl,
                 }),
             }
@@ -700,13 +720,13 @@ impl Drop for PendingAcquire<'_> {
         let key = self.key.clone();
         let token = self.token;
         tracing::debug!(
-            key = key.display(),
+            key = %key,
             token = token.short(),
             "acquire abandoned; releasing in the background"
         );
         runtime.spawn(async move {
             if let Err(e) = store.release(&key, &token).await {
-                tracing::warn!(key = key.display(), error = %e, "cleanup of an abandoned acquire failed; its TTL will end it");
+                tracing::warn!(key = %key, error = %e, "cleanup of an abandoned acquire failed; its TTL will end it");
             }
         });
     }

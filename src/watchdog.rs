@@ -242,7 +242,7 @@ fn plan(inner: &Inner) -> Plan {
     for id in capped {
         if let Some(entry) = registry.entries.remove(&id) {
             tracing::debug!(
-                key = entry.lease.key.display(),
+                key = %entry.lease.key,
                 "hold-time cap reached; renewal stops"
             );
             entry.lease.hold_capped();
