@@ -5,8 +5,9 @@
 //! `if let Some(role) = child::role() { return child_main(role).await; }`
 //! and spawns them with [`spawn`]: the child runs the *same* test function (filtered by
 //! its exact name), sees the role in its environment and plays it instead of the parent.
-//! Children print what the parent needs as lines starting with [`LINE_PREFIX`] (libtest's
-//! own output has other lines) and read their parameters from [`param`].
+//! Children report what the parent needs with [`report`] (lines marked with
+//! [`LINE_PREFIX`], told apart from libtest's own output) and read their parameters
+//! from [`param`].
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader};
@@ -121,8 +122,9 @@ fn forward_lines(stdout: ChildStdout) -> mpsc::Receiver<String> {
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines() {
             let Ok(line) = line else { break };
-            if let Some(report) = line.strip_prefix(LINE_PREFIX)
-                && tx.send(report.to_owned()).is_err()
+            // libtest may have started the line ("test name ... ") before the report.
+            if let Some(at) = line.find(LINE_PREFIX)
+                && tx.send(line[at + LINE_PREFIX.len()..].to_owned()).is_err()
             {
                 break;
             }
