@@ -533,3 +533,38 @@ fn spawn_process(port: u16, options: &NodeOptions, dir: &std::path::Path) -> Chi
         .spawn()
         .unwrap_or_else(|e| panic!("spawn {}: {e}", redis_server_bin()))
 }
+
+/// How many times the server ran `command` (lower case, e.g. `"evalsha"`) since it
+/// started, from `INFO commandstats`: proof that a request reached it.
+pub async fn command_calls(conn: &mut redis::aio::MultiplexedConnection, command: &str) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(conn)
+        .await
+        .expect("INFO commandstats");
+    let prefix = format!("cmdstat_{command}:");
+    info.lines()
+        .find_map(|l| l.strip_prefix(prefix.as_str()))
+        .and_then(|rest| rest.split("calls=").nth(1))
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The Redis key of the lease on lock `name` under the default prefix.
+pub fn lease_key(name: &str) -> String {
+    format!("{}{{{name}}}", distlock::DEFAULT_PREFIX)
+}
+
+/// Polls `check` every 10 ms until it returns true; panics with `what` after `limit`.
+pub async fn eventually<F, Fut>(limit: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + limit;
+    while !check().await {
+        assert!(Instant::now() < deadline, "not within {limit:?}: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}

@@ -243,9 +243,22 @@ async fn carry(
     let outcome = {
         let (client_read, client_write) = client.split();
         let (server_read, server_write) = server.split();
-        let up = pump(client_read, server_write, Direction::ToServer, &control);
-        let down = pump(server_read, client_write, Direction::ToClient, &control);
+        let up = pump(
+            client_read,
+            server_write,
+            Direction::ToServer,
+            &control,
+            generation,
+        );
+        let down = pump(
+            server_read,
+            client_write,
+            Direction::ToClient,
+            &control,
+            generation,
+        );
         tokio::select! {
+            biased;
             _ = async { tokio::join!(up, down) } => Ended::Closed,
             () = reset_now => Ended::Reset,
             ended = wait_for_cut(&control) => ended,
@@ -301,6 +314,7 @@ async fn pump(
     mut to: WriteHalf<'_>,
     direction: Direction,
     control: &Control,
+    generation: u64,
 ) {
     let mut faults = control.fault.subscribe();
     let mut buf = vec![0u8; 16 * 1024];
@@ -309,12 +323,17 @@ async fn pump(
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
-        let fault = *faults
-            .wait_for(|f| direction.open_under(*f))
-            .await
-            .expect("the proxy outlives its connections");
+        let fault = match faults.wait_for(|f| direction.open_under(*f)).await {
+            Ok(fault) => *fault,
+            Err(_) => break,
+        };
         if let Fault::Latency(delay) = fault {
             tokio::time::sleep(delay).await;
+        }
+        // A reset wins over a fault lifted right after it: bytes held for a connection
+        // that was reset are never delivered.
+        if *control.reset_generation.borrow() > generation {
+            break;
         }
         if to.write_all(&buf[..n]).await.is_err() {
             break;
