@@ -15,7 +15,8 @@ use redis::Script;
 /// KEYS[1] lease key, KEYS[2] fence counter key (same hash tag).
 /// ARGV[1] token, ARGV[2] TTL in ms, ARGV[3] fence counter TTL in ms.
 ///
-/// Returns `{1, fence}` when taken, `{0, pttl}` when held by another owner.
+/// Returns `{1, fence}` when taken, `{0, pttl}` when held by another owner, and a
+/// `WRONGTYPE` error when the key holds something other than a string (not a lease).
 ///
 /// The fencing token is `max(counter + 1, server time in µs)`: it keeps increasing even when
 /// the counter key is lost (flush, restart without persistence, failover to a replica that
@@ -32,6 +33,11 @@ if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
   if now_us > fence then fence = now_us end
   redis.call('SET', KEYS[2], string.format('%d', fence), 'PX', ARGV[3])
   return {1, fence}
+end
+-- A key of another type is not a lease held by someone: say so instead of "contended".
+local kind = redis.call('TYPE', KEYS[1])['ok']
+if kind ~= 'string' then
+  return redis.error_reply('WRONGTYPE lock key holds a ' .. kind .. ', not a lease')
 end
 return {0, redis.call('PTTL', KEYS[1])}
 "#,

@@ -6,11 +6,32 @@
 //! - `DISTLOCK_TEST_BACKEND=process`: `redis-server` processes on free loopback ports;
 //! - unset: Docker when an engine answers, processes otherwise.
 //!
-//! Either way a node keeps its address across stop/start, so clients can reconnect.
+//! Either way a node keeps its address across stop, kill and restart, so clients can
+//! reconnect, and offers the same faults:
+//!
+//! | call | process backend | Docker backend |
+//! |---|---|---|
+//! | [`RedisNode::stop`] | SIGTERM (clean shutdown) | `docker stop` |
+//! | [`RedisNode::kill`] | SIGKILL | `docker kill` (stop with no grace) |
+//! | [`RedisNode::pause`] / [`resume`](RedisNode::resume) | SIGSTOP / SIGCONT | `docker pause` / `unpause` |
+//! | [`RedisNode::start_again_with`]`(Data::Keep)` | same port, same data dir | same container |
+//! | [`RedisNode::start_again_with`]`(Data::Wipe)` | same port, new empty data dir | new container, same port |
+//!
+//! A node keeps data across a restart only if it was started with
+//! [`NodeOptions::persistent`] (append-only file, fsync on every write); otherwise a
+//! restart always comes back empty.
+//!
+//! Beside it: [`proxy`] (a TCP fault proxy), [`child`] (this test binary re-run as a
+//! separate OS process), [`tls`] (certificates made with the `openssl` CLI).
 #![allow(dead_code, unreachable_pub)]
+
+pub mod child;
+pub mod proxy;
+pub mod tls;
 
 use std::io::Write;
 use std::net::TcpListener;
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -82,46 +103,141 @@ pub fn unique_key(name: &str) -> String {
     format!("{name}:{}", uuid::Uuid::new_v4().simple())
 }
 
+/// Whether a restarted node comes back with the data it had.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Data {
+    /// Same data directory (process) or container (Docker): a persistent node comes back
+    /// with every acknowledged write.
+    Keep,
+    /// A fresh, empty data directory (process) or a new container (Docker).
+    Wipe,
+}
+
+/// How to start a node. `NodeOptions::default()` is a plain server without persistence.
+#[derive(Debug, Clone, Default)]
+pub struct NodeOptions {
+    args: Vec<String>,
+    persistent: bool,
+    tls: Option<tls::TlsFiles>,
+}
+
+impl NodeOptions {
+    /// Extra `redis-server` arguments (e.g. `["--requirepass", "x"]`).
+    pub fn args(mut self, args: &[&str]) -> Self {
+        self.args.extend(args.iter().map(|s| s.to_string()));
+        self
+    }
+
+    /// Append-only file with `fsync` on every write: whatever the server acknowledged
+    /// survives [`RedisNode::kill`] and a [`Data::Keep`] restart.
+    pub fn persistent(mut self) -> Self {
+        self.persistent = true;
+        self
+    }
+
+    /// Serve TLS only (no plain port), with these certificates; [`RedisNode::url`] is
+    /// then `rediss://`.
+    pub fn tls(mut self, files: tls::TlsFiles) -> Self {
+        self.tls = Some(files);
+        self
+    }
+
+    /// `redis-server` arguments common to both backends, for a server whose data
+    /// directory is `dir` and whose port is `port`.
+    fn server_args(&self, port: u16, dir: &str) -> Vec<String> {
+        let mut args: Vec<String> = vec!["--protected-mode".into(), "no".into()];
+        match &self.tls {
+            None => args.extend(["--port".into(), port.to_string()]),
+            Some(files) => args.extend([
+                "--port".into(),
+                "0".into(),
+                "--tls-port".into(),
+                port.to_string(),
+                "--tls-cert-file".into(),
+                files.path_in(dir, "server.crt"),
+                "--tls-key-file".into(),
+                files.path_in(dir, "server.key"),
+                "--tls-ca-cert-file".into(),
+                files.path_in(dir, "ca.crt"),
+                // Clients prove nothing: the test is about the server's certificate.
+                "--tls-auth-clients".into(),
+                "no".into(),
+            ]),
+        }
+        args.extend(["--save".into(), "".into(), "--dir".into(), dir.to_owned()]);
+        if self.persistent {
+            args.extend(["--appendonly", "yes", "--appendfsync", "always"].map(String::from));
+        } else {
+            args.extend(["--appendonly".into(), "no".into()]);
+        }
+        args.extend(self.args.iter().cloned());
+        args
+    }
+}
+
 /// One Redis server.
 pub struct RedisNode {
     port: u16,
-    extra_args: Vec<String>,
+    options: NodeOptions,
     inner: Inner,
 }
 
 enum Inner {
-    Docker(Option<Box<ContainerAsync<GenericImage>>>),
-    Process(Mutex<Option<Child>>),
+    Docker(tokio::sync::Mutex<Option<Box<ContainerAsync<GenericImage>>>>),
+    Process(Mutex<ProcessState>),
+}
+
+struct ProcessState {
+    child: Option<Child>,
+    /// The data directory of the server now running (or last run).
+    dir: PathBuf,
 }
 
 impl RedisNode {
     /// Starts a server with the default configuration (no persistence).
     pub async fn start() -> RedisNode {
-        Self::start_with(&[]).await
+        Self::start_opts(NodeOptions::default()).await
     }
 
     /// Starts a server with extra `redis-server` arguments (e.g. `["--requirepass", "x"]`).
     pub async fn start_with(extra_args: &[&str]) -> RedisNode {
-        let extra_args: Vec<String> = extra_args.iter().map(|s| s.to_string()).collect();
+        Self::start_opts(NodeOptions::default().args(extra_args)).await
+    }
+
+    /// Starts a server as `options` say.
+    pub async fn start_opts(options: NodeOptions) -> RedisNode {
         let port = free_port();
         let inner = match backend() {
             Backend::Docker => {
-                Inner::Docker(Some(Box::new(start_container(port, &extra_args).await)))
+                let container = start_container(port, &options).await;
+                Inner::Docker(tokio::sync::Mutex::new(Some(Box::new(container))))
             }
-            Backend::Process => Inner::Process(Mutex::new(Some(spawn_process(port, &extra_args)))),
+            Backend::Process => {
+                let dir = fresh_data_dir(port);
+                let child = spawn_process(port, &options, &dir);
+                Inner::Process(Mutex::new(ProcessState {
+                    child: Some(child),
+                    dir,
+                }))
+            }
         };
         let node = RedisNode {
             port,
-            extra_args,
+            options,
             inner,
         };
         node.wait_ready().await;
         node
     }
 
-    /// `redis://127.0.0.1:<port>`.
+    /// `redis://127.0.0.1:<port>`, or `rediss://` for a TLS node.
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        let scheme = if self.options.tls.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
+        format!("{scheme}://127.0.0.1:{}", self.port)
     }
 
     /// The loopback port clients connect to.
@@ -129,21 +245,60 @@ impl RedisNode {
         self.port
     }
 
-    /// A fresh connection for assertions made behind distlock's back.
-    pub async fn conn(&self) -> redis::aio::MultiplexedConnection {
-        let client = redis::Client::open(self.url()).expect("client");
-        client
-            .get_multiplexed_async_connection()
-            .await
-            .expect("connect to test redis")
+    /// A redis-rs client for this node, trusting its test CA when it serves TLS.
+    pub fn client(&self) -> redis::Client {
+        match &self.options.tls {
+            None => redis::Client::open(self.url()).expect("client"),
+            Some(files) => files.client(&self.url()),
+        }
     }
 
-    /// Stops the server (clean shutdown, no data kept).
+    /// A fresh connection for assertions made behind distlock's back.
+    pub async fn conn(&self) -> redis::aio::MultiplexedConnection {
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            self.client().get_multiplexed_async_connection(),
+        )
+        .await
+        .expect("connect to test redis within 10 s")
+        .expect("connect to test redis")
+    }
+
+    /// Stops the server cleanly (SIGTERM / `docker stop`): it finishes what it is doing,
+    /// closes its connections and, if persistent, flushes its append-only file.
     pub async fn stop(&self) {
         match &self.inner {
-            Inner::Docker(c) => container(c).stop().await.expect("docker stop"),
-            Inner::Process(child) => {
-                let taken = child.lock().unwrap().take();
+            Inner::Docker(c) => {
+                let c = c.lock().await;
+                container(&c).stop().await.expect("docker stop");
+            }
+            Inner::Process(state) => {
+                let taken = lock(state).child.take();
+                if let Some(mut child) = taken {
+                    send_signal(&child, libc::SIGTERM);
+                    // A clean shutdown takes milliseconds; SIGKILL if it hangs.
+                    if !wait_exit(&mut child, Duration::from_secs(10)) {
+                        let _ = child.kill();
+                        let _ = child.wait();
+                    }
+                }
+            }
+        }
+    }
+
+    /// Kills the server outright (SIGKILL / `docker kill`): no shutdown, connections
+    /// vanish, only what a persistent node already wrote to disk survives.
+    pub async fn kill(&self) {
+        match &self.inner {
+            Inner::Docker(c) => {
+                let c = c.lock().await;
+                container(&c)
+                    .stop_with_timeout(Some(0))
+                    .await
+                    .expect("docker kill");
+            }
+            Inner::Process(state) => {
+                let taken = lock(state).child.take();
                 if let Some(mut child) = taken {
                     let _ = child.kill();
                     let _ = child.wait();
@@ -152,40 +307,89 @@ impl RedisNode {
         }
     }
 
-    /// Starts the server again on the same address (empty: nothing is persisted).
+    /// Starts a stopped or killed server again on the same address, with its data
+    /// ([`Data::Keep`]), and waits until it answers.
     pub async fn start_again(&self) {
+        self.start_again_with(Data::Keep).await;
+    }
+
+    /// Starts a stopped or killed server again on the same address and waits until it
+    /// answers. See [`Data`] for what it comes back with.
+    pub async fn start_again_with(&self, data: Data) {
         match &self.inner {
-            Inner::Docker(c) => container(c).start().await.expect("docker start"),
-            Inner::Process(child) => {
-                let fresh = spawn_process(self.port, &self.extra_args);
-                *child.lock().unwrap() = Some(fresh);
+            Inner::Docker(slot) => {
+                let mut slot = slot.lock().await;
+                match data {
+                    Data::Keep => container(&slot).start().await.expect("docker start"),
+                    Data::Wipe => {
+                        if let Some(old) = slot.take() {
+                            old.rm().await.expect("docker rm");
+                        }
+                        let fresh = start_container(self.port, &self.options).await;
+                        *slot = Some(Box::new(fresh));
+                    }
+                }
+            }
+            Inner::Process(state) => {
+                let mut state = lock(state);
+                assert!(state.child.is_none(), "start_again on a running node");
+                if data == Data::Wipe {
+                    let _ = std::fs::remove_dir_all(&state.dir);
+                    state.dir = fresh_data_dir(self.port);
+                }
+                let child = spawn_process(self.port, &self.options, &state.dir);
+                state.child = Some(child);
             }
         }
         self.wait_ready().await;
     }
 
-    /// Freezes the server (SIGSTOP / `docker pause`): connections stay open, nothing answers.
+    /// [`kill`](Self::kill), then [`start_again_with`](Self::start_again_with).
+    pub async fn restart(&self, data: Data) {
+        self.kill().await;
+        self.start_again_with(data).await;
+    }
+
+    /// Freezes the server (SIGSTOP / `docker pause`): connections stay open, the kernel
+    /// still accepts new ones, nothing answers.
     pub async fn pause(&self) {
         match &self.inner {
-            Inner::Docker(c) => container(c).pause().await.expect("docker pause"),
-            Inner::Process(child) => signal(child, "STOP"),
+            Inner::Docker(c) => {
+                let c = c.lock().await;
+                container(&c).pause().await.expect("docker pause");
+            }
+            Inner::Process(state) => {
+                let state = lock(state);
+                send_signal(
+                    state.child.as_ref().expect("node is running"),
+                    libc::SIGSTOP,
+                );
+            }
         }
     }
 
-    /// Thaws a paused server.
+    /// Thaws a paused server; it then answers everything that queued up meanwhile.
     pub async fn resume(&self) {
         match &self.inner {
-            Inner::Docker(c) => container(c).unpause().await.expect("docker unpause"),
-            Inner::Process(child) => signal(child, "CONT"),
+            Inner::Docker(c) => {
+                let c = c.lock().await;
+                container(&c).unpause().await.expect("docker unpause");
+            }
+            Inner::Process(state) => {
+                let state = lock(state);
+                send_signal(
+                    state.child.as_ref().expect("node is running"),
+                    libc::SIGCONT,
+                );
+            }
         }
     }
 
     async fn wait_ready(&self) {
         let deadline = Instant::now() + Duration::from_secs(30);
-        let url = self.url();
+        let client = self.client();
         loop {
             let ok = async {
-                let client = redis::Client::open(url.as_str()).ok()?;
                 let mut conn = tokio::time::timeout(
                     Duration::from_secs(1),
                     client.get_multiplexed_async_connection(),
@@ -193,10 +397,11 @@ impl RedisNode {
                 .await
                 .ok()?
                 .ok()?;
-                // Any answer, an authentication error included, means the server is up.
+                // Any answer, an authentication error included, means the server is up;
+                // except LOADING: a persistent server still replaying its append-only file.
                 match redis::cmd("PING").query_async::<String>(&mut conn).await {
                     Ok(_) => Some(true),
-                    Err(e) => Some(e.code().is_some()),
+                    Err(e) => Some(e.code().is_some_and(|code| code != "LOADING")),
                 }
             }
             .await;
@@ -216,19 +421,20 @@ impl RedisNode {
 impl Drop for RedisNode {
     fn drop(&mut self) {
         match &mut self.inner {
-            Inner::Process(child) => {
-                if let Some(mut child) = child.get_mut().unwrap_or_else(|p| p.into_inner()).take() {
-                    let _ = Command::new("kill")
-                        .args(["-CONT", &child.id().to_string()])
-                        .status();
+            Inner::Process(state) => {
+                let state = state.get_mut().unwrap_or_else(|p| p.into_inner());
+                if let Some(mut child) = state.child.take() {
+                    // A paused server must be able to die.
+                    send_signal(&child, libc::SIGCONT);
                     let _ = child.kill();
                     let _ = child.wait();
                 }
+                let _ = std::fs::remove_dir_all(&state.dir);
             }
             // `ContainerAsync` removes the container in its Drop, which needs a tokio
             // runtime; outside one (sync tests), lend it a short-lived one on another thread.
             Inner::Docker(slot) => {
-                if let Some(c) = slot.take()
+                if let Some(c) = slot.get_mut().take()
                     && tokio::runtime::Handle::try_current().is_err()
                 {
                     let _ = std::thread::spawn(move || {
@@ -242,70 +448,123 @@ impl Drop for RedisNode {
     }
 }
 
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 fn container(slot: &Option<Box<ContainerAsync<GenericImage>>>) -> &ContainerAsync<GenericImage> {
     slot.as_ref().expect("container is present until drop")
 }
 
-fn signal(child: &Mutex<Option<Child>>, sig: &str) {
-    let guard = child.lock().unwrap();
-    let child = guard.as_ref().expect("node is running");
-    let status = Command::new("kill")
-        .args([&format!("-{sig}"), &child.id().to_string()])
-        .status()
-        .expect("run kill");
-    assert!(status.success(), "kill -{sig} failed");
+fn send_signal(child: &Child, signal: libc::c_int) {
+    let pid = libc::pid_t::try_from(child.id()).expect("pid fits pid_t");
+    // SAFETY: kill(2) has no memory-safety preconditions; the pid is our own child,
+    // which we have not waited for, so it cannot have been reused.
+    let rc = unsafe { libc::kill(pid, signal) };
+    assert!(
+        rc == 0 || signal == libc::SIGCONT,
+        "kill({pid}, {signal}) failed"
+    );
 }
 
-async fn start_container(port: u16, extra_args: &[String]) -> ContainerAsync<GenericImage> {
+/// Waits up to `limit` for `child` to exit; `true` if it did.
+fn wait_exit(child: &mut Child, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Ok(Some(_)) = child.try_wait() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn fresh_data_dir(port: u16) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "distlock-redis-{port}-{}",
+        uuid::Uuid::new_v4().simple()
+    ));
+    std::fs::create_dir_all(&dir).expect("create the node's data dir");
+    dir
+}
+
+/// Where a container keeps its data (`WORKDIR` of both the official and the local image).
+const CONTAINER_DATA_DIR: &str = "/data";
+
+async fn start_container(port: u16, options: &NodeOptions) -> ContainerAsync<GenericImage> {
     let image = image_name();
     let (name, tag) = image.rsplit_once(':').unwrap_or((image.as_str(), "latest"));
     // `redis-server <args>` runs on the official image and on the local one alike.
-    let mut cmd: Vec<String> = [
-        "redis-server",
-        "--bind",
-        "0.0.0.0",
-        "--port",
-        "6379",
-        "--protected-mode",
-        "no",
-        "--save",
-        "",
-        "--appendonly",
-        "no",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    cmd.extend(extra_args.iter().cloned());
-    GenericImage::new(name, tag)
+    let mut cmd = vec!["redis-server".to_owned(), "--bind".into(), "0.0.0.0".into()];
+    cmd.extend(options.server_args(6379, CONTAINER_DATA_DIR));
+    let mut request = GenericImage::new(name, tag)
         .with_exposed_port(6379.tcp())
         .with_wait_for(WaitFor::message_on_stdout("Ready to accept connections"))
         .with_mapped_port(port, 6379.tcp())
-        .with_cmd(cmd)
+        .with_cmd(cmd);
+    if let Some(files) = &options.tls {
+        for (file, bytes) in files.contents() {
+            request = request.with_copy_to(files.path_in(CONTAINER_DATA_DIR, file), bytes);
+        }
+    }
+    request
         .start()
         .await
         .unwrap_or_else(|e| panic!("start redis container from image {image}: {e}"))
 }
 
-fn spawn_process(port: u16, extra_args: &[String]) -> Child {
-    let dir = std::env::temp_dir().join(format!("distlock-redis-{port}"));
-    let _ = std::fs::create_dir_all(&dir);
+fn spawn_process(port: u16, options: &NodeOptions, dir: &std::path::Path) -> Child {
+    let dir = dir.to_str().expect("utf-8 temp dir");
+    if let Some(files) = &options.tls {
+        for (file, bytes) in files.contents() {
+            let path = files.path_in(dir, file);
+            let parent = std::path::Path::new(&path).parent().expect("parent dir");
+            std::fs::create_dir_all(parent).expect("create the TLS dir");
+            std::fs::write(&path, bytes).expect("write a TLS file");
+        }
+    }
     Command::new(redis_server_bin())
-        .args([
-            "--bind",
-            "127.0.0.1",
-            "--port",
-            &port.to_string(),
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            dir.to_str().expect("utf-8 temp dir"),
-        ])
-        .args(extra_args)
+        .args(["--bind", "127.0.0.1"])
+        .args(options.server_args(port, dir))
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .unwrap_or_else(|e| panic!("spawn {}: {e}", redis_server_bin()))
+}
+
+/// How many times the server ran `command` (lower case, e.g. `"evalsha"`) since it
+/// started, from `INFO commandstats`: proof that a request reached it.
+pub async fn command_calls(conn: &mut redis::aio::MultiplexedConnection, command: &str) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(conn)
+        .await
+        .expect("INFO commandstats");
+    let prefix = format!("cmdstat_{command}:");
+    info.lines()
+        .find_map(|l| l.strip_prefix(prefix.as_str()))
+        .and_then(|rest| rest.split("calls=").nth(1))
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The Redis key of the lease on lock `name` under the default prefix.
+pub fn lease_key(name: &str) -> String {
+    format!("{}{{{name}}}", distlock::DEFAULT_PREFIX)
+}
+
+/// Polls `check` every 10 ms until it returns true; panics with `what` after `limit`.
+pub async fn eventually<F, Fut>(limit: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + limit;
+    while !check().await {
+        assert!(Instant::now() < deadline, "not within {limit:?}: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }

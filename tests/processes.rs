@@ -1,0 +1,275 @@
+//! Mutual exclusion and crash recovery across real OS processes.
+//!
+//! Each test re-runs this test binary as child processes (see `support::child`): the
+//! children contend through their own `LockManager`s and connections, exactly as separate
+//! services would, and time their critical sections on `CLOCK_MONOTONIC`, the one clock
+//! every process on the machine shares.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use distlock::{Backoff, Error, LockManager, LockOptions};
+use redis::AsyncCommands;
+use support::child::{self, monotonic_ns};
+use support::{RedisNode, unique_key};
+
+const PROCESSES: usize = 4;
+const TASKS_PER_PROCESS: usize = 16;
+const CYCLES_PER_TASK: usize = 16;
+const KEYS: usize = 3;
+
+/// One critical section as its holder recorded it.
+#[derive(Debug, Clone, Copy)]
+struct Section {
+    fence: u64,
+    /// `CLOCK_MONOTONIC` ns, read just after the lock call returned.
+    start: u64,
+    /// `CLOCK_MONOTONIC` ns, read just before the release was sent.
+    end: u64,
+    pid: u32,
+}
+
+impl Section {
+    fn parse(line: &str) -> Section {
+        let mut fields = line.split(' ').map(|f| f.parse::<u64>().expect("a number"));
+        let mut next = || fields.next().expect("four fields");
+        Section {
+            fence: next(),
+            start: next(),
+            end: next(),
+            pid: u32::try_from(next()).expect("a pid"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_exclusion_holds_across_processes() {
+    if let Some(role) = child::role() {
+        assert_eq!(role, "contender");
+        return contend().await;
+    }
+    let node = RedisNode::start().await;
+    let prefix = unique_key("procs");
+    let children: Vec<_> = (0..PROCESSES)
+        .map(|_| {
+            child::spawn(
+                "mutual_exclusion_holds_across_processes",
+                "contender",
+                &[("URL", node.url()), ("PREFIX", prefix.clone())],
+            )
+        })
+        .collect();
+    for child in children {
+        let id = child.id();
+        // Generous: 1024 sections on a loaded 2-core machine take a few seconds.
+        let (status, _) = child.finish(Duration::from_secs(180));
+        assert!(status.success(), "contender {id} failed: {status}");
+    }
+
+    let mut raw = node.conn().await;
+    let mut pids = BTreeSet::new();
+    let mut total = 0;
+    for k in 0..KEYS {
+        let lines: Vec<String> = raw
+            .lrange(format!("{prefix}:history:{k}"), 0, -1)
+            .await
+            .unwrap();
+        let mut sections: Vec<Section> = lines.iter().map(|l| Section::parse(l)).collect();
+        let counter: u64 = raw.get(format!("{prefix}:counter:{k}")).await.unwrap();
+        assert_eq!(
+            counter,
+            sections.len() as u64,
+            "key {k}: the non-atomic counter is exact"
+        );
+        sections.sort_by_key(|s| s.start);
+        for pair in sections.windows(2) {
+            let (a, b) = (pair[0], pair[1]);
+            assert!(
+                a.end < b.start,
+                "key {k}: sections overlap: {a:?} and {b:?}"
+            );
+            assert!(
+                a.fence < b.fence,
+                "key {k}: fencing tokens increase with time: {a:?} then {b:?}"
+            );
+        }
+        let holders: BTreeSet<u32> = sections.iter().map(|s| s.pid).collect();
+        assert!(
+            holders.len() > 1,
+            "key {k} was contended by several processes: {holders:?}"
+        );
+        pids.extend(holders);
+        total += sections.len();
+    }
+    assert_eq!(
+        total,
+        PROCESSES * TASKS_PER_PROCESS * CYCLES_PER_TASK,
+        "every section ran once"
+    );
+    assert_eq!(pids.len(), PROCESSES, "every process held a lock");
+    eprintln!(
+        "mutual exclusion across processes: {PROCESSES} processes x {TASKS_PER_PROCESS} tasks, \
+         {total} sections on {KEYS} keys, 0 overlaps"
+    );
+}
+
+/// A child's part: 16 tasks, each taking the keys in turn and doing a non-atomic
+/// read-modify-write of the key's counter under the lock.
+async fn contend() {
+    let url = child::param("URL");
+    let prefix = Arc::new(child::param("PREFIX"));
+    let locks = LockManager::connect(&url).await.expect("connect");
+    let opts = LockOptions::new()
+        .ttl(Duration::from_secs(30))
+        .wait(Duration::from_secs(120))
+        .backoff(
+            Backoff::new()
+                .with_base(Duration::from_millis(1))
+                .with_cap(Duration::from_millis(20)),
+        );
+    let pid = std::process::id();
+    let client = redis::Client::open(url.as_str()).expect("client");
+    let mut tasks = Vec::new();
+    for t in 0..TASKS_PER_PROCESS {
+        let locks = locks.clone();
+        let prefix = Arc::clone(&prefix);
+        let mut raw = client
+            .get_multiplexed_async_connection()
+            .await
+            .expect("raw connection");
+        tasks.push(tokio::spawn(async move {
+            for c in 0..CYCLES_PER_TASK {
+                let k = (t + c) % KEYS;
+                let guard = locks
+                    .lock_with(format!("{prefix}:lock:{k}"), opts)
+                    .await
+                    .expect("lock within the wait budget");
+                let start = monotonic_ns();
+                let counter = format!("{prefix}:counter:{k}");
+                // Deliberately not atomic: GET, a pause, SET. Only the lock keeps it exact.
+                let value: Option<u64> = raw.get(&counter).await.expect("GET");
+                tokio::time::sleep(Duration::from_micros(200)).await;
+                let _: () = raw
+                    .set(&counter, value.unwrap_or(0) + 1)
+                    .await
+                    .expect("SET");
+                let end = monotonic_ns();
+                assert!(guard.is_held(), "the section ended within the lease");
+                let fence = guard
+                    .fencing_token()
+                    .expect("a single primary gives fences");
+                let _: () = raw
+                    .rpush(
+                        format!("{prefix}:history:{k}"),
+                        format!("{fence} {start} {end} {pid}"),
+                    )
+                    .await
+                    .expect("RPUSH");
+                guard.release().await.expect("release");
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.expect("contender task");
+    }
+}
+
+const CRASH_TTL: Duration = Duration::from_millis(1500);
+const CRASH_BACKOFF_CAP: Duration = Duration::from_millis(100);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_holders_lease_passes_on_after_its_ttl_and_not_before() {
+    if let Some(role) = child::role() {
+        assert_eq!(role, "holder");
+        return hold_until_killed().await;
+    }
+    let node = RedisNode::start().await;
+    let name = unique_key("crash");
+    let mut holder = child::spawn(
+        "a_crashed_holders_lease_passes_on_after_its_ttl_and_not_before",
+        "holder",
+        &[("URL", node.url()), ("NAME", name.clone())],
+    );
+    // "<before> <after> <fence>": CLOCK_MONOTONIC around the holder's lock call.
+    let line = holder.next_line(Duration::from_secs(60));
+    let fields: Vec<u64> = line.split(' ').map(|f| f.parse().unwrap()).collect();
+    let (sent, acquired, crashed_fence) = (fields[0], fields[1], fields[2]);
+
+    holder.kill();
+    let (status, _) = holder.finish(Duration::from_secs(10));
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(
+        status.signal(),
+        Some(libc::SIGKILL),
+        "the holder died mid-section"
+    );
+
+    let locks = LockManager::connect(&node.url()).await.unwrap();
+    match locks.try_lock(&name).await {
+        Err(Error::Contended { retry_after, .. }) => {
+            assert!(retry_after.is_some_and(|left| left <= CRASH_TTL));
+        }
+        other => panic!("the dead holder's lease is still there, got {other:?}"),
+    }
+    let opts = LockOptions::new()
+        .ttl(Duration::from_secs(5))
+        .wait(Duration::from_secs(10))
+        .backoff(
+            Backoff::new()
+                .with_base(Duration::from_millis(10))
+                .with_cap(CRASH_BACKOFF_CAP),
+        );
+    let guard = locks
+        .lock_with(&name, opts)
+        .await
+        .expect("the lease passes on");
+    let taken = monotonic_ns();
+
+    let ttl_ns = CRASH_TTL.as_nanos() as u64;
+    // The dead holder's SET ran after `sent`, so its key lived until at least sent + TTL,
+    // and our SET ran before `taken`.
+    assert!(
+        taken >= sent + ttl_ns,
+        "taken {} ms after the dead holder's acquire began: before its TTL ended",
+        (taken - sent) / 1_000_000
+    );
+    // The key expired at most TTL after the holder's acquire returned; one backoff step
+    // (at most the cap) later an attempt sees it free. 400 ms of slack covers a round trip
+    // and scheduling on a loaded 2-core machine; the lower bound above is exact.
+    let slack_ns = 400_000_000;
+    let bound = acquired + ttl_ns + CRASH_BACKOFF_CAP.as_nanos() as u64 + slack_ns;
+    assert!(
+        taken <= bound,
+        "taken {} ms after the dead holder acquired: later than TTL + one backoff step",
+        (taken - acquired) / 1_000_000
+    );
+    assert!(guard.fencing_token().unwrap() > crashed_fence);
+    eprintln!(
+        "holder crash: lease passed on {} ms after the dead holder acquired (TTL {} ms)",
+        (taken - acquired) / 1_000_000,
+        CRASH_TTL.as_millis()
+    );
+    guard.release().await.unwrap();
+}
+
+/// The holder's part: take the lease, say so, then sit in the critical section until the
+/// parent kills this process (bounded, should the parent die first).
+async fn hold_until_killed() {
+    let locks = LockManager::connect(&child::param("URL"))
+        .await
+        .expect("connect");
+    let opts = LockOptions::new().ttl(CRASH_TTL);
+    let sent = monotonic_ns();
+    let guard = locks
+        .lock_with(child::param("NAME"), opts)
+        .await
+        .expect("lock");
+    let acquired = monotonic_ns();
+    let fence = guard.fencing_token().expect("fence");
+    child::report(&format!("{sent} {acquired} {fence}"));
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    panic!("the holder was not killed");
+}
