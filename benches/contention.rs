@@ -15,12 +15,16 @@
 #[path = "../tests/support/mod.rs"]
 mod support;
 
+// The very scripts distlock sends, so the baseline sends the same commands by hand.
+#[allow(dead_code)]
+#[path = "../src/scripts.rs"]
+mod scripts;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use distlock::{Backoff, LockManager, LockOptions};
-use redis::Script;
 
 const HOLD: Duration = Duration::from_millis(1);
 const OUTSIDE: Duration = Duration::from_millis(1);
@@ -155,17 +159,17 @@ async fn run_baseline(
     });
     let stop = Arc::new(AtomicBool::new(false));
     let mutex = Arc::new(tokio::sync::Mutex::new(()));
-    let scripts = Arc::new((Script::new(ACQUIRE), Script::new(RELEASE)));
+    let lua = Arc::new((scripts::ACQUIRE.clone(), scripts::RELEASE.clone()));
     let lease = format!("distlock:{{{key}}}");
     let fence = format!("{lease}:fence");
     let channel = format!("{lease}:released");
     let mut handles = Vec::new();
     for _ in 0..tasks {
-        let (clock, stop, mutex, scripts) = (
+        let (clock, stop, mutex, lua) = (
             Arc::clone(&clock),
             Arc::clone(&stop),
             Arc::clone(&mutex),
-            Arc::clone(&scripts),
+            Arc::clone(&lua),
         );
         let (lease, fence, channel, mut conn) =
             (lease.clone(), fence.clone(), channel.clone(), conn.clone());
@@ -175,7 +179,7 @@ async fn run_baseline(
             while !stop.load(Ordering::Relaxed) {
                 let asked = clock.now();
                 let held = mutex.lock().await;
-                let (ok, _): (i64, i64) = scripts
+                let (ok, _): (i64, i64) = lua
                     .0
                     .key(&lease)
                     .key(&fence)
@@ -189,7 +193,7 @@ async fn run_baseline(
                 acquired(&clock, &mut samples, asked);
                 tokio::time::sleep(HOLD).await;
                 clock.last_release.store(clock.now(), Ordering::Release);
-                let _: i64 = scripts
+                let _: i64 = lua
                     .1
                     .key(&lease)
                     .arg(&token)
@@ -211,31 +215,6 @@ async fn run_baseline(
     }
     all
 }
-
-// The commands distlock sends (see src/scripts.rs), for the baseline to send by hand.
-const ACQUIRE: &str = r#"
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  local now = redis.call('TIME')
-  local now_us = tonumber(now[1]) * 1000000 + tonumber(now[2])
-  local last = tonumber(redis.call('GET', KEYS[2]) or '0') or 0
-  local fence = last + 1
-  if now_us > fence then fence = now_us end
-  redis.call('SET', KEYS[2], string.format('%d', fence), 'PX', ARGV[3])
-  return {1, fence}
-end
-return {0, redis.call('PTTL', KEYS[1])}
-"#;
-const RELEASE: &str = r#"
-local v = redis.call('GET', KEYS[1])
-if v == ARGV[1] then
-  redis.call('DEL', KEYS[1])
-  if ARGV[2] then redis.call('PUBLISH', ARGV[2], '') end
-  return 1
-elseif v then
-  return -1
-end
-return 0
-"#;
 
 fn main() {
     let bench_mode = std::env::args().any(|a| a == "--bench");

@@ -13,39 +13,19 @@
 #[path = "../tests/support/mod.rs"]
 mod support;
 
+// The very scripts distlock sends, so the baseline sends the same commands by hand.
+#[allow(dead_code)]
+#[path = "../src/scripts.rs"]
+mod scripts;
+
 use std::hint::black_box;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::Criterion;
 use distlock::LockManager;
-use redis::Script;
 use redis::aio::MultiplexedConnection;
 
-// The same scripts distlock sends (see src/scripts.rs); the floor sends them by hand.
-const ACQUIRE: &str = r#"
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  local now = redis.call('TIME')
-  local now_us = tonumber(now[1]) * 1000000 + tonumber(now[2])
-  local last = tonumber(redis.call('GET', KEYS[2]) or '0') or 0
-  local fence = last + 1
-  if now_us > fence then fence = now_us end
-  redis.call('SET', KEYS[2], string.format('%d', fence), 'PX', ARGV[3])
-  return {1, fence}
-end
-return {0, redis.call('PTTL', KEYS[1])}
-"#;
-const RELEASE: &str = r#"
-local v = redis.call('GET', KEYS[1])
-if v == ARGV[1] then
-  redis.call('DEL', KEYS[1])
-  if ARGV[2] then redis.call('PUBLISH', ARGV[2], '') end
-  return 1
-elseif v then
-  return -1
-end
-return 0
-"#;
 const TOKEN: &str = "0123456789abcdef0123456789abcdef";
 const TTL_MS: u64 = 30_000;
 const FENCE_TTL_MS: u64 = 86_400_000;
@@ -74,8 +54,8 @@ impl Keys {
 #[derive(Clone)]
 struct Floor {
     conn: MultiplexedConnection,
-    acquire: Script,
-    release: Script,
+    acquire: redis::Script,
+    release: redis::Script,
 }
 
 impl Floor {
@@ -174,8 +154,8 @@ fn main() {
         let conn = node.conn().await;
         let floor = Floor {
             conn: conn.clone(),
-            acquire: Script::new(ACQUIRE),
-            release: Script::new(RELEASE),
+            acquire: scripts::ACQUIRE.clone(),
+            release: scripts::RELEASE.clone(),
         };
         // Same connection for both sides; it bounds replies itself (500 ms by default).
         let locks = LockManager::builder()

@@ -106,6 +106,30 @@ where
         }
     }
 
+    /// Runs one script by SHA, loading it if the server lost it. redis-rs loads a missing
+    /// script once per call; if the script cache is flushed again between that load and
+    /// the retry, the call is made afresh (a `NOSCRIPT` reply means nothing ran).
+    async fn invoke<T: redis::FromRedisValue>(
+        &self,
+        call: &redis::ScriptInvocation<'_>,
+        conn: &mut C,
+    ) -> redis::RedisResult<T> {
+        const TRIES: u32 = 3;
+        let mut tries = 1;
+        loop {
+            match self.bounded(call.invoke_async(conn)).await {
+                Err(e)
+                    if tries < TRIES
+                        && e.kind()
+                            == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
+                {
+                    tries += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
     /// Runs one script call under the command timeout.
     async fn bounded<T>(
         &self,
@@ -158,7 +182,7 @@ where
                 .arg(token.as_bytes())
                 .arg(ttl.as_millis())
                 .arg(fence_ttl_ms(ttl));
-            let (taken, value): (i64, i64) = self.bounded(call.invoke_async(&mut conn)).await?;
+            let (taken, value): (i64, i64) = self.invoke(&call, &mut conn).await?;
             match taken {
                 1 => u64::try_from(value)
                     .map(|fence| Acquire::Taken { fence: Some(fence) })
@@ -182,7 +206,7 @@ where
             let mut conn = self.conn.clone();
             let mut call = scripts::EXTEND.key(key.lease());
             call.arg(token.as_bytes()).arg(ttl.as_millis());
-            let code: i64 = self.bounded(call.invoke_async(&mut conn)).await?;
+            let code: i64 = self.invoke(&call, &mut conn).await?;
             verdict(code)
         })
     }
@@ -195,7 +219,7 @@ where
             if self.announce_releases {
                 call.arg(key.released_channel());
             }
-            let code: i64 = self.bounded(call.invoke_async(&mut conn)).await?;
+            let code: i64 = self.invoke(&call, &mut conn).await?;
             verdict(code)
         })
     }
@@ -211,7 +235,7 @@ where
                         .arg(renewal.token.as_bytes())
                         .arg(renewal.ttl.as_millis());
                 }
-                match self.bounded(call.invoke_async::<Vec<i64>>(&mut conn)).await {
+                match self.invoke::<Vec<i64>>(&call, &mut conn).await {
                     Ok(codes) if codes.len() == chunk.len() => {
                         out.extend(codes.into_iter().map(verdict));
                     }

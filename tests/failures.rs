@@ -5,6 +5,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use distlock::{Error, LockManager, LockOptions};
+use support::proxy::{Fault, FaultProxy};
 use support::{RedisNode, free_port, unique_key};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -97,12 +98,16 @@ async fn connecting_to_a_closed_port_fails_with_a_redis_error_in_bounded_time() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn connecting_to_an_unroutable_address_times_out_as_a_redis_error() {
-    // TEST-NET-1 is reserved and never routed: the connect hangs until our timeout.
+async fn connecting_to_a_server_that_never_answers_times_out_as_a_redis_error() {
+    // The proxy accepts the connection and answers nothing: the handshake hangs until our
+    // connect timeout.
+    let node = RedisNode::start().await;
+    let proxy = FaultProxy::start(node.port()).await;
+    proxy.set(Fault::Blackhole);
     let started = Instant::now();
     let result = LockManager::builder()
         .connect_timeout(Duration::from_millis(500))
-        .connect("redis://192.0.2.1:6379")
+        .connect(&proxy.url())
         .await;
     match result {
         Err(Error::Redis(_)) => {}
