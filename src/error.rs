@@ -113,6 +113,16 @@ impl Error {
     }
 
     /// `true` for [`Error::Quorum`]: too few of several primaries answered.
+    ///
+    /// ```no_run
+    /// # async fn demo(locks: distlock::LockManager) -> distlock::Result<()> {
+    /// match locks.try_lock("jobs:nightly").await {
+    ///     Ok(guard) => guard.release().await?,
+    ///     Err(e) if e.is_quorum() => eprintln!("lock service degraded: {e}"),
+    ///     Err(e) => return Err(e),
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub fn is_quorum(&self) -> bool {
         matches!(self, Error::Quorum(_))
     }

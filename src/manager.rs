@@ -216,6 +216,16 @@ impl LockManagerBuilder {
     /// longer counts as failed for that call, so one slow node delays a call by at most this
     /// much. Keep it well below the lease TTL: an acquire takes up to this long, and the
     /// lease's validity is what remains of the TTL after it. Must be above zero.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> distlock::Result<()> {
+    /// use std::time::Duration;
+    /// let locks = distlock::LockManager::builder()
+    ///     .node_timeout(Duration::from_millis(30)) // nodes in one data center
+    ///     .connect_redlock(["redis://a:6379", "redis://b:6379", "redis://c:6379"])
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
     pub fn node_timeout(mut self, timeout: Duration) -> Self {
         self.node_timeout = timeout;
         self

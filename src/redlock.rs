@@ -33,7 +33,9 @@ use crate::key::{LockKey, Token};
 use crate::manager::{LockManager, LockManagerBuilder};
 use crate::options::Ttl;
 use crate::quorum::{NodeOutcome, NodeReport, QuorumError, QuorumOperation};
-use crate::store::{Acquire, BoxFuture, LeaseStore, RedisStore, Renewal, Verdict};
+use crate::store::{
+    Acquire, BoxFuture, LeaseStore, RENEWALS_PER_CALL, RedisStore, Renewal, Verdict,
+};
 
 /// The number of nodes that make a majority of `n`.
 fn majority(n: usize) -> usize {
@@ -107,36 +109,33 @@ impl RedlockStore {
     /// otherwise leaves the lease one failure closer to losing its majority. Only for a
     /// guard's own `extend`: the guard is borrowed for the whole call, so its release
     /// cannot slip in between and be undone by the SET.
-    async fn repair(&self, which: &[(usize, &Renewal)]) {
+    async fn repair(&self, which: &[usize], key: &LockKey, token: &Token, ttl: Ttl) {
         let limit = self.node_timeout;
         let calls = which
             .iter()
-            .filter_map(|&(i, renewal)| self.nodes.get(i).map(|node| (node, renewal)))
-            .map(|(node, renewal)| async move {
-                let answer = bounded(
-                    limit,
-                    node.store
-                        .acquire(&renewal.key, &renewal.token, renewal.ttl),
+            .filter_map(|&i| self.nodes.get(i))
+            .map(|node| async move {
+                (
+                    node,
+                    bounded(limit, node.store.acquire(key, token, ttl)).await,
                 )
-                .await;
-                (node, renewal, answer)
             })
             .collect();
-        for (node, renewal, answer) in join_all(calls).await {
+        for (node, answer) in join_all(calls).await {
             match answer {
                 Ok(Acquire::Taken { .. }) => tracing::info!(
                     node = node.name,
-                    key = %renewal.key,
+                    key = %key,
                     "lease set again on a node that had lost it"
                 ),
                 Ok(Acquire::Held { .. }) => tracing::debug!(
                     node = node.name,
-                    key = %renewal.key,
+                    key = %key,
                     "node that had lost the lease now holds another owner's; left alone"
                 ),
                 Err(e) => tracing::debug!(
                     node = node.name,
-                    key = %renewal.key,
+                    key = %key,
                     error = %e,
                     "could not set the lease again on a node that had lost it"
                 ),
@@ -281,23 +280,20 @@ impl LeaseStore for RedlockStore {
             let elapsed = started.elapsed();
             let in_time = Instant::now() < ttl.valid_until(started);
             let decision = decide_acquire(&answers, self.quorum, in_time);
-            if decision == AcquireDecision::Taken {
-                return Ok(Acquire::Taken { fence: None });
-            }
-            // Not ours. Undo every SET this attempt may have made: on the nodes that took
-            // it and on the ones that failed or timed out (the SET may have landed after
-            // the node timeout; a delete sent now follows it on the same connection). A
-            // node that answered "held" provably has no key of ours. If this future is
-            // dropped during the cleanup, the manager's abandoned-acquire release (on all
-            // nodes) covers it.
+            // Unless the lease is ours, undo every SET this attempt may have made: on the
+            // nodes that took it and on the ones that failed or timed out (the SET may have
+            // landed after the node timeout; a delete sent now follows it on the same
+            // connection). A node that answered "held" provably has no key of ours. If this
+            // future is dropped during the cleanup, the manager's abandoned-acquire release
+            // (on all nodes) covers it.
             let maybe_ours: Vec<usize> = answers
                 .iter()
                 .enumerate()
                 .filter(|(_, a)| !matches!(a, Ok(Acquire::Held { .. })))
                 .map(|(i, _)| i)
                 .collect();
-            self.release_on(&maybe_ours, key, token).await;
-            match decision {
+            let outcome = match decision {
+                AcquireDecision::Taken => return Ok(Acquire::Taken { fence: None }),
                 AcquireDecision::Held { retry_after } => {
                     tracing::debug!(
                         key = %key,
@@ -323,8 +319,9 @@ impl LeaseStore for RedlockStore {
                     tracing::warn!(error = %error, "acquire without quorum");
                     Err(Error::Quorum(Box::new(error)))
                 }
-                AcquireDecision::Taken => Ok(Acquire::Taken { fence: None }),
-            }
+            };
+            self.release_on(&maybe_ours, key, token).await;
+            outcome
         })
     }
 
@@ -340,18 +337,13 @@ impl LeaseStore for RedlockStore {
             let in_time = Instant::now() < ttl.valid_until(started);
             let verdict = decide_verdict(&answers, self.quorum, in_time);
             if verdict == Verdict::Done {
-                let renewal = Renewal {
-                    key: key.clone(),
-                    token: *token,
-                    ttl,
-                };
-                let lost_it: Vec<(usize, &Renewal)> = answers
+                let lost_it: Vec<usize> = answers
                     .iter()
                     .enumerate()
                     .filter(|(_, a)| matches!(a, Ok(Verdict::Expired)))
-                    .map(|(i, _)| (i, &renewal))
+                    .map(|(i, _)| i)
                     .collect();
-                self.repair(&lost_it).await;
+                self.repair(&lost_it, key, token, ttl).await;
             } else {
                 self.log_unconfirmed("extend", key, &answers);
             }
@@ -399,7 +391,8 @@ impl LeaseStore for RedlockStore {
             let started = Instant::now();
             // A node renews the batch in chunks, one round trip each; give it the node
             // timeout per chunk.
-            let chunks = u32::try_from(batch.len().div_ceil(1000).max(1)).unwrap_or(u32::MAX);
+            let chunks =
+                u32::try_from(batch.len().div_ceil(RENEWALS_PER_CALL).max(1)).unwrap_or(u32::MAX);
             let limit = self.node_timeout.saturating_mul(chunks);
             let per_node: Vec<Vec<Result<Verdict>>> = join_all(
                 self.nodes

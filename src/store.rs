@@ -79,7 +79,7 @@ pub(crate) struct Renewal {
 
 /// Leases per `EXTEND_MANY` call: large enough that a thousand leases renew in one call,
 /// small enough that one call never blocks the server for long.
-const RENEWALS_PER_CALL: usize = 1000;
+pub(crate) const RENEWALS_PER_CALL: usize = 1000;
 
 /// How long the fencing counter outlives the last acquisition: the larger of twice the
 /// lease TTL and one day. Tokens stay increasing after it expires because they never fall

@@ -10,7 +10,8 @@ use distlock::{
     Backoff, Error, LockManager, LockOptions, LostReason, NodeOutcome, QuorumOperation,
 };
 use redis::AsyncCommands;
-use support::{RedisNode, unique_key};
+use support::proxy::{Fault, FaultProxy};
+use support::{Data, NodeOptions, RedisNode, unique_key};
 
 /// Generous next to a loopback round trip, so a loaded machine does not fail a node by
 /// accident; tests that want a node to time out make it slower than this on purpose.
@@ -28,20 +29,28 @@ fn ttl(secs: u64) -> LockOptions {
 }
 
 async fn five_nodes() -> Vec<RedisNode> {
+    five_nodes_with(NodeOptions::default()).await
+}
+
+async fn five_nodes_with(options: NodeOptions) -> Vec<RedisNode> {
     let (a, b, c, d, e) = tokio::join!(
-        RedisNode::start(),
-        RedisNode::start(),
-        RedisNode::start(),
-        RedisNode::start(),
-        RedisNode::start()
+        RedisNode::start_opts(options.clone()),
+        RedisNode::start_opts(options.clone()),
+        RedisNode::start_opts(options.clone()),
+        RedisNode::start_opts(options.clone()),
+        RedisNode::start_opts(options)
     );
     vec![a, b, c, d, e]
 }
 
 async fn redlock(nodes: &[RedisNode]) -> LockManager {
+    redlock_at(nodes.iter().map(RedisNode::url)).await
+}
+
+async fn redlock_at(urls: impl IntoIterator<Item = String>) -> LockManager {
     LockManager::builder()
         .node_timeout(NODE_TIMEOUT)
-        .connect_redlock(nodes.iter().map(RedisNode::url))
+        .connect_redlock(urls)
         .await
         .unwrap()
 }
@@ -107,9 +116,43 @@ async fn warm_up(locks: &LockManager, nodes: &[RedisNode]) {
     guard.release().await.unwrap();
 }
 
+/// Successful `EVALSHA` calls `node` has run so far (distlock's acquire and release).
+async fn evalsha_calls(node: &RedisNode) -> u64 {
+    let mut raw = node.conn().await;
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    info.lines()
+        .find(|l| l.starts_with("cmdstat_evalsha:"))
+        .and_then(|l| l.split("calls=").nth(1))
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Waits until `node` has run `calls` `EVALSHA`s in all: requests that reached it late
+/// have been executed, so what the key looks like now is final.
+async fn until_evalsha_calls(node: &RedisNode, calls: u64) {
+    let started = Instant::now();
+    loop {
+        let seen = evalsha_calls(node).await;
+        if seen >= calls {
+            return;
+        }
+        assert!(
+            started.elapsed() < PROMPTLY,
+            "{} ran {seen} EVALSHA calls, expected {calls}",
+            name_of(node)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A crash and a restart without data: SIGKILL / `docker kill`, then a fresh data dir.
 async fn restart_empty(node: &RedisNode) {
-    node.stop().await;
-    node.start_again().await;
+    node.restart(Data::Wipe).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -223,49 +266,56 @@ async fn with_three_nodes_down_acquire_is_a_quorum_error_within_the_budget_leavi
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_node_slower_than_the_node_timeout_counts_as_failed() {
+async fn a_node_slowed_past_the_node_timeout_by_a_proxy_counts_as_failed() {
     let nodes = five_nodes().await;
-    let locks = redlock(&nodes).await;
-    let name = unique_key("slow");
+    // Node 4 is reached through a fault proxy.
+    let proxy = FaultProxy::start(nodes[4].port()).await;
+    let slow_name = format!("127.0.0.1:{}", proxy.port());
+    let urls = nodes[..4].iter().map(RedisNode::url).chain([proxy.url()]);
+    let locks = redlock_at(urls).await;
     warm_up(&locks, &nodes).await;
-    // A paused server takes the request and answers only when resumed: slower than any
-    // node timeout.
-    nodes[4].pause().await;
+    let calls = evalsha_calls(&nodes[4]).await;
+    let name = unique_key("slow");
 
-    // Four fast nodes are a majority: the lock is taken without waiting for the slow one
-    // beyond the node timeout.
+    // A round trip through the proxy now takes 4 s, eight node timeouts.
+    let latency = Duration::from_secs(2);
+    proxy.set(Fault::Latency(latency));
+    // Four fast nodes are a majority: the lock is taken once the slow node's time is up,
+    // without waiting for its answer.
     let started = Instant::now();
     let guard = locks.try_lock_with(&name, ttl(30)).await.unwrap();
-    assert!(started.elapsed() < PROMPTLY);
+    assert!(started.elapsed() < 2 * latency, "{:?}", started.elapsed());
     let live = tokens_on(&nodes[..4], &name).await;
     assert!(live.iter().all(Option::is_some), "{live:?}");
     guard.release().await.unwrap();
+    // The slow node runs the SET and then the release, late and in order.
+    until_evalsha_calls(&nodes[4], calls + 2).await;
+    assert_eq!(token_on(&nodes[4], &name).await, None);
 
     // With two more nodes down, the slow node is what is missing for a majority, and the
     // error says it timed out.
     nodes[2].stop().await;
     nodes[3].stop().await;
+    let before = evalsha_calls(&nodes[4]).await;
     let other = unique_key("slow-quorum");
     let err = locks.try_lock_with(&other, ttl(30)).await.unwrap_err();
     let Error::Quorum(q) = &err else {
         panic!("expected a quorum error, got {err:?}")
     };
     assert_eq!(q.confirmed(), 2);
-    let slow = q
-        .nodes()
-        .iter()
-        .find(|r| r.node() == name_of(&nodes[4]))
-        .unwrap();
+    let slow = &q.nodes()[4];
+    assert_eq!(slow.node(), slow_name);
     match slow.outcome() {
         NodeOutcome::Failed(Error::Redis(e)) => assert!(e.is_timeout(), "{e}"),
         other => panic!("the slow node should have timed out: {other:?}"),
     }
-    assert_eq!(slow.index(), 4);
-    // The failed acquire was undone everywhere: on the fast nodes before the error came
-    // back, and on the slow node too, whose late SET is followed by the cleanup's delete.
+    assert!(err.to_string().contains(&slow_name), "{err}");
+    // Undone everywhere: on the fast nodes before the error came back; on the slow node,
+    // its late SET is followed by the cleanup's delete (plus the abandoned-acquire
+    // release): once both ran there, nothing is left.
     assert_eq!(tokens_on(&nodes[..2], &other).await, vec![None; 2]);
-    nodes[4].resume().await;
-    wait_until_gone(&nodes[4], &other, PROMPTLY).await;
+    until_evalsha_calls(&nodes[4], before + 2).await;
+    assert_eq!(token_on(&nodes[4], &other).await, None);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -322,6 +372,7 @@ async fn a_lost_vote_is_undone_on_every_node_the_attempt_may_have_reached_timed_
             .await
             .unwrap();
     }
+    let before = evalsha_calls(&nodes[4]).await;
     nodes[4].pause().await;
 
     // Two taken, two held, one timed out: a majority answered, not for us.
@@ -331,9 +382,10 @@ async fn a_lost_vote_is_undone_on_every_node_the_attempt_may_have_reached_timed_
     // The other owner's keys are left alone.
     let theirs = Some("another-owner".to_owned());
     assert_eq!(tokens_on(&nodes[2..4], &name).await, vec![theirs; 2]);
-    // The slow node's SET arrives late, and the delete sent after it removes it.
+    // The slow node runs the SET late, and the delete sent after it removes it.
     nodes[4].resume().await;
-    wait_until_gone(&nodes[4], &name, PROMPTLY).await;
+    until_evalsha_calls(&nodes[4], before + 2).await;
+    assert_eq!(token_on(&nodes[4], &name).await, None);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -456,6 +508,34 @@ async fn a_node_restarting_empty_under_a_bare_majority_lets_a_second_owner_in() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_fsync_always_a_crashed_node_comes_back_with_the_lease_and_nobody_else_gets_in() {
+    // The same bare majority as above, on nodes that persist every write before answering
+    // (`appendonly yes`, `appendfsync always`): the crash loses nothing.
+    let nodes = five_nodes_with(NodeOptions::default().persistent()).await;
+    let (first, second) = (redlock(&nodes).await, redlock(&nodes).await);
+    let name = unique_key("fsync");
+
+    nodes[3].stop().await;
+    nodes[4].stop().await;
+    let guard = first.try_lock_with(&name, ttl(60)).await.unwrap();
+    let token = token_on(&nodes[0], &name).await;
+    nodes[3].start_again().await;
+    nodes[4].start_again().await;
+    nodes[2].restart(Data::Keep).await;
+    assert_eq!(
+        token_on(&nodes[2], &name).await,
+        token,
+        "the lease survived the crash"
+    );
+    until_every_node_answers(&second, &nodes).await;
+
+    assert!(second.try_lock(&name).await.unwrap_err().is_held_by_other());
+    until_every_node_answers(&first, &nodes).await;
+    guard.extend(Duration::from_secs(60)).await.unwrap();
+    guard.release().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn extend_sets_the_lease_again_on_nodes_that_lost_it_so_one_empty_restart_is_survived() {
     let nodes = five_nodes().await;
     let (first, second) = (redlock(&nodes).await, redlock(&nodes).await);
@@ -545,6 +625,7 @@ async fn dropping_an_acquire_mid_flight_leaves_no_key_on_any_node() {
         .unwrap();
     let name = unique_key("abandon");
     warm_up(&locks, &nodes).await;
+    let before = evalsha_calls(&nodes[4]).await;
     nodes[4].pause().await;
 
     {
@@ -573,9 +654,10 @@ async fn dropping_an_acquire_mid_flight_leaves_no_key_on_any_node() {
     for node in &nodes[..4] {
         wait_until_gone(node, &name, PROMPTLY).await;
     }
-    // The paused node gets the SET, then the delete queued behind it.
+    // The paused node runs the SET, then the delete queued behind it.
     nodes[4].resume().await;
-    wait_until_gone(&nodes[4], &name, PROMPTLY).await;
+    until_evalsha_calls(&nodes[4], before + 2).await;
+    assert_eq!(token_on(&nodes[4], &name).await, None);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
