@@ -138,7 +138,9 @@ impl LockGuard {
     ///
     /// Dropping the future before it completes leaves the lease as it was or extended on
     /// the server; the local [`valid_until`](Self::valid_until) keeps the older, earlier
-    /// deadline, which is always safe.
+    /// deadline, which is always safe. Over several primaries it may also have set the
+    /// lease again on nodes that had lost it; the guard's release or drop removes it there
+    /// like everywhere else.
     ///
     /// # Errors
     ///
