@@ -536,6 +536,9 @@ impl LockManagerBuilder {
     ///   nothing. A successful [`LockGuard::extend`](crate::LockGuard::extend) also sets
     ///   the lease again on nodes that lost it (restarted empty, or down at acquire);
     /// - release is sent to all N; see [`LockGuard::release`](crate::LockGuard::release);
+    /// - waiters poll with the backoff policy (bounded by the holder's remaining TTL and
+    ///   the wait budget): release notifications ([`notify`](Self::notify)) are not used,
+    ///   since one subscription would tie every waiter to one node;
     /// - [`fencing_token`](crate::LockGuard::fencing_token) is `None`: see the crate docs
     ///   on [several primaries](crate#several-primaries-redlock).
     ///
