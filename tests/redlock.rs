@@ -389,6 +389,49 @@ async fn a_lost_vote_is_undone_on_every_node_the_attempt_may_have_reached_timed_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lock_key_of_another_type_fails_its_node_with_wrongtype_not_contention() {
+    let nodes = five_nodes().await;
+    let locks = redlock(&nodes).await;
+    let name = unique_key("wrongtype");
+    let key = lease_key(&name);
+    let put_hash = async |node: &RedisNode| {
+        let mut raw = node.conn().await;
+        let _: () = raw.hset(&key, "f", "v").await.unwrap();
+    };
+    // On one node: that node fails, the other four make the majority.
+    put_hash(&nodes[0]).await;
+    locks
+        .try_lock(&name)
+        .await
+        .unwrap()
+        .release()
+        .await
+        .unwrap();
+    // On three: a quorum error that names the problem, not "held by another owner".
+    put_hash(&nodes[1]).await;
+    put_hash(&nodes[2]).await;
+    match locks.try_lock(&name).await {
+        Err(Error::Quorum(q)) => {
+            let failures: Vec<String> = q.failures().map(|(_, e)| e.to_string()).collect();
+            assert_eq!(failures.len(), 3);
+            assert!(
+                failures.iter().all(|e| e.contains("WRONGTYPE")),
+                "{failures:?}"
+            );
+        }
+        other => panic!("expected a quorum error, got {other:?}"),
+    }
+    // The hashes are left alone.
+    let mut raw = nodes[0].conn().await;
+    let kind: String = redis::cmd("TYPE")
+        .arg(&key)
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    assert_eq!(kind, "hash");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn extend_succeeds_with_two_nodes_down_and_reports_the_lease_lost_with_three() {
     let nodes = five_nodes().await;
     let locks = redlock(&nodes).await;
