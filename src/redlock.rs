@@ -223,7 +223,10 @@ fn decide_acquire(answers: &[Result<Acquire>], quorum: usize, in_time: bool) -> 
     // a majority with the nodes that were free: a hint, not a promise (failed nodes and
     // keys without a TTL are unknown).
     held.sort_unstable_by_key(|pttl| pttl.unwrap_or(Duration::MAX));
-    let retry_after = held.get(quorum - taken - 1).copied().flatten();
+    let retry_after = held
+        .get(quorum.saturating_sub(taken + 1))
+        .copied()
+        .flatten();
     AcquireDecision::Held { retry_after }
 }
 
