@@ -3,6 +3,8 @@
 use std::fmt;
 use std::time::Duration;
 
+use crate::quorum::QuorumError;
+
 /// A `Result` whose error is [`enum@Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -16,10 +18,12 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// | [`Timeout`](Error::Timeout) | the wait budget ran out while another owner held it | give up or report busy |
 /// | [`Lost`](Error::Lost) | a lease this caller held is no longer its own | stop touching the protected resource |
 /// | [`Redis`](Error::Redis) | the server or the network failed (includes response timeouts) | retry later, alert |
+/// | [`Quorum`](Error::Quorum) | several primaries: too few of them answered for a majority | retry later, alert |
 /// | [`InvalidArgument`](Error::InvalidArgument) | a key or an option cannot be used | fix the call |
 ///
 /// "Held by another owner" ([`Contended`](Error::Contended), [`Timeout`](Error::Timeout))
-/// and "Redis is unreachable" ([`Redis`](Error::Redis)) are never reported as one another.
+/// and "Redis is unreachable" ([`Redis`](Error::Redis), [`Quorum`](Error::Quorum)) are never
+/// reported as one another.
 #[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
@@ -70,6 +74,26 @@ pub enum Error {
     /// A key or an option that distlock cannot use; nothing was sent to Redis.
     #[error("invalid argument: {0}")]
     InvalidArgument(InvalidArgument),
+
+    /// A lock over several independent primaries (Redlock) could not get a majority of them
+    /// to answer: too many nodes failed or timed out, or the answers came back after the
+    /// lease's validity had run out. Carries what every node answered.
+    ///
+    /// Never returned when another owner holds the lock on a majority: that is
+    /// [`Contended`](Error::Contended) or [`Timeout`](Error::Timeout).
+    ///
+    /// ```
+    /// # fn report(err: distlock::Error) {
+    /// if let distlock::Error::Quorum(q) = &err {
+    ///     eprintln!("{} of {} nodes confirmed, {} needed", q.confirmed(), q.nodes().len(), q.needed());
+    ///     for (node, why) in q.failures() {
+    ///         eprintln!("  {node}: {why}");
+    ///     }
+    /// }
+    /// # }
+    /// ```
+    #[error("{0}")]
+    Quorum(Box<QuorumError>),
 }
 
 impl Error {
@@ -86,6 +110,21 @@ impl Error {
     /// `true` for [`Error::Redis`]: the server or the network failed.
     pub fn is_redis(&self) -> bool {
         matches!(self, Error::Redis(_))
+    }
+
+    /// `true` for [`Error::Quorum`]: too few of several primaries answered.
+    ///
+    /// ```no_run
+    /// # async fn demo(locks: distlock::LockManager) -> distlock::Result<()> {
+    /// match locks.try_lock("jobs:nightly").await {
+    ///     Ok(guard) => guard.release().await?,
+    ///     Err(e) if e.is_quorum() => eprintln!("lock service degraded: {e}"),
+    ///     Err(e) => return Err(e),
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub fn is_quorum(&self) -> bool {
+        matches!(self, Error::Quorum(_))
     }
 
     pub(crate) fn invalid(what: &'static str, detail: impl Into<String>) -> Self {
@@ -111,6 +150,9 @@ pub enum LostReason {
     MaxHoldReached,
     /// The holder released the lease.
     Released,
+    /// A lease over several primaries (Redlock) could not be confirmed on a majority of
+    /// them: too many nodes failed, timed out or no longer had the lease.
+    NoQuorum,
 }
 
 impl fmt::Display for LostReason {
@@ -121,6 +163,7 @@ impl fmt::Display for LostReason {
             LostReason::Unreachable => "Redis could not be reached to renew the lease",
             LostReason::MaxHoldReached => "the hold-time cap was reached",
             LostReason::Released => "the lease was released",
+            LostReason::NoQuorum => "a majority of the lock's nodes did not confirm the lease",
         })
     }
 }
@@ -134,7 +177,7 @@ pub struct InvalidArgument {
 
 impl InvalidArgument {
     /// Which argument was rejected: `"key"`, `"ttl"`, `"wait"`, `"backoff"`, `"url"`,
-    /// `"prefix"` or `"timeout"`.
+    /// `"prefix"`, `"timeout"` or `"nodes"`.
     pub fn what(&self) -> &'static str {
         self.what
     }

@@ -129,11 +129,18 @@ impl LockGuard {
     /// another owner's token ([`LostReason::Taken`]); from then on the guard is lost and
     /// [`is_held`](Self::is_held) is `false`.
     ///
+    /// On a lock over several primaries (Redlock) the extend succeeds only if a majority of
+    /// all the nodes confirmed it; otherwise the lease is lost ([`LostReason::NoQuorum`],
+    /// or `Expired` / `Taken` when the nodes that answered say so). A failed extend releases
+    /// nothing: the keys left on some nodes go with [`release`](Self::release) or drop.
+    ///
     /// # Cancel safety
     ///
     /// Dropping the future before it completes leaves the lease as it was or extended on
     /// the server; the local [`valid_until`](Self::valid_until) keeps the older, earlier
-    /// deadline, which is always safe.
+    /// deadline, which is always safe. Over several primaries it may also have set the
+    /// lease again on nodes that had lost it; the guard's release or drop removes it there
+    /// like everywhere else.
     ///
     /// # Errors
     ///
@@ -175,6 +182,7 @@ impl LockGuard {
                 }
                 Verdict::Expired => Err(self.lose(LostReason::Expired)),
                 Verdict::Taken => Err(self.lose(LostReason::Taken)),
+                Verdict::NoQuorum => Err(self.lose(LostReason::NoQuorum)),
             }
         }
         .instrument(span)
@@ -187,6 +195,12 @@ impl LockGuard {
     /// [`Error::Lost`] says why not (it had expired, or another owner holds the key, which
     /// is left untouched), and [`Error::Redis`] says the outcome is unknown: then one more
     /// release is handed to the background, and at worst the lease expires after its TTL.
+    ///
+    /// On a lock over several primaries (Redlock) the release is sent to every node.
+    /// `Ok(())` means a majority confirmed the delete, so the lock is free for others; a
+    /// node that failed meanwhile keeps its key until the TTL (logged as a warning).
+    /// [`Error::Quorum`] says how many confirmed when fewer than a majority did, and hands
+    /// one more release to the background as for [`Error::Redis`].
     ///
     /// # Cancel safety
     ///
@@ -232,6 +246,7 @@ impl LockGuard {
                 }
                 Verdict::Expired => Err(self.lose(LostReason::Expired)),
                 Verdict::Taken => Err(self.lose(LostReason::Taken)),
+                Verdict::NoQuorum => Err(self.lose(LostReason::NoQuorum)),
             }
         }
         .instrument(span)

@@ -84,6 +84,57 @@
 //! - **Every call is bounded in time**: by the wait budget, the command timeout
 //!   ([`LockManagerBuilder::command_timeout`]) and the connect timeout.
 //!
+//! # Several primaries (Redlock)
+//!
+//! A single Redis primary is a single point of failure for the lock: while it is down,
+//! nobody can take the lock. If that matters, run N independent primaries (3 or 5; not
+//! replicas of one another, not one Cluster) and build the manager with
+//! [`LockManagerBuilder::connect_redlock`] (or [`build_redlock`](LockManagerBuilder::build_redlock)
+//! from your own connections). A lock is then held on a majority (`N/2 + 1`) of the nodes and
+//! survives the loss of any minority. The guard, waiting, backoff, drop and extension work
+//! as for one primary.
+//!
+//! ```no_run
+//! # async fn demo() -> distlock::Result<()> {
+//! use std::time::Duration;
+//! use distlock::{Error, LockManager};
+//!
+//! let locks = LockManager::builder()
+//!     .node_timeout(Duration::from_millis(50))
+//!     .connect_redlock(["redis://a:6379", "redis://b:6379", "redis://c:6379"])
+//!     .await?;
+//! match locks.try_lock("jobs:nightly").await {
+//!     Ok(guard) => guard.release().await?,
+//!     Err(e) if e.is_held_by_other() => println!("another worker has it"),
+//!     Err(Error::Quorum(q)) => eprintln!("too few nodes answered: {q}"),
+//!     Err(e) => return Err(e),
+//! }
+//! # Ok(()) }
+//! ```
+//!
+//! What it assumes:
+//!
+//! - **Bounded clock drift.** Each node expires the lease by its own clock; the guard's
+//!   validity allows for `ttl/100 + 2 ms` of difference between the nodes' clocks and
+//!   this process's over one lease. A node whose clock jumps forward can expire a lease
+//!   early and let a second owner in.
+//! - **A node does not forget a lease while it is held.** A node that crashes and restarts
+//!   empty (no persistence) can give the lock to a second owner when it was part of the
+//!   bare majority the lease stood on. Keep a restarted node out for at least the longest
+//!   TTL in use (delayed restart), or run it with `appendonly yes` and
+//!   `appendfsync always`. [`LockGuard::extend`] narrows the window: when it succeeds it
+//!   also sets the lease again on the nodes that lost it.
+//! - **Independent failures**: each node on its own machine, each URL a different server.
+//!
+//! What it does not give: **fencing tokens.** [`LockGuard::fencing_token`] is `None`.
+//! Per-node counters grow independently (and failed attempts grow some of them), so no
+//! combination of the counters a majority returns is guaranteed to exceed the previous
+//! holder's; a counter lost in a restart, or a clock-based floor read from nodes whose
+//! clocks differ, makes it worse. Without a token, a holder that pauses past its lease can
+//! still write after the next holder started. If the protected resource must be safe
+//! against that, take the lock on a single primary and check its fencing token, or use a
+//! consensus system (etcd, ZooKeeper) for the token.
+//!
 //! # Dropping a guard
 //!
 //! A [`LockGuard`] that is dropped without [`LockGuard::release`] hands the release to the
@@ -95,8 +146,9 @@
 //!
 //! One [`enum@Error`] type whose cases ask for different reactions: held by another owner
 //! ([`Error::Contended`], [`Error::Timeout`]), lease lost ([`Error::Lost`]), server or
-//! network failure ([`Error::Redis`]), bad input ([`Error::InvalidArgument`]). No input
-//! makes distlock panic.
+//! network failure ([`Error::Redis`]), too few of several primaries answered
+//! ([`Error::Quorum`]), bad input ([`Error::InvalidArgument`]). No input makes distlock
+//! panic.
 #![deny(missing_docs)]
 #![warn(rust_2018_idioms, unreachable_pub)]
 
@@ -107,6 +159,8 @@ mod lease;
 mod manager;
 mod notify;
 mod options;
+mod quorum;
+mod redlock;
 pub mod retry;
 mod scripts;
 mod store;
@@ -117,10 +171,11 @@ pub use guard::LockGuard;
 pub use key::{MAX_KEY_LEN, MAX_PREFIX_LEN};
 pub use lease::LeaseHandle;
 pub use manager::{
-    DEFAULT_COMMAND_TIMEOUT, DEFAULT_CONNECT_TIMEOUT, DEFAULT_PREFIX, LockManager,
-    LockManagerBuilder,
+    DEFAULT_COMMAND_TIMEOUT, DEFAULT_CONNECT_TIMEOUT, DEFAULT_NODE_TIMEOUT, DEFAULT_PREFIX,
+    LockManager, LockManagerBuilder,
 };
 pub use options::{LockOptions, MAX_TTL, MIN_TTL};
+pub use quorum::{NodeOutcome, NodeReport, QuorumError, QuorumOperation};
 pub use retry::Backoff;
 
 // `redis` types appear in the public API (`Error::Redis`, `LockManager::new`).

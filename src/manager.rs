@@ -31,6 +31,11 @@ pub const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
 /// The default bound on establishing the connection in [`LockManager::connect`].
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The default bound on one node's answer in a lock over several primaries (see
+/// [`LockManagerBuilder::node_timeout`]): small next to any sensible lease TTL, large next
+/// to a Redis round trip on a healthy network.
+pub const DEFAULT_NODE_TIMEOUT: Duration = Duration::from_millis(100);
+
 /// Takes and hands out leases on one Redis server.
 ///
 /// Cheap to clone (an `Arc` inside); clones share the connection. Build it from a URL
@@ -115,8 +120,9 @@ impl fmt::Debug for LockManager {
 pub struct LockManagerBuilder {
     prefix: Vec<u8>,
     defaults: LockOptions,
-    command_timeout: Duration,
-    connect_timeout: Duration,
+    pub(crate) command_timeout: Duration,
+    pub(crate) connect_timeout: Duration,
+    pub(crate) node_timeout: Duration,
     notify: bool,
     pubsub: Option<redis::Client>,
     connection_times_out: bool,
@@ -132,6 +138,7 @@ impl Default for LockManagerBuilder {
             notify: true,
             pubsub: None,
             connection_times_out: false,
+            node_timeout: DEFAULT_NODE_TIMEOUT,
         }
     }
 }
@@ -203,6 +210,27 @@ impl LockManagerBuilder {
         self
     }
 
+    /// For a lock over several primaries ([`connect_redlock`](Self::connect_redlock),
+    /// [`build_redlock`](Self::build_redlock)): the longest one node's answer to an acquire,
+    /// extend or release is waited for (default [`DEFAULT_NODE_TIMEOUT`]). A node that takes
+    /// longer counts as failed for that call, so one slow node delays a call by at most this
+    /// much. Keep it well below the lease TTL: an acquire takes up to this long, and the
+    /// lease's validity is what remains of the TTL after it. Must be above zero.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> distlock::Result<()> {
+    /// use std::time::Duration;
+    /// let locks = distlock::LockManager::builder()
+    ///     .node_timeout(Duration::from_millis(30)) // nodes in one data center
+    ///     .connect_redlock(["redis://a:6379", "redis://b:6379", "redis://c:6379"])
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn node_timeout(mut self, timeout: Duration) -> Self {
+        self.node_timeout = timeout;
+        self
+    }
+
     /// Connects to `url` (`redis://[user:password@]host[:port][/db]`, `unix://…`) through a
     /// [`ConnectionManager`], which reconnects by itself after a failure.
     ///
@@ -265,7 +293,7 @@ impl LockManagerBuilder {
     }
 
     /// The manager over any store: where its leases live is the store's business.
-    fn with_store(self, store: Arc<dyn LeaseStore>) -> LockManager {
+    pub(crate) fn with_store(self, store: Arc<dyn LeaseStore>) -> LockManager {
         let notifier = match (self.notify, self.pubsub) {
             (true, Some(client)) => Some(Notifier::new(
                 client,
@@ -285,9 +313,12 @@ impl LockManagerBuilder {
         }
     }
 
-    fn check(&self) -> Result<()> {
+    pub(crate) fn check(&self) -> Result<()> {
         validate_prefix(&self.prefix)?;
-        if self.command_timeout.is_zero() || self.connect_timeout.is_zero() {
+        if self.command_timeout.is_zero()
+            || self.connect_timeout.is_zero()
+            || self.node_timeout.is_zero()
+        {
             return Err(Error::invalid("timeout", "timeouts must be above zero"));
         }
         self.defaults.validate()

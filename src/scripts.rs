@@ -44,6 +44,28 @@ return {0, redis.call('PTTL', KEYS[1])}
     )
 });
 
+/// Take the lease if the key is free, without a fencing token: [`ACQUIRE`] for the nodes of
+/// a lock over several primaries, where a per-node counter would mean nothing.
+///
+/// KEYS[1] lease key. ARGV[1] token, ARGV[2] TTL in ms.
+///
+/// Returns `{1, 0}` when taken, `{0, pttl}` when held by another owner, and a `WRONGTYPE`
+/// error when the key holds something other than a string, as [`ACQUIRE`] does.
+pub(crate) static ACQUIRE_UNFENCED: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  return {1, 0}
+end
+local kind = redis.call('TYPE', KEYS[1])['ok']
+if kind ~= 'string' then
+  return redis.error_reply('WRONGTYPE lock key holds a ' .. kind .. ', not a lease')
+end
+return {0, redis.call('PTTL', KEYS[1])}
+"#,
+    )
+});
+
 /// Delete the lease only if it still holds our token, and announce it to waiters.
 ///
 /// KEYS[1] lease key. ARGV[1] token, ARGV[2] (optional) the channel to publish the release

@@ -38,6 +38,9 @@ pub(crate) enum Verdict {
     Expired,
     /// The key holds another token.
     Taken,
+    /// A store spread over several nodes could not confirm the lease on a majority of
+    /// them (too many failed or timed out): the lease must be treated as lost.
+    NoQuorum,
 }
 
 /// Acquire, extend and release one lease. Implementations bound every call in time.
@@ -76,7 +79,7 @@ pub(crate) struct Renewal {
 
 /// Leases per `EXTEND_MANY` call: large enough that a thousand leases renew in one call,
 /// small enough that one call never blocks the server for long.
-const RENEWALS_PER_CALL: usize = 1000;
+pub(crate) const RENEWALS_PER_CALL: usize = 1000;
 
 /// How long the fencing counter outlives the last acquisition: the larger of twice the
 /// lease TTL and one day. Tokens stay increasing after it expires because they never fall
@@ -92,6 +95,10 @@ pub(crate) struct RedisStore<C> {
     command_timeout: Option<Duration>,
     /// Publish each release on the lock's channel for waiters.
     announce_releases: bool,
+    /// Whether acquire also hands out a fencing token. A node of a Redlock set has no use
+    /// for one (a per-node counter is no token for the lock as a whole), so it skips the
+    /// counter write.
+    fenced: bool,
 }
 
 impl<C> RedisStore<C>
@@ -103,6 +110,18 @@ where
             conn,
             command_timeout,
             announce_releases,
+            fenced: true,
+        }
+    }
+
+    /// A node of a lock over several primaries: acquire sets the lease only, without a
+    /// fencing counter, and releases are not announced (waiters of such locks poll).
+    pub(crate) fn unfenced(conn: C, command_timeout: Option<Duration>) -> Self {
+        RedisStore {
+            conn,
+            command_timeout,
+            announce_releases: false,
+            fenced: false,
         }
     }
 
@@ -177,13 +196,21 @@ where
     ) -> BoxFuture<'a, Result<Acquire>> {
         Box::pin(async move {
             let mut conn = self.conn.clone();
-            let mut call = scripts::ACQUIRE.key(key.lease());
-            call.key(key.fence())
-                .arg(token.as_bytes())
-                .arg(ttl.as_millis())
-                .arg(fence_ttl_ms(ttl));
+            let call = if self.fenced {
+                let mut call = scripts::ACQUIRE.key(key.lease());
+                call.key(key.fence())
+                    .arg(token.as_bytes())
+                    .arg(ttl.as_millis())
+                    .arg(fence_ttl_ms(ttl));
+                call
+            } else {
+                let mut call = scripts::ACQUIRE_UNFENCED.key(key.lease());
+                call.arg(token.as_bytes()).arg(ttl.as_millis());
+                call
+            };
             let (taken, value): (i64, i64) = self.invoke(&call, &mut conn).await?;
             match taken {
+                1 if !self.fenced => Ok(Acquire::Taken { fence: None }),
                 1 => u64::try_from(value)
                     .map(|fence| Acquire::Taken { fence: Some(fence) })
                     .map_err(|_| unexpected_reply(format!("negative fencing token {value}"))),

@@ -291,6 +291,10 @@ async fn renew(inner: &Inner, batch: Vec<Item>) {
                 lease.mark_lost(LostReason::Taken);
                 registry.entries.remove(&id);
             }
+            Ok(Verdict::NoQuorum) => {
+                lease.mark_lost(LostReason::NoQuorum);
+                registry.entries.remove(&id);
+            }
             Err(_) => {
                 failed += 1;
                 if let Some(entry) = entry {
