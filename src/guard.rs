@@ -271,12 +271,11 @@ impl Drop for LockGuard {
             return;
         }
         let lease = Arc::clone(&self.handle.lease);
-        let taken = lease.lost() == Some(LostReason::Taken);
         // Whatever happens next, this holder has given the lease up.
         lease.mark_lost(LostReason::Released);
-        if taken {
-            return;
-        }
+        // Released even when the lease was found lost or taken: the compare-and-delete
+        // spares any other owner, and on several primaries a minority of nodes may still
+        // hold this lease's key.
         let Some(runtime) = self.runtime.take() else {
             return;
         };

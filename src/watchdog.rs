@@ -291,11 +291,9 @@ async fn renew(inner: &Inner, batch: Vec<Item>) {
                 lease.mark_lost(LostReason::Taken);
                 registry.entries.remove(&id);
             }
-            Ok(Verdict::NoQuorum) => {
-                lease.mark_lost(LostReason::NoQuorum);
-                registry.entries.remove(&id);
-            }
-            Err(_) => {
+            // Too few nodes of a multi-primary lease confirmed this round: like an
+            // unreachable server, retried until the lease's own deadline decides.
+            Ok(Verdict::NoQuorum) | Err(_) => {
                 failed += 1;
                 if let Some(entry) = entry {
                     entry.due =
