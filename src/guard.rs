@@ -174,16 +174,11 @@ impl LockGuard {
         );
         async {
             let sent = Instant::now();
-            match self.store.extend(&lease.key, &lease.token, ttl).await? {
-                Verdict::Done => {
-                    lease.extended(ttl, sent);
-                    tracing::debug!("extended");
-                    Ok(())
-                }
-                Verdict::Expired => Err(self.lose(LostReason::Expired)),
-                Verdict::Taken => Err(self.lose(LostReason::Taken)),
-                Verdict::NoQuorum => Err(self.lose(LostReason::NoQuorum)),
-            }
+            let verdict = self.store.extend(&lease.key, &lease.token, ttl).await?;
+            self.judge(verdict, || {
+                lease.extended(ttl, sent);
+                tracing::debug!("extended");
+            })
         }
         .instrument(span)
         .await
@@ -238,19 +233,27 @@ impl LockGuard {
                 // On a Redis error `finished` stays false: Drop tries once more.
                 .inspect_err(|e| tracing::warn!(error = %e, "release failed"))?;
             self.finished = true;
-            match verdict {
-                Verdict::Done => {
-                    lease.mark_lost(LostReason::Released);
-                    tracing::debug!("released");
-                    Ok(())
-                }
-                Verdict::Expired => Err(self.lose(LostReason::Expired)),
-                Verdict::Taken => Err(self.lose(LostReason::Taken)),
-                Verdict::NoQuorum => Err(self.lose(LostReason::NoQuorum)),
-            }
+            self.judge(verdict, || {
+                lease.mark_lost(LostReason::Released);
+                tracing::debug!("released");
+            })
         }
         .instrument(span)
         .await
+    }
+
+    /// `Ok` after `done` when the command took effect; otherwise the lease is lost, and why.
+    fn judge(&self, verdict: Verdict, done: impl FnOnce()) -> Result<()> {
+        let reason = match verdict {
+            Verdict::Done => {
+                done();
+                return Ok(());
+            }
+            Verdict::Expired => LostReason::Expired,
+            Verdict::Taken => LostReason::Taken,
+            Verdict::NoQuorum => LostReason::NoQuorum,
+        };
+        Err(self.lose(reason))
     }
 
     fn lose(&self, reason: LostReason) -> Error {
