@@ -127,6 +127,33 @@ impl Error {
         matches!(self, Error::Quorum(_))
     }
 
+    /// `true` for an [`Error::Redis`] of the connection rather than of the request: refused,
+    /// dropped or timed out, or a server still loading its data after a restart. Trying
+    /// again after a pause may succeed; the waiting calls
+    /// ([`lock`](crate::LockManager::lock) and friends) do so within their budget. Errors the
+    /// server answered to the request itself (`WRONGTYPE`, `NOPERM`, a script error) are
+    /// not transient.
+    pub fn is_transient(&self) -> bool {
+        let Error::Redis(e) = self else {
+            return false;
+        };
+        e.is_io_error()
+            || e.is_timeout()
+            || e.is_connection_dropped()
+            || e.is_connection_refusal()
+            || matches!(
+                e.kind(),
+                redis::ErrorKind::Server(
+                    redis::ServerErrorKind::BusyLoading | redis::ServerErrorKind::TryAgain
+                )
+            )
+    }
+
+    /// A reply that came too late or never: the kind of error a response timeout gives.
+    pub(crate) fn timed_out(detail: impl Into<String>) -> Self {
+        Error::Redis(std::io::Error::new(std::io::ErrorKind::TimedOut, detail.into()).into())
+    }
+
     pub(crate) fn invalid(what: &'static str, detail: impl Into<String>) -> Self {
         Error::InvalidArgument(InvalidArgument {
             what,

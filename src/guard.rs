@@ -9,7 +9,7 @@ use tokio::runtime::Handle;
 use tracing::Instrument;
 
 use crate::error::{Error, LostReason, Result};
-use crate::lease::{Lease, LeaseHandle};
+use crate::lease::{Lease, LeaseHandle, PendingExtend};
 use crate::options::Ttl;
 use crate::store::{LeaseStore, Verdict};
 use crate::watchdog::RenewalTicket;
@@ -124,7 +124,13 @@ impl LockGuard {
 
     /// Resets the lease's TTL to `ttl`, if the lease is still ours.
     ///
-    /// On success [`valid_until`](Self::valid_until) moves to "now + `ttl` − drift".
+    /// On success [`valid_until`](Self::valid_until) moves to "now + `ttl` − drift" — unless
+    /// another extend or renewal of this lease is in flight or its outcome is unknown: the
+    /// server may run those after this one, so the deadline stays the earliest any of them
+    /// could leave. A shorter `ttl` takes effect on the local deadline as soon as the call
+    /// starts, and an auto-extended lease is renewed with the new `ttl` from then on.
+    /// An extend whose reply arrives after the lease's validity ended is
+    /// [`Error::Lost`] ([`LostReason::Expired`]): the lease was not guaranteed in between.
     /// Returns [`Error::Lost`] when the key expired ([`LostReason::Expired`]) or holds
     /// another owner's token ([`LostReason::Taken`]); from then on the guard is lost and
     /// [`is_held`](Self::is_held) is `false`.
@@ -137,8 +143,9 @@ impl LockGuard {
     /// # Cancel safety
     ///
     /// Dropping the future before it completes leaves the lease as it was or extended on
-    /// the server; the local [`valid_until`](Self::valid_until) keeps the older, earlier
-    /// deadline, which is always safe. Over several primaries it may also have set the
+    /// the server; the local [`valid_until`](Self::valid_until) keeps the earlier of the old
+    /// deadline and what the dropped extend would leave, for the rest of the lease (it may
+    /// still run on the server later), which is always safe. Over several primaries it may also have set the
     /// lease again on nodes that had lost it; the guard's release or drop removes it there
     /// like everywhere else.
     ///
@@ -162,10 +169,6 @@ impl LockGuard {
     pub async fn extend(&self, ttl: Duration) -> Result<()> {
         let ttl = Ttl::new(ttl)?;
         let lease = self.lease();
-        if let Some(reason) = lease.lost() {
-            // A loss, once seen, is final: never revive a lease reported gone.
-            return Err(self.lose(reason));
-        }
         let span = tracing::debug_span!(
             "distlock.extend",
             key = %lease.key,
@@ -174,11 +177,33 @@ impl LockGuard {
         );
         async {
             let sent = Instant::now();
+            // Counted before it is sent: from now on the server may run it, in whatever
+            // order with other extends and renewals, so the deadline believed drops to
+            // what it would leave at once.
+            let Some(op) = lease.begin_extend(ttl, sent, true) else {
+                // A loss, once seen, is final: never revive a lease reported gone.
+                let reason = lease.lost().unwrap_or(LostReason::Expired);
+                return Err(self.lose(reason));
+            };
+            if let Some(renewal) = &self.renewal {
+                // Renewal follows the new TTL and deadline, not the old schedule.
+                renewal.reschedule();
+            }
+            let pending = PendingExtend::new(lease, op);
+            // On error `pending` is dropped: the outcome is unknown and keeps counting.
             let verdict = self.store.extend(&lease.key, &lease.token, ttl).await?;
-            self.judge(verdict, || {
-                lease.extended(ttl, sent);
+            if verdict != Verdict::Done {
+                pending.refused();
+                return self.judge(verdict, || {});
+            }
+            if pending.confirm() {
                 tracing::debug!("extended");
-            })
+                Ok(())
+            } else {
+                // The reply came back after the lease's validity had ended.
+                let reason = lease.lost().unwrap_or(LostReason::Expired);
+                Err(self.lose(reason))
+            }
         }
         .instrument(span)
         .await

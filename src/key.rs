@@ -46,6 +46,14 @@ impl LockKey {
                 ),
             ));
         }
+        if name.first() == Some(&b'}') {
+            // `<prefix>{}...`: Redis Cluster would hash the whole key for an empty hash tag,
+            // and the lease, the fence counter and the channel would land in different slots.
+            return Err(Error::invalid(
+                "key",
+                "a lock name must not start with `}` (it would leave the Redis Cluster hash tag empty)",
+            ));
+        }
         let lease_len = prefix.len() + name.len() + 2;
         let mut buf =
             Vec::with_capacity(2 * lease_len + FENCE_SUFFIX.len() + RELEASED_SUFFIX.len());
@@ -104,6 +112,16 @@ impl fmt::Debug for LockKey {
 }
 
 pub(crate) fn validate_prefix(prefix: &[u8]) -> Result<()> {
+    // A `{` in the prefix starts the hash tag there; an empty tag (`{}`) would make Redis
+    // Cluster hash each whole key, splitting one lock's keys over several slots.
+    if let Some(open) = prefix.iter().position(|&b| b == b'{')
+        && prefix.get(open + 1) == Some(&b'}')
+    {
+        return Err(Error::invalid(
+            "prefix",
+            "a key prefix must not contain an empty hash tag `{}`",
+        ));
+    }
     if prefix.len() > MAX_PREFIX_LEN {
         return Err(Error::invalid(
             "prefix",
@@ -116,8 +134,8 @@ pub(crate) fn validate_prefix(prefix: &[u8]) -> Result<()> {
     Ok(())
 }
 
-/// The secret that proves ownership of one lease: 128 random bits from the operating
-/// system's CSPRNG (a UUID v4), fresh for every acquisition, stored as 32 hex digits.
+/// The secret that proves ownership of one lease: 122 random bits from the operating
+/// system's CSPRNG (a UUID v4: 128 bits of which 6 are fixed version and variant bits), fresh for every acquisition, stored as 32 hex digits.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) struct Token([u8; 32]);
 
@@ -167,6 +185,20 @@ mod tests {
             }
         }
         assert!(LockKey::new(b"p:", &[b'x'; MAX_KEY_LEN]).is_ok());
+    }
+
+    #[test]
+    fn names_and_prefixes_that_leave_an_empty_hash_tag_are_rejected() {
+        for name in [&b"}"[..], b"}x", b"}{y}"] {
+            match LockKey::new(b"p:", name) {
+                Err(Error::InvalidArgument(arg)) => assert_eq!(arg.what(), "key"),
+                other => panic!("accepted {name:?}: {other:?}"),
+            }
+        }
+        assert!(validate_prefix(b"app{}:").is_err());
+        // A closing brace later in the name still leaves a non-empty tag.
+        assert!(LockKey::new(b"p:", b"x}").is_ok());
+        assert!(validate_prefix(b"app{x}:").is_ok());
     }
 
     #[test]

@@ -23,14 +23,29 @@ pub(crate) struct Lease {
 
 /// What is known locally about a lease. Every change is broadcast, so `lost()` futures
 /// wake up on it.
-#[derive(Debug, Clone, Copy)]
+///
+/// # Belief never exceeds truth
+///
+/// The server keeps the TTL of whichever command that sets it (the acquire, an extend, a
+/// renewal) it *executed* last, and commands sent over pools, several connections or a
+/// reconnect may execute in another order than they were sent. So the deadline believed
+/// here is the earliest expiry any still-possible last command can have left:
+///
+/// - a command sent at `s` with TTL `t` that runs last leaves the key until at least
+///   `max(s, s*) + t`, where `s*` is the latest send time of a command confirmed done (it ran
+///   before the last one, which cannot have run before it was sent);
+/// - a confirmed command whose reply arrived before another confirmed command was sent ran
+///   before it, so it can no longer be the last one and stops counting;
+/// - a command whose outcome is unknown (failed, timed out, cancelled) may still run at any
+///   time, so it keeps counting for the life of the lease.
+///
+/// A command counts from the moment it is *begun* (just before it is sent), so a shorter
+/// extend in flight lowers the deadline at once.
+#[derive(Debug, Clone)]
 pub(crate) struct LeaseState {
     /// When the lease is known to end at the latest, on the monotonic clock.
     pub(crate) valid_until: Instant,
-    /// Send time of the command that set `valid_until`; an older answer never overrides
-    /// a newer one when several extends race.
-    pub(crate) set_at: Instant,
-    /// The TTL the lease was last given; renewals reuse it.
+    /// The TTL the lease was last asked for; renewals reuse it.
     pub(crate) ttl: Ttl,
     /// Once set, the lease is gone for good.
     pub(crate) lost: Option<LostReason>,
@@ -39,28 +54,181 @@ pub(crate) struct LeaseState {
     pub(crate) renewed: bool,
     /// Renewal stopped because the hold-time cap was reached.
     pub(crate) hold_capped: bool,
+    /// The latest send time of a command the server confirmed (acquire, extend, renewal).
+    confirmed_sent: Instant,
+    /// Commands that may be the last one the server ran (see the type's docs).
+    candidates: Vec<Candidate>,
+    next_op: u64,
+}
+
+/// One command that set (or may set) the lease's TTL.
+#[derive(Debug, Clone, Copy)]
+struct Candidate {
+    op: OpId,
+    sent: Instant,
+    ttl: Ttl,
+    outcome: Outcome,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    /// Sent, no reply yet.
+    InFlight,
+    /// The server confirmed it; the reply arrived at this instant.
+    Confirmed(Instant),
+    /// Failed, timed out or cancelled: it may run on the server at any time.
+    Unknown,
+}
+
+/// Names one begun command of a lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct OpId(u64);
+
+/// More unknown outcomes than this are folded into one, earlier-sent and shorter (so more
+/// cautious) entry: the list stays small whatever happens.
+const MAX_UNKNOWN: usize = 8;
+
+impl LeaseState {
+    fn new(ttl: Ttl, sent: Instant, replied: Instant) -> Self {
+        let mut state = LeaseState {
+            valid_until: sent,
+            ttl,
+            lost: None,
+            renewed: false,
+            hold_capped: false,
+            confirmed_sent: sent,
+            candidates: vec![Candidate {
+                op: OpId(0),
+                sent,
+                ttl,
+                outcome: Outcome::Confirmed(replied),
+            }],
+            next_op: 1,
+        };
+        state.recompute();
+        state
+    }
+
+    /// The earliest expiry a candidate can leave if it runs last.
+    fn bound(&self, c: &Candidate) -> Instant {
+        c.ttl.valid_until(c.sent.max(self.confirmed_sent))
+    }
+
+    fn recompute(&mut self) {
+        let mut until: Option<Instant> = None;
+        for c in &self.candidates {
+            let b = self.bound(c);
+            until = Some(until.map_or(b, |u| u.min(b)));
+        }
+        // Never empty: the newest confirmed command is never pruned.
+        if let Some(until) = until {
+            self.valid_until = until;
+        }
+    }
+
+    /// When the renewal task should next renew: a third of the way from the send time to
+    /// the deadline of the candidate that bounds the lease.
+    pub(crate) fn renew_at(&self) -> Instant {
+        let mut best: Option<(Instant, Instant)> = None;
+        for c in &self.candidates {
+            let b = self.bound(c);
+            if best.is_none_or(|(until, _)| b < until) {
+                let base = c.sent.max(self.confirmed_sent);
+                best = Some((b, base + c.ttl.as_duration() / 3));
+            }
+        }
+        best.map_or(self.valid_until, |(_, at)| at)
+    }
+
+    fn begin(&mut self, ttl: Ttl, sent: Instant) -> OpId {
+        let op = OpId(self.next_op);
+        self.next_op += 1;
+        self.candidates.push(Candidate {
+            op,
+            sent,
+            ttl,
+            outcome: Outcome::InFlight,
+        });
+        let before = self.valid_until;
+        self.recompute();
+        self.valid_until = self.valid_until.min(before);
+        op
+    }
+
+    fn confirm(&mut self, op: OpId, replied: Instant) {
+        let Some(i) = self.candidates.iter().position(|c| c.op == op) else {
+            return;
+        };
+        let sent = self.candidates[i].sent;
+        self.candidates[i].outcome = Outcome::Confirmed(replied);
+        self.confirmed_sent = self.confirmed_sent.max(sent);
+        // Confirmed commands whose reply came back before this one was sent ran before it.
+        self.candidates.retain(|c| match c.outcome {
+            Outcome::Confirmed(at) => at >= sent || c.op == op,
+            _ => true,
+        });
+        self.recompute();
+    }
+
+    fn abandon(&mut self, op: OpId) {
+        let Some(c) = self.candidates.iter_mut().find(|c| c.op == op) else {
+            return;
+        };
+        if c.outcome != Outcome::InFlight {
+            return;
+        }
+        c.outcome = Outcome::Unknown;
+        let unknown = self
+            .candidates
+            .iter()
+            .filter(|c| c.outcome == Outcome::Unknown)
+            .count();
+        if unknown > MAX_UNKNOWN {
+            // Fold every unknown into one that is at least as cautious as each of them.
+            let mut folded: Option<Candidate> = None;
+            for c in self
+                .candidates
+                .iter()
+                .filter(|c| c.outcome == Outcome::Unknown)
+            {
+                folded = Some(match folded {
+                    None => *c,
+                    Some(f) => Candidate {
+                        op: f.op,
+                        sent: f.sent.min(c.sent),
+                        ttl: if f.ttl.as_millis() <= c.ttl.as_millis() {
+                            f.ttl
+                        } else {
+                            c.ttl
+                        },
+                        outcome: Outcome::Unknown,
+                    },
+                });
+            }
+            self.candidates.retain(|c| c.outcome != Outcome::Unknown);
+            self.candidates.extend(folded);
+        }
+        let before = self.valid_until;
+        self.recompute();
+        self.valid_until = self.valid_until.min(before);
+    }
 }
 
 impl Lease {
+    /// A lease taken by a command sent at `sent` with `ttl`, confirmed at `replied`.
     pub(crate) fn new(
         key: LockKey,
         token: Token,
         fence: Option<u64>,
         ttl: Ttl,
         sent: Instant,
+        replied: Instant,
     ) -> Self {
         Lease {
             key,
             token,
             fence,
-            state: Mutex::new(LeaseState {
-                valid_until: ttl.valid_until(sent),
-                set_at: sent,
-                ttl,
-                lost: None,
-                renewed: false,
-                hold_capped: false,
-            }),
+            state: Mutex::new(LeaseState::new(ttl, sent, replied)),
             changed: Notify::new(),
         }
     }
@@ -74,58 +242,108 @@ impl Lease {
 
     /// A copy of the current state.
     pub(crate) fn state(&self) -> LeaseState {
-        *self.lock()
+        self.lock().clone()
+    }
+
+    /// The deadline alone, without copying the state.
+    pub(crate) fn deadline(&self) -> Instant {
+        self.lock().valid_until
+    }
+
+    /// When the renewal task should next renew this lease.
+    pub(crate) fn renew_at(&self) -> Instant {
+        self.lock().renew_at()
     }
 
     /// Applies `change`; if it reports a change, wakes everyone waiting for one.
-    fn send_if_modified(&self, change: impl FnOnce(&mut LeaseState) -> bool) {
-        let changed = change(&mut self.lock());
+    fn send_if_modified<T>(&self, change: impl FnOnce(&mut LeaseState) -> (bool, T)) -> T {
+        let (changed, out) = change(&mut self.lock());
         if changed {
             self.changed.notify_waiters();
         }
+        out
     }
 
     /// The loss, if any: recorded, or implied by a passed deadline. A loss seen once is
     /// recorded, so the answer never flips back to "held".
     pub(crate) fn lost(&self) -> Option<LostReason> {
-        let state = self.state();
-        if state.lost.is_some() {
-            return state.lost;
+        let (lost, valid_until, reason) = {
+            let state = self.lock();
+            (state.lost, state.valid_until, state.deadline_reason())
+        };
+        if lost.is_some() {
+            return lost;
         }
-        if Instant::now() < state.valid_until {
+        if Instant::now() < valid_until {
             return None;
         }
-        self.mark_lost(state.deadline_reason());
-        self.state().lost
+        self.mark_lost(reason);
+        self.lock().lost
     }
 
     /// Records that the lease is gone. The first reason sticks.
     pub(crate) fn mark_lost(&self, reason: LostReason) {
         self.send_if_modified(|state| {
             if state.lost.is_some() {
-                return false;
+                return (false, ());
             }
             state.lost = Some(reason);
-            true
+            (true, ())
         });
     }
 
-    /// Records a successful extend sent at `sent` with `ttl`. A success never brings back
-    /// a lease already lost, nor one whose deadline had passed when the extend was sent
-    /// (the lease was not guaranteed in between): that lease is lost instead.
-    pub(crate) fn extended(&self, ttl: Ttl, sent: Instant) {
+    /// Records that a command setting the lease's TTL to `ttl` is about to be sent (now,
+    /// at `sent`). From here until the command is confirmed, the lease is believed to last
+    /// no longer than that command would leave it. `user` marks an explicit extend: its TTL
+    /// becomes the one renewals reuse.
+    ///
+    /// Returns `None` when the lease is already lost (nothing should be sent).
+    pub(crate) fn begin_extend(&self, ttl: Ttl, sent: Instant, user: bool) -> Option<OpId> {
+        if self.lost().is_some() {
+            return None;
+        }
         self.send_if_modified(|state| {
-            if state.lost.is_some() || sent < state.set_at {
-                return false;
+            if state.lost.is_some() {
+                return (false, None);
             }
-            if sent >= state.valid_until {
+            if user {
+                state.ttl = ttl;
+            }
+            let op = state.begin(ttl, sent);
+            (true, Some(op))
+        })
+    }
+
+    /// Records that the command `op` took effect; its reply arrived now. Returns `false`
+    /// when the lease is lost after all: lost before, or its deadline passed before this
+    /// reply (the lease was not guaranteed in between, and a loss is never taken back).
+    pub(crate) fn confirm_extend(&self, op: OpId) -> bool {
+        let now = Instant::now();
+        self.send_if_modified(|state| {
+            if state.lost.is_some() {
+                return (false, false);
+            }
+            if now >= state.valid_until {
                 state.lost = Some(state.deadline_reason());
-                return true;
+                return (true, false);
             }
-            state.set_at = sent;
-            state.ttl = ttl;
-            state.valid_until = ttl.valid_until(sent);
-            true
+            state.confirm(op, now);
+            if now >= state.valid_until {
+                // Confirmed, but what it leaves is already over (a reply slower than the
+                // TTL): as good as expired.
+                state.lost = Some(LostReason::Expired);
+                return (true, false);
+            }
+            (true, true)
+        })
+    }
+
+    /// Records that the outcome of command `op` is unknown (failed, timed out or
+    /// cancelled): it may still run on the server at any time.
+    pub(crate) fn abandon_extend(&self, op: OpId) {
+        self.send_if_modified(|state| {
+            state.abandon(op);
+            (true, ())
         });
     }
 
@@ -134,7 +352,7 @@ impl Lease {
         self.send_if_modified(|state| {
             let changed = state.renewed != renewed;
             state.renewed = renewed;
-            changed
+            (changed, ())
         });
     }
 
@@ -143,7 +361,7 @@ impl Lease {
         self.send_if_modified(|state| {
             let changed = !state.hold_capped;
             state.hold_capped = true;
-            changed
+            (changed, ())
         });
     }
 
@@ -155,18 +373,64 @@ impl Lease {
             let changed = self.changed.notified();
             let mut changed = std::pin::pin!(changed);
             changed.as_mut().enable();
-            let state = self.state();
-            if let Some(reason) = state.lost {
+            let (lost, valid_until, reason) = {
+                let state = self.lock();
+                (state.lost, state.valid_until, state.deadline_reason())
+            };
+            if let Some(reason) = lost {
                 return reason;
             }
-            if Instant::now() >= state.valid_until {
-                self.mark_lost(state.deadline_reason());
+            if Instant::now() >= valid_until {
+                self.mark_lost(reason);
                 continue; // read back whichever reason won
             }
             tokio::select! {
                 _ = changed => {}
-                _ = tokio::time::sleep_until(state.valid_until.into()) => {}
+                _ = tokio::time::sleep_until(valid_until.into()) => {}
             }
+        }
+    }
+}
+
+/// Marks an extend's outcome unknown unless it was settled: an extend future dropped
+/// mid-flight, or one that failed, may still run on the server.
+pub(crate) struct PendingExtend<'a> {
+    lease: &'a Lease,
+    op: Option<OpId>,
+}
+
+impl<'a> PendingExtend<'a> {
+    pub(crate) fn new(lease: &'a Lease, op: OpId) -> Self {
+        PendingExtend {
+            lease,
+            op: Some(op),
+        }
+    }
+
+    /// The server confirmed the extend; see [`Lease::confirm_extend`].
+    pub(crate) fn confirm(mut self) -> bool {
+        match self.op.take() {
+            Some(op) => self.lease.confirm_extend(op),
+            None => false,
+        }
+    }
+
+    /// The server answered that the extend did not take effect (key gone or another
+    /// owner's): it changed nothing, so it no longer counts.
+    pub(crate) fn refused(mut self) {
+        if let Some(op) = self.op.take() {
+            self.lease.send_if_modified(|state| {
+                state.candidates.retain(|c| c.op != op);
+                (false, ())
+            });
+        }
+    }
+}
+
+impl Drop for PendingExtend<'_> {
+    fn drop(&mut self) {
+        if let Some(op) = self.op.take() {
+            self.lease.abandon_extend(op);
         }
     }
 }
@@ -218,7 +482,7 @@ impl LeaseHandle {
     /// was sent, minus a clock-drift allowance of `ttl/100 + 2 ms`. Past it, the server may
     /// already have expired the key and handed it to someone else.
     pub fn valid_until(&self) -> Instant {
-        self.lease.state().valid_until
+        self.lease.deadline()
     }
 
     /// Time left until [`valid_until`](Self::valid_until); zero once it passed.
@@ -269,5 +533,121 @@ impl fmt::Debug for LeaseHandle {
             .field("remaining", &self.remaining())
             .field("lost", &state.lost)
             .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ttl(ms: u64) -> Ttl {
+        Ttl::new(Duration::from_millis(ms)).unwrap()
+    }
+
+    fn ms(base: Instant, at: u64) -> Instant {
+        base + Duration::from_millis(at)
+    }
+
+    /// The earliest expiry the server can have if it ran these (sent, ttl) commands in
+    /// this order: the last one decides, executed no earlier than it was sent and no
+    /// earlier than the ones before it.
+    fn truth(order: &[(Instant, Ttl)]) -> Instant {
+        let mut exec = order[0].0;
+        let mut until = order[0].1.valid_until(exec);
+        for &(sent, t) in order {
+            exec = exec.max(sent);
+            until = t.valid_until(exec);
+        }
+        until
+    }
+
+    #[test]
+    fn a_longer_extend_confirmed_first_does_not_hide_a_shorter_one_still_in_flight() {
+        let t0 = Instant::now();
+        let mut state = LeaseState::new(ttl(10_000), t0, ms(t0, 1));
+        let short = state.begin(ttl(1_000), ms(t0, 100));
+        let long = state.begin(ttl(30_000), ms(t0, 150));
+        state.confirm(long, ms(t0, 152));
+        // The server may run the 1 s extend last.
+        assert!(state.valid_until <= ttl(1_000).valid_until(ms(t0, 150)));
+        state.confirm(short, ms(t0, 200));
+        let either_order = truth(&[(ms(t0, 150), ttl(30_000)), (ms(t0, 100), ttl(1_000))]);
+        assert!(state.valid_until <= either_order);
+    }
+
+    #[test]
+    fn sequential_extends_end_on_the_last_one() {
+        let t0 = Instant::now();
+        let mut state = LeaseState::new(ttl(10_000), t0, ms(t0, 1));
+        let a = state.begin(ttl(1_000), ms(t0, 10));
+        state.confirm(a, ms(t0, 11));
+        let b = state.begin(ttl(30_000), ms(t0, 20));
+        state.confirm(b, ms(t0, 21));
+        assert_eq!(state.valid_until, ttl(30_000).valid_until(ms(t0, 20)));
+        assert_eq!(state.candidates.len(), 1);
+    }
+
+    #[test]
+    fn an_extend_with_unknown_outcome_keeps_bounding_the_lease() {
+        let t0 = Instant::now();
+        let mut state = LeaseState::new(ttl(10_000), t0, ms(t0, 1));
+        let lost_reply = state.begin(ttl(1_000), ms(t0, 10));
+        state.abandon(lost_reply);
+        let later = state.begin(ttl(30_000), ms(t0, 2_000));
+        state.confirm(later, ms(t0, 2_001));
+        // It may still run after the later one: at the latest-confirmed send + its TTL.
+        assert_eq!(state.valid_until, ttl(1_000).valid_until(ms(t0, 2_000)));
+        assert_eq!(
+            state.renew_at(),
+            ms(t0, 2_000) + Duration::from_millis(1_000) / 3
+        );
+    }
+
+    #[test]
+    fn a_shorter_extend_lowers_the_deadline_as_soon_as_it_is_sent() {
+        let t0 = Instant::now();
+        let mut state = LeaseState::new(ttl(30_000), t0, ms(t0, 1));
+        let _in_flight = state.begin(ttl(1_000), ms(t0, 10));
+        assert_eq!(state.valid_until, ttl(1_000).valid_until(ms(t0, 10)));
+    }
+
+    #[test]
+    fn unknown_outcomes_fold_into_a_bounded_list_that_stays_cautious() {
+        let t0 = Instant::now();
+        let mut state = LeaseState::new(ttl(30_000), t0, ms(t0, 1));
+        for i in 0..100 {
+            let op = state.begin(ttl(1_000 + i), ms(t0, 10 + i));
+            state.abandon(op);
+        }
+        assert!(state.candidates.len() <= MAX_UNKNOWN + 1);
+        assert!(state.valid_until <= ttl(1_000).valid_until(ms(t0, 10)));
+    }
+
+    /// Every order the server may run two overlapping extends in, for many TTL pairs and
+    /// reply orders: the belief is never later than the truth.
+    #[test]
+    fn belief_never_exceeds_any_server_order_of_two_overlapping_extends() {
+        let t0 = Instant::now();
+        let ttls = [10, 50, 400, 1_000, 30_000];
+        for &a in &ttls {
+            for &b in &ttls {
+                for a_first_reply in [true, false] {
+                    let mut state = LeaseState::new(ttl(30_000), t0, ms(t0, 1));
+                    let (sa, sb) = (ms(t0, 100), ms(t0, 105));
+                    let oa = state.begin(ttl(a), sa);
+                    let ob = state.begin(ttl(b), sb);
+                    if a_first_reply {
+                        state.confirm(oa, ms(t0, 110));
+                        state.confirm(ob, ms(t0, 111));
+                    } else {
+                        state.confirm(ob, ms(t0, 110));
+                        state.confirm(oa, ms(t0, 111));
+                    }
+                    let worst = truth(&[(sa, ttl(a)), (sb, ttl(b))])
+                        .min(truth(&[(sb, ttl(b)), (sa, ttl(a))]));
+                    assert!(state.valid_until <= worst, "a={a} b={b}");
+                }
+            }
+        }
     }
 }

@@ -7,7 +7,7 @@
 //! share memory but share a Redis server.
 //!
 //! A lock is a **lease** on one Redis key: `SET <key> <token> NX PX <ttl>`, with a fresh
-//! 128-bit random token for every acquisition. Only the holder of the token can extend or
+//! 122-bit random token (a UUID v4) for every acquisition. Only the holder of the token can extend or
 //! release the lease (compare-and-act Lua scripts), and a holder that vanishes loses the
 //! lease when its TTL runs out.
 //!
@@ -172,7 +172,7 @@ pub use key::{MAX_KEY_LEN, MAX_PREFIX_LEN};
 pub use lease::LeaseHandle;
 pub use manager::{
     DEFAULT_COMMAND_TIMEOUT, DEFAULT_CONNECT_TIMEOUT, DEFAULT_NODE_TIMEOUT, DEFAULT_PREFIX,
-    LockManager, LockManagerBuilder,
+    LockManager, LockManagerBuilder, MIN_REDIS_VERSION,
 };
 pub use options::{LockOptions, MAX_TTL, MIN_TTL};
 pub use quorum::{NodeOutcome, NodeReport, QuorumError, QuorumOperation};

@@ -84,10 +84,28 @@ struct Request {
 
 impl Request {
     fn new(options: &LockOptions, auto_extend_default: bool) -> Result<Self> {
+        let mut ttl = Ttl::new(options.lease_ttl())?;
+        let max_hold = options.hold_cap();
+        if let Some(hold) = max_hold {
+            if hold < crate::MIN_TTL {
+                return Err(Error::invalid(
+                    "max_hold",
+                    format!(
+                        "a hold-time cap must be at least {:?}, got {hold:?}",
+                        crate::MIN_TTL
+                    ),
+                ));
+            }
+            // The lease never outlives the cap, whatever the TTL: a cap shorter than the
+            // TTL is the TTL of the first lease.
+            if hold < ttl.as_duration() {
+                ttl = Ttl::new(hold)?;
+            }
+        }
         Ok(Request {
-            ttl: Ttl::new(options.lease_ttl())?,
+            ttl,
             auto_extend: options.auto_extend_or(auto_extend_default),
-            max_hold: options.hold_cap(),
+            max_hold,
         })
     }
 }
@@ -236,16 +254,20 @@ impl LockManagerBuilder {
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidArgument`] for a URL that does not parse or a bad option;
+    /// [`Error::InvalidArgument`] for a URL that does not parse, a `rediss://` URL without
+    /// the `tls` feature, a server older than [`MIN_REDIS_VERSION`], or a bad option;
     /// [`Error::Redis`] when the server cannot be reached (refused, wrong password, or no
     /// answer within the connect timeout).
+    ///
+    /// A server whose `maxmemory-policy` may evict keys is accepted with one warning
+    /// (an evicted lease lets a second owner in): see the crate docs on guarantees.
     ///
     /// # Cancel safety
     ///
     /// Dropping the future abandons the connection attempt; nothing is left behind.
     pub async fn connect(mut self, url: &str) -> Result<LockManager> {
         self.check()?;
-        let client = redis::Client::open(url).map_err(|e| Error::invalid("url", e.to_string()))?;
+        let client = open_client(url)?;
         if self.pubsub.is_none() {
             self.pubsub = Some(client.clone());
         }
@@ -257,7 +279,7 @@ impl LockManagerBuilder {
             .set_number_of_retries(2)
             .set_max_delay(Duration::from_millis(500));
         let connect = ConnectionManager::new_with_config(client, config);
-        let conn = match tokio::time::timeout(self.connect_timeout, connect).await {
+        let mut conn = match tokio::time::timeout(self.connect_timeout, connect).await {
             Ok(conn) => conn?,
             Err(_) => {
                 return Err(Error::Redis(
@@ -272,6 +294,7 @@ impl LockManagerBuilder {
                 ));
             }
         };
+        check_server(&mut conn, url).await?;
         self.build(conn)
     }
 
@@ -323,6 +346,87 @@ impl LockManagerBuilder {
         }
         self.defaults.validate()
     }
+}
+
+/// Opens a client for `url`, or says why it cannot be used.
+///
+/// `rediss://` needs this crate's `tls` feature: without it the URL is rejected here, even
+/// when another crate of the application turned on redis-rs' TLS (rustls would panic on
+/// the first connection for want of a crypto provider). With it, rustls' `ring` provider is
+/// installed as the process default unless the application installed one already.
+pub(crate) fn open_client(url: &str) -> Result<redis::Client> {
+    let tls = url
+        .get(..8)
+        .is_some_and(|scheme| scheme.eq_ignore_ascii_case("rediss:/"));
+    if tls {
+        #[cfg(not(feature = "tls"))]
+        return Err(Error::invalid(
+            "url",
+            "rediss:// needs distlock's `tls` cargo feature",
+        ));
+        #[cfg(feature = "tls")]
+        {
+            // `Err` means a provider is installed already: the application's choice stands.
+            let _ = rustls::crypto::ring::default_provider().install_default();
+        }
+    }
+    redis::Client::open(url).map_err(|e| Error::invalid("url", e.to_string()))
+}
+
+/// The oldest Redis accepted by [`LockManagerBuilder::connect`]: the acquire script writes
+/// after reading `TIME`, which needs script effects replication, the default from 5.0 on.
+pub const MIN_REDIS_VERSION: (u32, u32) = (5, 0);
+
+/// What `INFO` tells about a server that matters to leases: its version (rejected below
+/// [`MIN_REDIS_VERSION`]) and its eviction policy (warned about once when it may evict
+/// lease keys). A server that does not allow `INFO` is taken as it is.
+pub(crate) async fn check_server<C: ConnectionLike + Send>(conn: &mut C, url: &str) -> Result<()> {
+    let info: String = match redis::cmd("INFO").query_async(conn).await {
+        Ok(info) => info,
+        Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoPerm) => {
+            return Ok(());
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, "INFO not available; server not checked");
+            return Ok(());
+        }
+    };
+    let field = |name: &str| {
+        info.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+            .map(str::trim)
+    };
+    if let Some(version) = field("redis_version") {
+        let mut parts = version.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
+        let found = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+        if found < MIN_REDIS_VERSION {
+            return Err(Error::invalid(
+                "url",
+                format!(
+                    "{} runs Redis {version}; distlock needs Redis {}.{} or later",
+                    crate::error::display_key(url.as_bytes()),
+                    MIN_REDIS_VERSION.0,
+                    MIN_REDIS_VERSION.1
+                ),
+            ));
+        }
+    }
+    if let Some(policy) = field("maxmemory_policy")
+        && evicts_leases(policy)
+    {
+        tracing::warn!(
+            policy,
+            "the server may evict keys under memory pressure (maxmemory-policy {policy}): an \
+             evicted lease lets a second owner in; use noeviction (or volatile-* with no other \
+             keys that expire) for lock data"
+        );
+    }
+    Ok(())
+}
+
+/// Whether a `maxmemory-policy` can evict a lease key (a key with a TTL).
+fn evicts_leases(policy: &str) -> bool {
+    policy.starts_with("allkeys-") || policy.starts_with("volatile-")
 }
 
 /// The result of one acquire attempt.
@@ -383,12 +487,21 @@ impl LockManager {
     ///
     /// Attempts are spaced by `options`' backoff; the call returns [`Error::Timeout`] once
     /// the wait budget is spent (it never sleeps past the budget; the last attempt is made
-    /// at the deadline), or when the backoff's attempt limit is reached.
+    /// at the deadline), or when the backoff's attempt limit is reached. It always makes at
+    /// least one attempt, even with a zero budget or a limit of one attempt.
+    ///
+    /// Errors of the connection (refused, dropped, timed out, a server still loading its
+    /// data, an attempt whose reply came back after its lease's validity) are retried
+    /// within the budget like a held lock, so a restart or failover of a second or two
+    /// does not fail every waiter; the possible lease of such an attempt is released in
+    /// the background. Errors the server answered (`WRONGTYPE`, no permission, a script
+    /// error) return at once.
     ///
     /// # Errors
     ///
-    /// [`Error::Timeout`] (held by another owner the whole time), [`Error::Redis`] (the
-    /// server or network failed; returned at once, not retried),
+    /// [`Error::Timeout`] (held by another owner until the budget ran out),
+    /// [`Error::Redis`] (the server answered with an error, at once; or the connection
+    /// kept failing until the budget ran out: the last such error),
     /// [`Error::InvalidArgument`] (bad key or options; nothing was sent).
     ///
     /// # Cancel safety
@@ -446,65 +559,75 @@ impl LockManager {
             let mut delays = options.backoff_policy().delays();
             let mut attempts: u32 = 0;
             let mut waiter: Option<Waiter> = None;
+            // The last attempt failed on the connection, not on a holder: what to report
+            // if the budget runs out now.
+            let mut failure: Option<Error> = None;
             // First come, first served within this manager: when callers of this manager
             // already wait for the key, queue behind them instead of snatching it from
             // the one a release is waking.
             let mut wait_turn = false;
             if let Some(notifier) = &self.shared.notifier
                 && notifier.has_waiters(key.released_channel())
-                && let Ok(Ok(queued)) = tokio::time::timeout_at(
-                    deadline.into(),
-                    notifier.register(key.released_channel()),
-                )
-                .await
+                && let Some(queued) = notifier.register(key.released_channel())
             {
                 waiter = Some(queued);
                 wait_turn = true;
             }
             loop {
                 let now = Instant::now();
+                // Whether a release after the coming attempt is sure to wake this waiter.
+                let listening = waiter.as_ref().is_some_and(Waiter::listening);
                 let pttl = if std::mem::take(&mut wait_turn) {
                     None
                 } else {
                     attempts = attempts.saturating_add(1);
-                    match self.attempt(&key, request).await? {
-                        Attempt::Taken(guard) => return Ok(guard),
-                        Attempt::Held { pttl } => pttl,
+                    match self.attempt(&key, request).await {
+                        Ok(Attempt::Taken(guard)) => return Ok(guard),
+                        Ok(Attempt::Held { pttl }) => {
+                            failure = None;
+                            pttl
+                        }
+                        Err(e) if e.is_transient() => {
+                            tracing::debug!(error = %e, "attempt failed on the connection; retrying");
+                            failure = Some(e);
+                            None
+                        }
+                        Err(e) => return Err(e),
                     }
                 };
                 let now_after = Instant::now();
                 let delay = match delays.next() {
                     Some(delay) if now_after < deadline => delay,
+                    // However the budget or attempt limit is set, one attempt is made.
+                    _ if attempts == 0 => continue,
                     _ => {
                         let waited = now_after.saturating_duration_since(started);
                         tracing::debug!(attempts, ?waited, "gave up waiting");
-                        return Err(Error::Timeout {
+                        return Err(failure.unwrap_or_else(|| Error::Timeout {
                             key: key.display(),
                             waited,
                             attempts,
-                        });
+                        }));
                     }
                 };
                 let now = now_after.max(now);
+                let poll = now.checked_add(delay).map_or(deadline, |t| t.min(deadline));
+                if failure.is_some() {
+                    tokio::time::sleep_until(poll.into()).await;
+                    continue;
+                }
                 if waiter.is_none()
                     && let Some(notifier) = &self.shared.notifier
+                    && let Some(registered) = notifier.register(key.released_channel())
                 {
-                    // Subscribe, then try again at once: that attempt decides to wait,
-                    // and any release after it wakes this waiter.
-                    let registered = tokio::time::timeout_at(
-                        deadline.into(),
-                        notifier.register(key.released_channel()),
-                    )
-                    .await;
-                    match registered {
-                        Ok(Ok(registered)) => {
-                            waiter = Some(registered);
-                            continue;
-                        }
-                        Ok(Err(e)) => {
-                            tracing::debug!(error = %e, "no release notifications; polling")
-                        }
-                        Err(_) => {}
+                    // Subscribe, then try again at once: that attempt decides to wait, and
+                    // any release after it wakes this waiter. The subscription is waited
+                    // for no longer than the poll would be; until it is confirmed, this
+                    // waiter polls.
+                    let confirmed = registered.until_listening(poll).await;
+                    waiter = Some(registered);
+                    if confirmed {
+                        continue;
                     }
                 }
                 // Every wait ends by the holder's remaining TTL (an expiry is not
@@ -520,14 +643,15 @@ impl LockManager {
                 if let Some(until) = held_until.or_else(|| waiter.as_ref()?.held_until()) {
                     bound = bound.min(until.max(now));
                 }
-                let poll = now.checked_add(delay).map_or(bound, |t| t.min(bound));
+                let poll = poll.min(bound);
                 tracing::trace!(attempts, ?delay, ?pttl, "held by another owner; waiting");
                 match &waiter {
                     Some(waiter) => {
+                        let first = waiter.is_first();
                         waiter
-                            .wait(if waiter.is_first() { poll } else { bound })
+                            .wait(if listening && !first { bound } else { poll })
                             .await;
-                        waiter.rearm().await;
+                        waiter.rearm();
                     }
                     None => tokio::time::sleep_until(poll.into()).await,
                 }
@@ -701,12 +825,25 @@ impl LockManager {
         // From here on the outcome is known (or an error is returned): on error the
         // armed `pending` cleans up, since the SET may have landed before the failure.
         let outcome = outcome?;
+        let replied = Instant::now();
+        if let Acquire::Taken { .. } = outcome
+            && replied >= ttl.valid_until(sent)
+        {
+            // The reply came back after the lease's validity ended: another owner may
+            // hold the key by now, so this attempt failed. `pending` releases the lease in
+            // the background, in case the key still holds it.
+            tracing::debug!(token = token.short(), "acquired too late; releasing");
+            return Err(Error::timed_out(format!(
+                "the acquire's reply came back after its lease's validity ({:?} TTL)",
+                ttl.as_duration()
+            )));
+        }
         pending.armed = false;
         drop(pending);
         match outcome {
             Acquire::Taken { fence } => {
                 tracing::debug!(token = token.short(), ?fence, "acquired");
-                let lease = Arc::new(Lease::new(key.clone(), token, fence, ttl, sent));
+                let lease = Arc::new(Lease::new(key.clone(), token, fence, ttl, sent, replied));
                 let renewal = match (&runtime, request.auto_extend) {
                     (Some(runtime), true) => Some(self.shared.watchdog.register(
                         Arc::clone(&lease),

@@ -5,8 +5,13 @@ use std::time::{Duration, Instant};
 use crate::error::{Error, Result};
 use crate::retry::Backoff;
 
-/// The shortest lease TTL accepted (Redis expires keys at millisecond resolution).
-pub const MIN_TTL: Duration = Duration::from_millis(1);
+/// The shortest lease TTL accepted: 10 ms.
+///
+/// A lease's validity is its TTL minus a clock-drift allowance of `ttl/100 + 2 ms`, counted
+/// from before the command was sent; a TTL of 2 ms or less would leave no validity at all,
+/// and a few milliseconds would be spent by one round trip. Shorter TTLs are rejected with
+/// [`Error::InvalidArgument`] instead of handing out leases that are born expired.
+pub const MIN_TTL: Duration = Duration::from_millis(10);
 
 /// The longest lease TTL accepted: 365 days. A lease is meant to be renewed, not to
 /// outlive its holder by years; longer values are rejected rather than overflowing the
@@ -92,8 +97,10 @@ impl LockOptions {
     /// Caps how long auto-extension keeps a lease alive, counted from the acquisition:
     /// renewals never extend the lease past it, after which the lease runs out and
     /// [`LockGuard::lost`](crate::LockGuard::lost) resolves with
-    /// [`LostReason::MaxHoldReached`](crate::LostReason::MaxHoldReached). Explicit
-    /// [`extend`](crate::LockGuard::extend) calls are not capped. No cap by default.
+    /// [`LostReason::MaxHoldReached`](crate::LostReason::MaxHoldReached). A cap shorter than
+    /// the TTL shortens the first lease to the cap, so the lease never outlives it. Explicit
+    /// [`extend`](crate::LockGuard::extend) calls are not capped. No cap by default; a cap
+    /// below [`MIN_TTL`] is rejected with [`Error::InvalidArgument`].
     pub const fn max_hold(mut self, max_hold: Duration) -> Self {
         self.max_hold = Some(max_hold);
         self
@@ -153,7 +160,7 @@ impl Ttl {
         if ttl < MIN_TTL {
             return Err(Error::invalid(
                 "ttl",
-                format!("a lease TTL must be at least 1 ms, got {ttl:?}"),
+                format!("a lease TTL must be at least {MIN_TTL:?}, got {ttl:?}"),
             ));
         }
         if ttl > MAX_TTL {
@@ -202,10 +209,19 @@ mod tests {
 
     #[test]
     fn ttl_below_one_millisecond_is_rejected() {
-        for ttl in [Duration::ZERO, Duration::from_micros(999)] {
+        for ttl in [
+            Duration::ZERO,
+            Duration::from_micros(999),
+            Duration::from_millis(2),
+            MIN_TTL - Duration::from_micros(1),
+        ] {
             assert_eq!(what(Ttl::new(ttl).unwrap_err()), "ttl");
         }
-        assert_eq!(Ttl::new(MIN_TTL).unwrap().as_millis(), 1);
+        let min = Ttl::new(MIN_TTL).unwrap();
+        assert_eq!(min.as_millis(), 10);
+        // The shortest accepted TTL still leaves validity after the drift allowance.
+        let sent = Instant::now();
+        assert!(min.valid_until(sent) > sent);
     }
 
     #[test]
@@ -232,14 +248,13 @@ mod tests {
         assert_eq!(ttl.drift(), Duration::from_millis(102));
         let sent = Instant::now();
         assert_eq!(ttl.valid_until(sent) - sent, Duration::from_millis(9_898));
-        // A TTL shorter than its drift has no validity at all.
-        let tiny = Ttl::new(Duration::from_millis(1)).unwrap();
-        assert_eq!(tiny.valid_until(sent), sent);
+        let min = Ttl::new(MIN_TTL).unwrap();
+        assert_eq!(min.valid_until(sent) - sent, Duration::from_millis(8));
     }
 
     #[test]
     fn sub_millisecond_parts_are_dropped() {
-        let ttl = Ttl::new(Duration::from_micros(1_999)).unwrap();
-        assert_eq!(ttl.as_millis(), 1);
+        let ttl = Ttl::new(Duration::from_micros(10_999)).unwrap();
+        assert_eq!(ttl.as_millis(), 10);
     }
 }

@@ -467,13 +467,7 @@ fn timed_out(limit: Duration) -> Error {
 }
 
 fn unexpected(detail: &str) -> Error {
-    Error::Redis(
-        io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("unexpected reply from Redis: {detail}"),
-        )
-        .into(),
-    )
+    crate::store::unexpected_reply(detail.to_owned())
 }
 
 /// Polls every future on the current task until all are done; outputs in input order.
@@ -587,8 +581,7 @@ impl LockManagerBuilder {
         let mut clients = Vec::new();
         let mut seen = HashSet::new();
         for url in urls {
-            let client = redis::Client::open(url.as_ref())
-                .map_err(|e| Error::invalid("url", e.to_string()))?;
+            let client = crate::manager::open_client(url.as_ref())?;
             let name = client.get_connection_info().addr().to_string();
             if !seen.insert(name.clone()) {
                 return Err(Error::invalid(

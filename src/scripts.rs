@@ -25,10 +25,21 @@ use redis::Script;
 pub(crate) static ACQUIRE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
+-- The counter is read and checked before anything is written: a counter another program
+-- wrote (not an integer, negative, or too large for Lua's doubles to count exactly) is an
+-- error, and no lease is left behind by the failed call.
+local raw = redis.call('GET', KEYS[2])
+local last = 0
+if raw then
+  if not string.match(raw, '^%d+$') or #raw > 16 or tonumber(raw) >= 9007199254740992 then
+    return redis.error_reply('ERR distlock: the fence counter ' .. KEYS[2] ..
+      ' holds ' .. string.sub(raw, 1, 32) .. ', not a counter below 2^53')
+  end
+  last = tonumber(raw)
+end
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
   local now = redis.call('TIME')
   local now_us = tonumber(now[1]) * 1000000 + tonumber(now[2])
-  local last = tonumber(redis.call('GET', KEYS[2]) or '0') or 0
   local fence = last + 1
   if now_us > fence then fence = now_us end
   redis.call('SET', KEYS[2], string.format('%d', fence), 'PX', ARGV[3])
@@ -70,13 +81,17 @@ return {0, redis.call('PTTL', KEYS[1])}
 ///
 /// KEYS[1] lease key. ARGV[1] token, ARGV[2] (optional) the channel to publish the release
 /// on.
+///
+/// The announcement is a courtesy: it runs under `pcall`, so a user without permission on
+/// the channel (Redis 7's default `acl-pubsub-default resetchannels`) still gets a release
+/// that reports what it did. A script cannot roll back the `DEL` anyway.
 pub(crate) static RELEASE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
 local v = redis.call('GET', KEYS[1])
 if v == ARGV[1] then
   redis.call('DEL', KEYS[1])
-  if ARGV[2] then redis.call('PUBLISH', ARGV[2], '') end
+  if ARGV[2] then redis.pcall('PUBLISH', ARGV[2], '') end
   return 1
 elseif v then
   return -1
@@ -107,14 +122,18 @@ return 0
 /// [`EXTEND`] for many leases in one call: the renewal task's batch.
 ///
 /// KEYS[i] lease key i. ARGV[2i-1] token i, ARGV[2i] new TTL in ms for lease i.
-/// Returns one result code per key, in order.
+/// Returns one result code per key, in order. Each key's outcome is its own: a key that
+/// another program replaced by a value of another type (`GET` fails with `WRONGTYPE`) is
+/// not our lease any more and answers `-1`, and the other leases are renewed as usual.
 pub(crate) static EXTEND_MANY: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
 local out = {}
 for i, key in ipairs(KEYS) do
-  local v = redis.call('GET', key)
-  if v == ARGV[2 * i - 1] then
+  local v = redis.pcall('GET', key)
+  if type(v) == 'table' and v.err then
+    out[i] = -1
+  elseif v == ARGV[2 * i - 1] then
     redis.call('PEXPIRE', key, ARGV[2 * i])
     out[i] = 1
   elseif v then

@@ -177,10 +177,12 @@ fn verdict(code: i64) -> Result<Verdict> {
     }
 }
 
-fn unexpected_reply(detail: String) -> Error {
-    Error::Redis(redis::RedisError::from(io::Error::new(
-        io::ErrorKind::InvalidData,
-        format!("unexpected reply from Redis: {detail}"),
+/// A reply the scripts never give: not a connection failure, so never retried.
+pub(crate) fn unexpected_reply(detail: String) -> Error {
+    Error::Redis(redis::RedisError::from((
+        redis::ErrorKind::UnexpectedReturnType,
+        "unexpected reply from Redis",
+        detail,
     )))
 }
 

@@ -1,7 +1,8 @@
 //! Auto-extension: one background task per manager renews all of its leases in batches.
 //!
-//! Each registered lease is due for renewal a third of its TTL after its last renewal was
-//! sent. When the earliest lease falls due, the task renews it together with every lease
+//! Each registered lease is due for renewal a third of the way from the last command that
+//! set its TTL to the deadline that command leaves (about `ttl / 3` after it was sent); an
+//! explicit extend with another TTL moves the schedule, and renewals reuse its TTL. When the earliest lease falls due, the task renews it together with every lease
 //! due within the next renewal period, in one `extend_many` call (one round trip and one
 //! Lua call per thousand leases on a single primary). Renewing a little early costs
 //! little and pulls leases into the same batch, so a thousand leases settle into one
@@ -21,7 +22,7 @@ use tokio::sync::Notify;
 use tracing::Instrument;
 
 use crate::error::LostReason;
-use crate::lease::Lease;
+use crate::lease::{Lease, OpId};
 use crate::options::Ttl;
 use crate::store::{LeaseStore, Renewal, Verdict};
 
@@ -49,8 +50,8 @@ struct Registry {
 
 struct Entry {
     lease: Arc<Lease>,
-    /// When the next renewal is due.
-    due: Instant,
+    /// After a failed renewal: no retry before this instant.
+    not_before: Option<Instant>,
     /// The end of the hold-time cap, if any: renewals never extend the lease past it.
     hold_until: Option<Instant>,
 }
@@ -59,6 +60,16 @@ struct Entry {
 pub(crate) struct RenewalTicket {
     inner: Weak<Inner>,
     id: u64,
+}
+
+impl RenewalTicket {
+    /// The lease's TTL or deadline changed outside the renewal task (an explicit extend):
+    /// plan again.
+    pub(crate) fn reschedule(&self) {
+        if let Some(inner) = self.inner.upgrade() {
+            inner.wake.notify_one();
+        }
+    }
 }
 
 impl Drop for RenewalTicket {
@@ -97,9 +108,8 @@ impl Watchdog {
         runtime: &Handle,
     ) -> RenewalTicket {
         lease.set_renewed(true);
-        let state = lease.state();
         let entry = Entry {
-            due: state.set_at + period(state.ttl),
+            not_before: None,
             hold_until: max_hold.and_then(|hold| acquired_at.checked_add(hold)),
             lease,
         };
@@ -162,6 +172,15 @@ struct Item {
     renewal: Renewal,
     /// The final renewal under a hold-time cap: the lease is no longer registered.
     last: bool,
+    /// This renewal as a command of its lease (see [`Lease::begin_extend`]).
+    op: Option<OpId>,
+}
+
+impl Entry {
+    fn due(&self) -> Instant {
+        let at = self.lease.renew_at();
+        self.not_before.map_or(at, |t| t.max(at))
+    }
 }
 
 async fn run(inner: Arc<Inner>, task: u64) {
@@ -193,21 +212,26 @@ fn plan(inner: &Inner) -> Plan {
         registry.running = None;
         return Plan::Stop;
     }
-    let Some(first) = registry.entries.values().min_by_key(|e| e.due) else {
+    let Some((first_due, first_ttl)) = registry
+        .entries
+        .values()
+        .map(|e| (e.due(), e.lease.state().ttl))
+        .min_by_key(|(due, _)| *due)
+    else {
         return Plan::Stop;
     };
-    if first.due > now {
-        return Plan::Sleep(first.due);
+    if first_due > now {
+        return Plan::Sleep(first_due);
     }
     // Coalesce: renew, with the lease that fell due, every lease due within the next
     // period (the shorter of its own and the due lease's), so leases drift into one
     // batch and stay there; none is renewed more than one of its own periods early.
-    let window = period(first.lease.state().ttl);
+    let window = period(first_ttl);
     let mut batch = Vec::new();
     let mut capped = Vec::new();
     for (&id, entry) in &registry.entries {
         let ttl = entry.lease.state().ttl;
-        if entry.due > now + window.min(period(ttl)) {
+        if entry.due() > now + window.min(period(ttl)) {
             continue;
         }
         // Under a hold-time cap, the renewal that reaches the cap is the last one: it
@@ -237,6 +261,7 @@ fn plan(inner: &Inner) -> Plan {
             lease: Arc::clone(&entry.lease),
             renewal,
             last,
+            op: None,
         });
     }
     for id in capped {
@@ -256,9 +281,18 @@ fn plan(inner: &Inner) -> Plan {
     Plan::Renew(batch)
 }
 
-async fn renew(inner: &Inner, batch: Vec<Item>) {
-    let renewals: Vec<Renewal> = batch.iter().map(|item| item.renewal.clone()).collect();
+async fn renew(inner: &Inner, mut batch: Vec<Item>) {
     let sent = Instant::now();
+    // Each renewal counts as a command of its lease from before it is sent (see
+    // `Lease::begin_extend`); a lease lost meanwhile is not renewed.
+    batch.retain_mut(|item| {
+        item.op = item.lease.begin_extend(item.renewal.ttl, sent, false);
+        item.op.is_some()
+    });
+    if batch.is_empty() {
+        return;
+    }
+    let renewals: Vec<Renewal> = batch.iter().map(|item| item.renewal.clone()).collect();
     let results = inner.store.extend_many(&renewals).await;
     let done = Instant::now();
     let mut registry = inner.registry();
@@ -269,18 +303,22 @@ async fn renew(inner: &Inner, batch: Vec<Item>) {
             lease,
             renewal,
             last,
+            op,
         } = item;
+        let Some(op) = op else { continue };
         let entry = registry.entries.get_mut(&id);
         // Released or dropped meanwhile: its guard owns the outcome now. (A released
         // lease is marked lost, so a late success cannot revive it either way.)
         if entry.is_none() && !last {
+            lease.abandon_extend(op);
             continue;
         }
         match result {
             Ok(Verdict::Done) => {
-                lease.extended(renewal.ttl, sent);
-                if let Some(entry) = entry {
-                    entry.due = sent + period(renewal.ttl);
+                if !lease.confirm_extend(op) {
+                    registry.entries.remove(&id);
+                } else if let Some(entry) = entry {
+                    entry.not_before = None;
                 }
             }
             Ok(Verdict::Expired) => {
@@ -295,9 +333,10 @@ async fn renew(inner: &Inner, batch: Vec<Item>) {
             // unreachable server, retried until the lease's own deadline decides.
             Ok(Verdict::NoQuorum) | Err(_) => {
                 failed += 1;
+                lease.abandon_extend(op);
                 if let Some(entry) = entry {
-                    entry.due =
-                        done + (renewal.ttl.as_duration() / 10).max(Duration::from_millis(5));
+                    entry.not_before =
+                        Some(done + (renewal.ttl.as_duration() / 10).max(Duration::from_millis(5)));
                 }
             }
         }

@@ -125,11 +125,20 @@ fn inputs() -> impl Strategy<Value = Input> {
 /// The arguments the documented rules reject, by the name `InvalidArgument::what` gives.
 fn invalid_fields(input: &Input) -> Vec<&'static str> {
     let mut bad = Vec::new();
-    if input.key.is_empty() || input.key.len() > MAX_KEY_LEN {
+    // A name starting with `}` would leave the Redis Cluster hash tag empty.
+    if input.key.is_empty() || input.key.len() > MAX_KEY_LEN || input.key[0] == b'}' {
         bad.push("key");
     }
-    if input.prefix.len() > MAX_PREFIX_LEN {
+    let empty_tag = input
+        .prefix
+        .iter()
+        .position(|&b| b == b'{')
+        .is_some_and(|open| input.prefix.get(open + 1) == Some(&b'}'));
+    if input.prefix.len() > MAX_PREFIX_LEN || empty_tag {
         bad.push("prefix");
+    }
+    if input.max_hold.is_some_and(|hold| hold < MIN_TTL) {
+        bad.push("max_hold");
     }
     if input.ttl < MIN_TTL || input.ttl > MAX_TTL {
         bad.push("ttl");

@@ -333,7 +333,9 @@ async fn manager_works_on_a_multiplexed_connection_and_a_custom_prefix() {
 async fn binary_and_unusual_names_lock_independently() {
     let node = RedisNode::start().await;
     let locks = LockManager::connect(&node.url()).await.unwrap();
-    let names: [&[u8]; 5] = [b"a{b}c", b"\0\xff\n", "ключ🔒".as_bytes(), b"}", b"{"];
+    // A name may contain braces anywhere but at its start (`}` first would leave the
+    // Redis Cluster hash tag empty: rejected).
+    let names: [&[u8]; 5] = [b"a{b}c", b"\0\xff\n", "ключ🔒".as_bytes(), b"a}", b"{"];
     let mut guards = Vec::new();
     for name in names {
         guards.push(locks.try_lock(name).await.unwrap());

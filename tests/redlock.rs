@@ -704,7 +704,7 @@ async fn dropping_an_acquire_mid_flight_leaves_no_key_on_any_node() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_ttl_with_no_validity_left_is_a_quorum_error_not_a_hot_retry_loop() {
+async fn a_ttl_with_no_validity_left_is_rejected_before_anything_is_sent() {
     let nodes = five_nodes().await;
     let locks = redlock(&nodes).await;
     let name = unique_key("short");
@@ -714,16 +714,16 @@ async fn a_ttl_with_no_validity_left_is_a_quorum_error_not_a_hot_retry_loop() {
         .wait(Duration::from_secs(30));
     let started = Instant::now();
     match locks.lock_with(&name, opts).await {
-        Err(Error::Quorum(q)) => {
-            assert!(q.validity_ran_out(), "{q}");
-            assert!(q.to_string().contains("validity"), "{q}");
-        }
-        other => panic!("expected a quorum error, got {other:?}"),
+        Err(Error::InvalidArgument(arg)) => assert_eq!(arg.what(), "ttl"),
+        other => panic!("expected an invalid TTL, got {other:?}"),
     }
     assert!(
-        started.elapsed() < Duration::from_secs(30),
+        started.elapsed() < Duration::from_secs(1),
         "returned at once"
     );
+    for node in &nodes {
+        assert_eq!(token_on(node, &name).await, None);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -148,7 +148,13 @@ async fn holders_never_overlap_across_redis_restarts() {
     let t = &*tally;
     let acquired = t.acquired.load(Ordering::Relaxed);
     let redis_errors = t.redis_errors.load(Ordering::Relaxed);
-    assert!(redis_errors > 0, "the restarts were felt as Redis errors");
+    // Waiting calls ride out a short restart within their budget, so the restarts show as
+    // failed releases (in flight when the server died) as much as failed waits.
+    let felt = redis_errors
+        + t.release_redis_errors.load(Ordering::Relaxed)
+        + t.release_lost.load(Ordering::Relaxed)
+        + t.timeouts.load(Ordering::Relaxed);
+    assert!(felt > 0, "the restarts were felt as errors or waits");
     assert!(
         acquired > acquired_before_last_run,
         "the same manager acquires again after the restarts, by itself"
