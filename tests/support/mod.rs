@@ -21,11 +21,13 @@
 //! [`NodeOptions::persistent`] (append-only file, fsync on every write); otherwise a
 //! restart always comes back empty.
 //!
-//! Beside it: [`proxy`] (a TCP fault proxy), [`child`] (this test binary re-run as a
+//! Beside it: [`proxy`] (a TCP fault proxy), [`hostile`] (a `ConnectionLike` that delays,
+//! reorders and loses replies per command), [`child`] (this test binary re-run as a
 //! separate OS process), [`tls`] (certificates made with the `openssl` CLI).
 #![allow(dead_code, unreachable_pub)]
 
 pub mod child;
+pub mod hostile;
 pub mod proxy;
 pub mod tls;
 
