@@ -122,3 +122,35 @@ async fn hostile_connection_delays_the_reply_of_an_executed_command() {
     assert!(hostile.commands_seen() >= 1);
     let _: () = check.del(&key).await.expect("DEL");
 }
+
+#[tokio::test]
+async fn baseline_notices_a_leftover_key_connection_and_task() {
+    let node = RedisNode::start().await;
+    let baseline = support::Baseline::take(&node).await;
+    baseline.assert_settled(&node, Duration::from_secs(2)).await;
+    // A leftover lease key, a connection with its driver task, a subscribed channel.
+    let mut extra = node.conn().await;
+    let key = support::lease_key(&unique_key("baseline"));
+    let _: () = extra.set(&key, "x").await.expect("SET");
+    let mut pubsub = node.client().get_async_pubsub().await.expect("pubsub");
+    pubsub
+        .subscribe("distlock-test-channel")
+        .await
+        .expect("SUBSCRIBE");
+    let left = baseline
+        .left_behind(&node, Duration::from_millis(200))
+        .await
+        .expect("leftovers must not pass as settled");
+    for what in [
+        "lease keys",
+        "subscribed channels",
+        "client connections",
+        "alive runtime tasks",
+    ] {
+        assert!(left.contains(what), "{what} not named in: {left}");
+    }
+    let _: () = extra.del(&key).await.expect("DEL");
+    drop(extra);
+    drop(pubsub);
+    baseline.assert_settled(&node, Duration::from_secs(5)).await;
+}
