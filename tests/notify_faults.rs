@@ -164,7 +164,7 @@ async fn until_clients(admin: &MultiplexedConnection, expected: usize, within: D
             let mut admin = admin.clone();
             async move { client_count(&mut admin).await }
         },
-        |count| *count == expected,
+        |count| *count <= expected,
     )
     .await;
 }
@@ -566,6 +566,7 @@ async fn a_single_attempt_call_attempts_even_while_another_task_of_the_manager_w
     };
     until_subscribed(&admin).await;
 
+    let mut wrong = Vec::new();
     for (what, options) in [
         ("wait 0", LockOptions::new().wait(Duration::ZERO)),
         (
@@ -577,22 +578,18 @@ async fn a_single_attempt_call_attempts_even_while_another_task_of_the_manager_w
     ] {
         let calls_before = acquire_calls(&mut admin).await;
         let started = Instant::now();
-        match locks.lock_with(&name, options).await {
-            Err(Error::Timeout { attempts, .. }) => {
-                assert!(attempts >= 1, "{what}: Timeout with {attempts} attempts")
-            }
-            other => panic!("{what}: expected Timeout, got {other:?}"),
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(1),
-            "{what}: a single attempt took {:?}",
-            started.elapsed()
-        );
+        let got = locks.lock_with(&name, options).await;
+        let took = started.elapsed();
         let sent = acquire_calls(&mut admin).await - calls_before;
-        assert!(
-            sent >= 1,
-            "{what}: {sent} acquire scripts reached the server"
-        );
+        match got {
+            Err(Error::Timeout { attempts, .. }) if attempts >= 1 && sent >= 1 => {}
+            other => wrong.push(format!(
+                "held, {what}: {other:?} after {took:?}, {sent} acquire scripts reached the server"
+            )),
+        }
+        if took >= Duration::from_secs(1) {
+            wrong.push(format!("{what}: a single attempt took {took:?}"));
+        }
     }
 
     // The holder's lease vanishes without a release message: the queued task sleeps on,
@@ -609,10 +606,12 @@ async fn a_single_attempt_call_attempts_even_while_another_task_of_the_manager_w
             LockOptions::new().backoff(Backoff::new().with_max_attempts(1)),
         ),
     ] {
-        let got = locks.lock_with(&name, options).await;
-        let guard = got.unwrap_or_else(|e| panic!("{what} on a free lock: {e:?}"));
-        guard.release().await.unwrap();
+        match locks.lock_with(&name, options).await {
+            Ok(guard) => guard.release().await.unwrap(),
+            Err(e) => wrong.push(format!("free, {what}: {e:?}")),
+        }
     }
+    assert!(wrong.is_empty(), "{wrong:#?}");
 
     queued.abort();
     if let Ok(Ok(guard)) = queued.await {
