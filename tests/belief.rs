@@ -1014,6 +1014,10 @@ mod property {
         (kind, value, pttl, Instant::now())
     }
 
+    /// What a guard said, read before the server is asked: is_held, valid_until,
+    /// lost_reason, and when it was read.
+    type Belief = (bool, Instant, Option<LostReason>, Instant);
+
     /// Checks (a) and (b) for every guard against the server.
     async fn check_all(
         slots: &mut [Option<Held>],
@@ -1022,7 +1026,7 @@ mod property {
         context: &str,
     ) -> Result<(), TestCaseError> {
         // Beliefs first, then the truth.
-        let beliefs: Vec<Option<(bool, Instant, Option<LostReason>, Instant)>> = slots
+        let beliefs: Vec<Option<Belief>> = slots
             .iter()
             .map(|h| {
                 h.as_ref().map(|h| {
