@@ -10,7 +10,7 @@ use rand::rngs::SmallRng;
 use rand::{RngExt, SeedableRng};
 use redis::AsyncCommands;
 use support::proxy::{Fault, FaultProxy};
-use support::{RedisNode, lease_key, unique_key};
+use support::{Baseline, RedisNode, lease_key, unique_key};
 
 /// Iterations per operation; each drops one future at a random point.
 const ITERATIONS: usize = 120;
@@ -51,8 +51,9 @@ async fn futures_dropped_at_random_points_leave_no_lease_behind_and_no_false_hol
     // before the request, while it is in flight, and after the reply alike.
     let proxy = FaultProxy::start(node.port()).await;
     proxy.set(Fault::Latency(Duration::from_millis(1)));
-    let locks = LockManager::connect(&proxy.url()).await.unwrap();
     let mut raw = node.conn().await;
+    let baseline = Baseline::take(&node).await;
+    let locks = LockManager::connect(&proxy.url()).await.unwrap();
     let prefix = unique_key("cancel");
     let long = LockOptions::new().ttl(LONG_TTL);
     let blocker_name = format!("{prefix}:blocker");
@@ -172,6 +173,8 @@ async fn futures_dropped_at_random_points_leave_no_lease_behind_and_no_false_hol
         ITERATIONS * OPS.len(),
         started.elapsed()
     );
+    drop(locks);
+    baseline.assert_settled(&node, Duration::from_secs(8)).await;
 }
 
 /// A guard that says it holds the lease has the key on the server.

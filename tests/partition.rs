@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use distlock::{Error, LockManager, LockOptions, LostReason};
 use redis::AsyncCommands;
 use support::proxy::{Fault, FaultProxy};
-use support::{RedisNode, command_calls, eventually, lease_key, unique_key};
+use support::{Baseline, RedisNode, command_calls, eventually, lease_key, unique_key};
 
 const COMMAND_TIMEOUT: Duration = Duration::from_millis(300);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
@@ -18,6 +18,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 const SLACK: Duration = Duration::from_millis(700);
 /// A call that has not returned after this is hung, whatever its bound.
 const HANG: Duration = Duration::from_secs(20);
+/// How long a scenario may take to leave nothing behind once everything is dropped
+/// (leases that could not be released run out their TTL within it).
+const SETTLE: Duration = Duration::from_secs(8);
 
 async fn manager(url: &str) -> LockManager {
     LockManager::builder()
@@ -62,6 +65,7 @@ enum Outage {
 async fn every_call_is_bounded(outage: Outage) {
     let node = RedisNode::start().await;
     let proxy = FaultProxy::start(node.port()).await;
+    let baseline = Baseline::take(&node).await;
     let locks = manager(&proxy.url()).await;
     let name = unique_key("outage");
     let extended = locks.try_lock(format!("{name}:a")).await.unwrap();
@@ -120,6 +124,9 @@ async fn every_call_is_bounded(outage: Outage) {
             other => panic!("no recovery: {other:?}"),
         }
     }
+    drop(extended);
+    drop(locks);
+    baseline.assert_settled(&node, SETTLE).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -136,6 +143,7 @@ async fn every_call_returns_within_its_bound_while_the_network_is_blackholed() {
 async fn a_lease_whose_renewals_are_blackholed_is_reported_lost_by_its_deadline() {
     let node = RedisNode::start().await;
     let proxy = FaultProxy::start(node.port()).await;
+    let baseline = Baseline::take(&node).await;
     let locks = manager(&proxy.url()).await;
     let name = unique_key("cut-off");
     let opts = LockOptions::new()
@@ -197,14 +205,19 @@ async fn a_lease_whose_renewals_are_blackholed_is_reported_lost_by_its_deadline(
         took < Duration::from_secs(5),
         "cancelled by the lease deadline, took {took:?}"
     );
+    proxy.set(Fault::Pass);
+    drop(guard);
+    drop(locks);
+    baseline.assert_settled(&node, SETTLE).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reply_slower_than_the_command_timeout_is_an_error_and_its_lease_is_cleaned_up() {
     let node = RedisNode::start().await;
     let proxy = FaultProxy::start(node.port()).await;
-    let locks = manager(&proxy.url()).await;
     let mut raw = node.conn().await;
+    let baseline = Baseline::take(&node).await;
+    let locks = manager(&proxy.url()).await;
     let name = unique_key("slow");
 
     // 200 ms each way: the acquire lands on the server, its reply misses the 300 ms timeout.
@@ -244,6 +257,9 @@ async fn a_reply_slower_than_the_command_timeout_is_an_error_and_its_lease_is_cl
     proxy.set(Fault::Pass);
     guard.release().await.unwrap();
     let _: () = raw.del(lease_key(&name)).await.unwrap();
+    drop(locks);
+    drop(patient);
+    baseline.assert_settled(&node, SETTLE).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -251,13 +267,14 @@ async fn a_release_whose_reply_is_lost_reports_no_false_hold_and_its_retry_spare
 {
     let node = RedisNode::start().await;
     let proxy = FaultProxy::start(node.port()).await;
+    let mut raw = node.conn().await;
+    let baseline = Baseline::take(&node).await;
     let locks = LockManager::builder()
         .command_timeout(Duration::from_secs(5))
         .connect(&proxy.url())
         .await
         .unwrap();
     let direct = LockManager::connect(&node.url()).await.unwrap();
-    let mut raw = node.conn().await;
     let name = unique_key("lost-reply");
     // Load the release script first: a NOSCRIPT reply held back would stall the release
     // before it ever ran.
@@ -309,15 +326,19 @@ async fn a_release_whose_reply_is_lost_reports_no_false_hold_and_its_retry_spare
         .release()
         .await
         .expect("the later holder still held it");
+    drop(locks);
+    drop(direct);
+    baseline.assert_settled(&node, SETTLE).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_delayed_duplicate_release_never_deletes_a_later_holders_lease() {
     let node = RedisNode::start().await;
     let proxy = FaultProxy::start(node.port()).await;
+    let mut raw = node.conn().await;
+    let baseline = Baseline::take(&node).await;
     let locks = manager(&proxy.url()).await;
     let direct = LockManager::connect(&node.url()).await.unwrap();
-    let mut raw = node.conn().await;
     let name = unique_key("late-release");
     let guard = locks
         .try_lock_with(&name, LockOptions::new().ttl(Duration::from_millis(500)))
@@ -368,4 +389,7 @@ async fn a_delayed_duplicate_release_never_deletes_a_later_holders_lease() {
         .release()
         .await
         .expect("the later holder still held it");
+    drop(locks);
+    drop(direct);
+    baseline.assert_settled(&node, SETTLE).await;
 }

@@ -21,11 +21,13 @@
 //! [`NodeOptions::persistent`] (append-only file, fsync on every write); otherwise a
 //! restart always comes back empty.
 //!
-//! Beside it: [`proxy`] (a TCP fault proxy), [`child`] (this test binary re-run as a
+//! Beside it: [`proxy`] (a TCP fault proxy), [`hostile`] (a `ConnectionLike` that delays,
+//! reorders and loses replies per command), [`child`] (this test binary re-run as a
 //! separate OS process), [`tls`] (certificates made with the `openssl` CLI).
 #![allow(dead_code, unreachable_pub)]
 
 pub mod child;
+pub mod hostile;
 pub mod proxy;
 pub mod tls;
 
@@ -566,5 +568,164 @@ where
     while !check().await {
         assert!(Instant::now() < deadline, "not within {limit:?}: {what}");
         tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// What a scenario started from: the node's client connections and the runtime's alive
+/// tasks. [`Baseline::assert_settled`] checks that a scenario left nothing behind
+/// (issue 9's resource accounting: DESIGN.md invariant 3).
+///
+/// Take it before creating managers (and after opening any connection the test keeps
+/// until the end, such as a checking connection from [`RedisNode::conn`]); drop every
+/// guard, waiter and manager, then call `assert_settled`.
+///
+/// Inspection goes through a blocking, non-multiplexed connection opened for each look:
+/// it spawns no task on the runtime and is excluded from the count (by `CLIENT ID`).
+#[derive(Debug, Clone, Copy)]
+pub struct Baseline {
+    /// Client connections on the node, the inspecting one excluded.
+    pub connections: usize,
+    /// `num_alive_tasks()` of the current tokio runtime.
+    pub tasks: usize,
+}
+
+/// What the node and the runtime hold right now, for [`Baseline`].
+#[derive(Debug, Default)]
+struct Snapshot {
+    /// `CLIENT LIST` lines, the inspecting connection's excluded.
+    clients: Vec<String>,
+    /// `distlock:*` keys other than fence counters.
+    keys: Vec<String>,
+    /// `PUBSUB CHANNELS *`.
+    channels: Vec<String>,
+    tasks: usize,
+}
+
+impl Snapshot {
+    fn take(node: &RedisNode) -> Result<Snapshot, String> {
+        let client = node.client();
+        let mut conn = client
+            .get_connection_with_timeout(Duration::from_secs(2))
+            .map_err(|e| format!("connect to inspect: {e}"))?;
+        conn.set_read_timeout(Some(Duration::from_secs(2)))
+            .map_err(|e| e.to_string())?;
+        let me: i64 = redis::cmd("CLIENT")
+            .arg("ID")
+            .query(&mut conn)
+            .map_err(|e| format!("CLIENT ID: {e}"))?;
+        let list: String = redis::cmd("CLIENT")
+            .arg("LIST")
+            .query(&mut conn)
+            .map_err(|e| format!("CLIENT LIST: {e}"))?;
+        let own = format!("id={me} ");
+        let clients = list
+            .lines()
+            .filter(|l| !l.trim().is_empty() && !l.starts_with(&own))
+            .map(str::to_owned)
+            .collect();
+        let mut keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{DEFAULT_PREFIX_PATTERN}*"))
+            .query(&mut conn)
+            .map_err(|e| format!("KEYS: {e}"))?;
+        keys.retain(|k| !k.ends_with(":fence"));
+        keys.sort();
+        let mut channels: Vec<String> = redis::cmd("PUBSUB")
+            .arg("CHANNELS")
+            .arg("*")
+            .query(&mut conn)
+            .map_err(|e| format!("PUBSUB CHANNELS: {e}"))?;
+        channels.sort();
+        drop(conn);
+        let tasks = tokio::runtime::Handle::current()
+            .metrics()
+            .num_alive_tasks();
+        Ok(Snapshot {
+            clients,
+            keys,
+            channels,
+            tasks,
+        })
+    }
+}
+
+/// The pattern of every key distlock writes under the default prefix.
+const DEFAULT_PREFIX_PATTERN: &str = distlock::DEFAULT_PREFIX;
+
+impl Baseline {
+    /// Records the node's connections and the runtime's alive tasks now.
+    ///
+    /// Connections and tasks that are already on their way out (the node's readiness
+    /// probe, a connection the test just dropped) are let go first: the baseline is the
+    /// first value that stays the same over three looks 25 ms apart (within 2 s).
+    pub async fn take(node: &RedisNode) -> Baseline {
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let look = || {
+            let snapshot = Snapshot::take(node).expect("inspect the node for a baseline");
+            (snapshot.clients.len(), snapshot.tasks)
+        };
+        let mut last = look();
+        let mut same = 0;
+        while same < 2 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(25)).await;
+            let now = look();
+            same = if now == last { same + 1 } else { 0 };
+            last = now;
+        }
+        Baseline {
+            connections: last.0,
+            tasks: last.1,
+        }
+    }
+
+    /// Polls until nothing is left behind, or panics naming what is after `within`:
+    /// no `distlock:*` key except fence counters, no subscribed channel, the node's
+    /// connection count back to the baseline's, the runtime's alive tasks back to the
+    /// baseline's.
+    pub async fn assert_settled(&self, node: &RedisNode, within: Duration) {
+        if let Some(left) = self.left_behind(node, within).await {
+            panic!("not settled within {within:?}; left behind: {left}");
+        }
+    }
+
+    /// [`assert_settled`](Self::assert_settled) without the panic: `None` once settled,
+    /// otherwise what was still left behind after `within`.
+    pub async fn left_behind(&self, node: &RedisNode, within: Duration) -> Option<String> {
+        let deadline = Instant::now() + within;
+        loop {
+            let left = match Snapshot::take(node) {
+                Ok(now) => {
+                    let mut left = Vec::new();
+                    if !now.keys.is_empty() {
+                        left.push(format!("lease keys {:?}", now.keys));
+                    }
+                    if !now.channels.is_empty() {
+                        left.push(format!("subscribed channels {:?}", now.channels));
+                    }
+                    if now.clients.len() != self.connections {
+                        left.push(format!(
+                            "{} client connections instead of {}: {:#?}",
+                            now.clients.len(),
+                            self.connections,
+                            now.clients
+                        ));
+                    }
+                    if now.tasks != self.tasks {
+                        left.push(format!(
+                            "{} alive runtime tasks instead of {}",
+                            now.tasks, self.tasks
+                        ));
+                    }
+                    left
+                }
+                Err(e) => vec![e],
+            };
+            if left.is_empty() {
+                return None;
+            }
+            if Instant::now() >= deadline {
+                return Some(left.join("; "));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 }
