@@ -592,13 +592,14 @@ async fn a_single_attempt_call_attempts_even_while_another_task_of_the_manager_w
         }
     }
 
+    queued.abort();
+    if let Ok(Ok(guard)) = queued.await {
+        guard.release().await.unwrap();
+    }
+
     // The holder's lease vanishes without a release message: the queued task sleeps on,
-    // the lock is free, and a single attempt takes it.
-    let _: () = redis::cmd("DEL")
-        .arg(lease_key(&name))
-        .query_async(&mut admin)
-        .await
-        .unwrap();
+    // the lock is free, and a single attempt takes it. A fresh lock per case, so the
+    // release of one case cannot wake the queued task of the next.
     for (what, options) in [
         ("wait 0", LockOptions::new().wait(Duration::ZERO)),
         (
@@ -606,17 +607,35 @@ async fn a_single_attempt_call_attempts_even_while_another_task_of_the_manager_w
             LockOptions::new().backoff(Backoff::new().with_max_attempts(1)),
         ),
     ] {
-        match locks.lock_with(&name, options).await {
+        let name = unique_key("one-attempt-free");
+        hold_elsewhere(&mut admin, &name).await;
+        let queued = {
+            let (locks, name) = (locks.clone(), name.clone());
+            tokio::spawn(async move {
+                locks
+                    .lock_with(&name, slow_polling(Duration::from_secs(30)))
+                    .await
+            })
+        };
+        until_subscribed(&admin).await;
+        let _: () = redis::cmd("DEL")
+            .arg(lease_key(&name))
+            .query_async(&mut admin)
+            .await
+            .unwrap();
+        let got = locks.lock_with(&name, options).await;
+        queued.abort();
+        if let Ok(Ok(guard)) = queued.await {
+            guard.release().await.unwrap();
+        }
+        match got {
             Ok(guard) => guard.release().await.unwrap(),
             Err(e) => wrong.push(format!("free, {what}: {e:?}")),
         }
     }
     assert!(wrong.is_empty(), "{wrong:#?}");
 
-    queued.abort();
-    if let Ok(Ok(guard)) = queued.await {
-        guard.release().await.unwrap();
-    }
+    delete_keys(&mut admin, &[name]).await;
     drop(locks);
     baseline.assert_settled(&node, SETTLE).await;
 }
