@@ -9,6 +9,7 @@ use tokio::runtime::Handle;
 use tracing::Instrument;
 
 use crate::error::{Error, LostReason, Result};
+use crate::key::{LockKey, Token};
 use crate::lease::{Lease, LeaseHandle, PendingExtend};
 use crate::options::Ttl;
 use crate::store::{LeaseStore, Verdict};
@@ -307,25 +308,71 @@ impl Drop for LockGuard {
         let Some(runtime) = self.runtime.take() else {
             return;
         };
-        let store = Arc::clone(&self.store);
-        let span = tracing::debug_span!(
-            "distlock.drop_release",
-            key = %lease.key,
-            token = lease.token.short()
-        );
-        // `Handle::spawn` neither blocks nor panics; on a runtime that has shut down the
-        // task is dropped unrun and the TTL ends the lease.
-        runtime.spawn(
-            async move {
-                match store.release(&lease.key, &lease.token).await {
-                    Ok(Verdict::Done) => tracing::debug!("released after drop"),
-                    Ok(other) => tracing::debug!(?other, "nothing to release after drop"),
-                    Err(e) => tracing::warn!(error = %e, "release after drop failed; the TTL will end the lease"),
-                }
-            }
-            .instrument(span),
+        let ttl = lease.state().ttl.as_duration();
+        release_in_background(
+            &runtime,
+            Arc::clone(&self.store),
+            lease.key.clone(),
+            lease.token,
+            ttl,
         );
     }
+}
+
+/// The first pause between two tries of a background release; doubled per failure.
+const RELEASE_RETRY_MIN: Duration = Duration::from_millis(50);
+/// The longest pause between two tries of a background release.
+const RELEASE_RETRY_MAX: Duration = Duration::from_secs(1);
+/// The longest a background release keeps trying, whatever the lease's TTL.
+const RELEASE_RETRY_FOR: Duration = Duration::from_secs(300);
+
+/// Hands a compare-and-delete of (`key`, `token`) to `runtime` and returns at once: the one
+/// way a lease is released in the background (a dropped guard, a release that failed, an
+/// abandoned acquire).
+///
+/// A release that cannot reach the server is tried again, with a growing pause, until the
+/// server answers: a command of this lease held up by a paused server or a slow link may
+/// still run after the first try, and a lease nobody releases would block the lock for its
+/// whole TTL. The tries stop once `ttl` (at most [`RELEASE_RETRY_FOR`]) has passed: the
+/// lease cannot outlive that unless a command of it runs later still; or on an error the
+/// server answered. The compare-and-delete never touches another owner's lease.
+///
+/// `Handle::spawn` neither blocks nor panics; on a runtime that has shut down the task is
+/// dropped unrun and the TTL ends the lease.
+pub(crate) fn release_in_background(
+    runtime: &Handle,
+    store: Arc<dyn LeaseStore>,
+    key: LockKey,
+    token: Token,
+    ttl: Duration,
+) {
+    let span = tracing::debug_span!("distlock.background_release", key = %key, token = token.short());
+    runtime.spawn(
+        async move {
+            let mut pause = RELEASE_RETRY_MIN;
+            let give_up = Instant::now() + ttl.min(RELEASE_RETRY_FOR);
+            loop {
+                match store.release(&key, &token).await {
+                    Ok(Verdict::Done) => return tracing::debug!("released in the background"),
+                    Ok(other) => return tracing::debug!(?other, "nothing to release"),
+                    Err(e) if retryable(&e) && Instant::now() < give_up => {
+                        tracing::debug!(error = %e, ?pause, "background release failed; retrying");
+                    }
+                    Err(e) => {
+                        return tracing::warn!(error = %e, "background release failed; the TTL will end the lease");
+                    }
+                }
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(RELEASE_RETRY_MAX);
+            }
+        }
+        .instrument(span),
+    );
+}
+
+/// Errors after which a background release is worth another try.
+fn retryable(e: &Error) -> bool {
+    e.is_transient() || e.is_quorum()
 }
 
 impl fmt::Debug for LockGuard {

@@ -11,7 +11,7 @@ use tokio::runtime::Handle;
 use tracing::Instrument;
 
 use crate::error::{Error, Result};
-use crate::guard::LockGuard;
+use crate::guard::{LockGuard, release_in_background};
 use crate::key::{LockKey, Token, validate_prefix};
 use crate::lease::{Lease, LeaseHandle};
 use crate::notify::{Notifier, Waiter};
@@ -817,6 +817,7 @@ impl LockManager {
             store: &self.shared.store,
             key,
             token,
+            ttl,
             runtime: runtime.as_ref(),
             armed: true,
         };
@@ -872,6 +873,7 @@ struct PendingAcquire<'a> {
     store: &'a Arc<dyn LeaseStore>,
     key: &'a LockKey,
     token: Token,
+    ttl: Ttl,
     runtime: Option<&'a Handle>,
     armed: bool,
 }
@@ -884,18 +886,17 @@ impl Drop for PendingAcquire<'_> {
         let Some(runtime) = self.runtime else {
             return;
         };
-        let store = Arc::clone(self.store);
-        let key = self.key.clone();
-        let token = self.token;
         tracing::debug!(
-            key = %key,
-            token = token.short(),
+            key = %self.key,
+            token = self.token.short(),
             "acquire abandoned; releasing in the background"
         );
-        runtime.spawn(async move {
-            if let Err(e) = store.release(&key, &token).await {
-                tracing::warn!(key = %key, error = %e, "cleanup of an abandoned acquire failed; its TTL will end it");
-            }
-        });
+        release_in_background(
+            runtime,
+            Arc::clone(self.store),
+            self.key.clone(),
+            self.token,
+            self.ttl.as_duration(),
+        );
     }
 }

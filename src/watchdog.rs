@@ -74,10 +74,14 @@ impl RenewalTicket {
 
 impl Drop for RenewalTicket {
     fn drop(&mut self) {
-        if let Some(inner) = self.inner.upgrade()
-            && let Some(entry) = inner.registry().entries.remove(&self.id)
-        {
-            entry.lease.set_renewed(false);
+        if let Some(inner) = self.inner.upgrade() {
+            let entry = inner.registry().entries.remove(&self.id);
+            if let Some(entry) = entry {
+                entry.lease.set_renewed(false);
+            }
+            // Plan again: with nothing left to renew the task ends now, and with it its
+            // hold on the connection, instead of at the next renewal it had planned.
+            inner.wake.notify_one();
         }
     }
 }
