@@ -346,7 +346,8 @@ pub(crate) fn release_in_background(
     token: Token,
     ttl: Duration,
 ) {
-    let span = tracing::debug_span!("distlock.background_release", key = %key, token = token.short());
+    let span =
+        tracing::debug_span!("distlock.background_release", key = %key, token = token.short());
     runtime.spawn(
         async move {
             let mut pause = RELEASE_RETRY_MIN;
