@@ -8,12 +8,12 @@ use std::time::{Duration, Instant};
 use tokio::runtime::Handle;
 use tracing::Instrument;
 
+use crate::auto_extend::AutoExtension;
 use crate::error::{Error, LostReason, Result};
 use crate::key::{LockKey, Token};
 use crate::lease::{Lease, LeaseHandle, PendingExtend};
 use crate::options::Ttl;
 use crate::store::{LeaseStore, Verdict};
-use crate::watchdog::RenewalTicket;
 
 /// A held lease on one lock. Created by [`LockManager::lock`](crate::LockManager::lock) and
 /// friends.
@@ -37,7 +37,7 @@ pub struct LockGuard {
     store: Arc<dyn LeaseStore>,
     runtime: Option<Handle>,
     /// Present while the renewal task keeps this lease alive; dropping it stops renewal.
-    renewal: Option<RenewalTicket>,
+    renewal: Option<AutoExtension>,
     /// `true` once the server answered a release: nothing is left to release.
     finished: bool,
 }
@@ -47,7 +47,7 @@ impl LockGuard {
         lease: Arc<Lease>,
         store: Arc<dyn LeaseStore>,
         runtime: Option<Handle>,
-        renewal: Option<RenewalTicket>,
+        renewal: Option<AutoExtension>,
     ) -> Self {
         LockGuard {
             handle: LeaseHandle { lease },
@@ -270,16 +270,13 @@ impl LockGuard {
 
     /// `Ok` after `done` when the command took effect; otherwise the lease is lost, and why.
     fn judge(&self, verdict: Verdict, done: impl FnOnce()) -> Result<()> {
-        let reason = match verdict {
+        match verdict {
             Verdict::Done => {
                 done();
-                return Ok(());
+                Ok(())
             }
-            Verdict::Expired => LostReason::Expired,
-            Verdict::Taken => LostReason::Taken,
-            Verdict::NoQuorum => LostReason::NoQuorum,
-        };
-        Err(self.lose(reason))
+            Verdict::Lost(reason) => Err(self.lose(reason)),
+        }
     }
 
     fn lose(&self, reason: LostReason) -> Error {

@@ -152,6 +152,10 @@
 #![deny(missing_docs)]
 #![warn(rust_2018_idioms, unreachable_pub)]
 
+mod auto_extend;
+mod backoff;
+mod builder;
+mod connect;
 mod error;
 mod guard;
 mod key;
@@ -159,24 +163,26 @@ mod lease;
 mod manager;
 mod notify;
 mod options;
-mod quorum;
 mod redlock;
-pub mod retry;
 mod scripts;
 mod store;
-mod watchdog;
+mod wait;
 
-pub use error::{Error, InvalidArgument, LostReason, Result};
+pub use backoff::{Backoff, Delays};
+pub use builder::{
+    DEFAULT_COMMAND_TIMEOUT, DEFAULT_CONNECT_TIMEOUT, DEFAULT_NODE_TIMEOUT, DEFAULT_PREFIX,
+    LockManagerBuilder,
+};
+pub use connect::MIN_REDIS_VERSION;
+pub use error::{
+    Error, InvalidArgument, LostReason, NodeOutcome, NodeReport, QuorumError, QuorumOperation,
+    Result,
+};
 pub use guard::LockGuard;
 pub use key::{MAX_KEY_LEN, MAX_PREFIX_LEN};
 pub use lease::LeaseHandle;
-pub use manager::{
-    DEFAULT_COMMAND_TIMEOUT, DEFAULT_CONNECT_TIMEOUT, DEFAULT_NODE_TIMEOUT, DEFAULT_PREFIX,
-    LockManager, LockManagerBuilder, MIN_REDIS_VERSION,
-};
+pub use manager::LockManager;
 pub use options::{LockOptions, MAX_TTL, MIN_TTL};
-pub use quorum::{NodeOutcome, NodeReport, QuorumError, QuorumOperation};
-pub use retry::Backoff;
 
 // `redis` types appear in the public API (`Error::Redis`, `LockManager::new`).
 pub use redis;

@@ -1,40 +1,23 @@
-//! `LockManager`: the connection, the defaults, and the acquire loop.
+//! `LockManager`: the facade. Takes leases (one attempt, or a short loop driven by
+//! [`Wait`](crate::wait::Wait)), runs work under one, and cleans up an abandoned acquire.
 
 use std::fmt;
 use std::future::Future;
-use std::io;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use tokio::runtime::Handle;
 use tracing::Instrument;
 
+use crate::auto_extend::AutoExtender;
 use crate::error::{Error, Result};
 use crate::guard::{LockGuard, release_in_background};
-use crate::key::{LockKey, Token, validate_prefix};
+use crate::key::{LockKey, Token};
 use crate::lease::{Lease, LeaseHandle};
-use crate::notify::{Notifier, Waiter};
-use crate::options::{LockOptions, Ttl};
-use crate::store::{Acquire, LeaseStore, RedisStore};
-use crate::watchdog::Watchdog;
-
-/// The default key prefix: lock `jobs:nightly` lives at `distlock:{jobs:nightly}`.
-pub const DEFAULT_PREFIX: &str = "distlock:";
-
-/// Waiting past a holder's reported remaining TTL by this much finds the key expired.
-const EXPIRY_SLACK: Duration = Duration::from_millis(1);
-
-/// The default bound on one Redis command (acquire, extend or release attempt).
-pub const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// The default bound on establishing the connection in [`LockManager::connect`].
-pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// The default bound on one node's answer in a lock over several primaries (see
-/// [`LockManagerBuilder::node_timeout`]): small next to any sensible lease TTL, large next
-/// to a Redis round trip on a healthy network.
-pub const DEFAULT_NODE_TIMEOUT: Duration = Duration::from_millis(100);
+use crate::notify::Notifier;
+use crate::options::{Checked, LockOptions, Ttl};
+use crate::store::{Acquire, LeaseStore};
+use crate::wait::Wait;
 
 /// Takes and hands out leases on one Redis server.
 ///
@@ -68,46 +51,10 @@ pub struct LockManager {
 
 struct Shared {
     store: Arc<dyn LeaseStore>,
-    watchdog: Watchdog,
+    renewal: AutoExtender,
     notifier: Option<Notifier>,
     prefix: Box<[u8]>,
     defaults: LockOptions,
-}
-
-/// What one acquisition asks for, checked.
-#[derive(Clone, Copy)]
-struct Request {
-    ttl: Ttl,
-    auto_extend: bool,
-    max_hold: Option<Duration>,
-}
-
-impl Request {
-    fn new(options: &LockOptions, auto_extend_default: bool) -> Result<Self> {
-        let mut ttl = Ttl::new(options.lease_ttl())?;
-        let max_hold = options.hold_cap();
-        if let Some(hold) = max_hold {
-            if hold < crate::MIN_TTL {
-                return Err(Error::invalid(
-                    "max_hold",
-                    format!(
-                        "a hold-time cap must be at least {:?}, got {hold:?}",
-                        crate::MIN_TTL
-                    ),
-                ));
-            }
-            // The lease never outlives the cap, whatever the TTL: a cap shorter than the
-            // TTL is the TTL of the first lease.
-            if hold < ttl.as_duration() {
-                ttl = Ttl::new(hold)?;
-            }
-        }
-        Ok(Request {
-            ttl,
-            auto_extend: options.auto_extend_or(auto_extend_default),
-            max_hold,
-        })
-    }
 }
 
 impl fmt::Debug for LockManager {
@@ -119,316 +66,6 @@ impl fmt::Debug for LockManager {
     }
 }
 
-/// Builds a [`LockManager`] with a key prefix, default options and timeouts.
-///
-/// ```no_run
-/// # async fn demo() -> distlock::Result<()> {
-/// use std::time::Duration;
-/// use distlock::{LockManager, LockOptions};
-///
-/// let locks = LockManager::builder()
-///     .prefix("billing:locks:")
-///     .default_options(LockOptions::new().ttl(Duration::from_secs(5)))
-///     .command_timeout(Duration::from_millis(500))
-///     .connect("redis://127.0.0.1:6379")
-///     .await?;
-/// # Ok(()) }
-/// ```
-#[derive(Debug, Clone)]
-pub struct LockManagerBuilder {
-    prefix: Vec<u8>,
-    defaults: LockOptions,
-    pub(crate) command_timeout: Duration,
-    pub(crate) connect_timeout: Duration,
-    pub(crate) node_timeout: Duration,
-    notify: bool,
-    pubsub: Option<redis::Client>,
-    connection_times_out: bool,
-}
-
-impl Default for LockManagerBuilder {
-    fn default() -> Self {
-        LockManagerBuilder {
-            prefix: DEFAULT_PREFIX.as_bytes().to_vec(),
-            defaults: LockOptions::new(),
-            command_timeout: DEFAULT_COMMAND_TIMEOUT,
-            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
-            notify: true,
-            pubsub: None,
-            connection_times_out: false,
-            node_timeout: DEFAULT_NODE_TIMEOUT,
-        }
-    }
-}
-
-impl LockManagerBuilder {
-    /// The prefix of every Redis key the manager touches (default [`DEFAULT_PREFIX`], at most
-    /// [`MAX_PREFIX_LEN`](crate::MAX_PREFIX_LEN) bytes). Managers that must exclude each
-    /// other need the same prefix.
-    pub fn prefix(mut self, prefix: impl AsRef<[u8]>) -> Self {
-        self.prefix = prefix.as_ref().to_vec();
-        self
-    }
-
-    /// The options [`lock`](LockManager::lock) and [`try_lock`](LockManager::try_lock) use
-    /// (default [`LockOptions::new`]).
-    pub fn default_options(mut self, options: LockOptions) -> Self {
-        self.defaults = options;
-        self
-    }
-
-    /// The longest distlock waits for the reply to one command before it reports
-    /// [`Error::Redis`] (default [`DEFAULT_COMMAND_TIMEOUT`]). Must be above zero.
-    ///
-    /// With [`connect`](Self::connect) it is the response timeout of the reconnecting
-    /// connection. With [`build`](Self::build), distlock enforces it with a timer of its own
-    /// around every command, unless [`connection_enforces_timeout`](Self::connection_enforces_timeout)
-    /// says the connection already does.
-    pub fn command_timeout(mut self, timeout: Duration) -> Self {
-        self.command_timeout = timeout;
-        self
-    }
-
-    /// For [`build`](Self::build): the connection given bounds every reply in time itself,
-    /// so distlock adds no timer of its own (one less timer per command). redis-rs's
-    /// `MultiplexedConnection` and `ConnectionManager` do (a 500 ms response timeout unless
-    /// configured otherwise). Do not claim it for a connection without a response timeout:
-    /// a server that stops answering would then make calls wait forever.
-    pub fn connection_enforces_timeout(mut self) -> Self {
-        self.connection_times_out = true;
-        self
-    }
-
-    /// The longest [`connect`](Self::connect) takes to reach the server (default
-    /// [`DEFAULT_CONNECT_TIMEOUT`]). Must be above zero.
-    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
-        self.connect_timeout = timeout;
-        self
-    }
-
-    /// Release notifications (default on): releases are published on the lock's pub/sub
-    /// channel, and waiters of this manager sleep until a release wakes them instead of
-    /// polling. Waiters share one subscription connection per manager and are woken in
-    /// arrival order, one per release. A notification is only a shortcut: every wait is
-    /// still bounded by the holder's remaining TTL, the backoff policy and the wait budget.
-    ///
-    /// Off, releases are not published and waiters poll with the backoff policy. Managers
-    /// that compete for the same locks should agree: a manager with notifications off does
-    /// not wake the waiters of the others.
-    pub fn notify(mut self, on: bool) -> Self {
-        self.notify = on;
-        self
-    }
-
-    /// The client to open the subscription connection with, for a manager built with
-    /// [`build`](Self::build) on a connection of your own (which cannot subscribe).
-    /// [`connect`](Self::connect) uses its own URL. Without one, waiters poll.
-    pub fn notify_via(mut self, client: redis::Client) -> Self {
-        self.pubsub = Some(client);
-        self
-    }
-
-    /// For a lock over several primaries ([`connect_redlock`](Self::connect_redlock),
-    /// [`build_redlock`](Self::build_redlock)): the longest one node's answer to an acquire,
-    /// extend or release is waited for (default [`DEFAULT_NODE_TIMEOUT`]). A node that takes
-    /// longer counts as failed for that call, so one slow node delays a call by at most this
-    /// much. Keep it well below the lease TTL: an acquire takes up to this long, and the
-    /// lease's validity is what remains of the TTL after it. Must be above zero.
-    ///
-    /// ```no_run
-    /// # async fn demo() -> distlock::Result<()> {
-    /// use std::time::Duration;
-    /// let locks = distlock::LockManager::builder()
-    ///     .node_timeout(Duration::from_millis(30)) // nodes in one data center
-    ///     .connect_redlock(["redis://a:6379", "redis://b:6379", "redis://c:6379"])
-    ///     .await?;
-    /// # Ok(()) }
-    /// ```
-    pub fn node_timeout(mut self, timeout: Duration) -> Self {
-        self.node_timeout = timeout;
-        self
-    }
-
-    /// Connects to `url` (`redis://[user:password@]host[:port][/db]`, `unix://…`) through a
-    /// [`ConnectionManager`], which reconnects by itself after a failure.
-    ///
-    /// # Errors
-    ///
-    /// [`Error::InvalidArgument`] for a URL that does not parse, a `rediss://` URL without
-    /// the `tls` feature, a server older than [`MIN_REDIS_VERSION`], or a bad option;
-    /// [`Error::Redis`] when the server cannot be reached (refused, wrong password, or no
-    /// answer within the connect timeout).
-    ///
-    /// A server whose `maxmemory-policy` may evict keys is accepted with one warning
-    /// (an evicted lease lets a second owner in): see the crate docs on guarantees.
-    ///
-    /// # Cancel safety
-    ///
-    /// Dropping the future abandons the connection attempt; nothing is left behind.
-    pub async fn connect(mut self, url: &str) -> Result<LockManager> {
-        self.check()?;
-        let client = open_client(url)?;
-        if self.pubsub.is_none() {
-            self.pubsub = Some(client.clone());
-        }
-        // The connection manager's response timeout is the command timeout.
-        self.connection_times_out = true;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(self.connect_timeout))
-            .set_response_timeout(Some(self.command_timeout))
-            .set_number_of_retries(2)
-            .set_max_delay(Duration::from_millis(500));
-        let connect = ConnectionManager::new_with_config(client, config);
-        let mut conn = match tokio::time::timeout(self.connect_timeout, connect).await {
-            Ok(conn) => conn?,
-            Err(_) => {
-                return Err(Error::Redis(
-                    io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        format!(
-                            "could not connect to Redis within {:?}",
-                            self.connect_timeout
-                        ),
-                    )
-                    .into(),
-                ));
-            }
-        };
-        check_server(&mut conn, url).await?;
-        self.build(conn)
-    }
-
-    /// Builds the manager on a connection you already have: a [`ConnectionManager`], a
-    /// [`MultiplexedConnection`](redis::aio::MultiplexedConnection), a pooled connection,
-    /// anything that implements [`ConnectionLike`] and is cheap to clone.
-    ///
-    /// # Errors
-    ///
-    /// [`Error::InvalidArgument`] for a bad prefix, timeout or default option.
-    pub fn build<C>(self, conn: C) -> Result<LockManager>
-    where
-        C: ConnectionLike + Clone + Send + Sync + 'static,
-    {
-        self.check()?;
-        let timer = (!self.connection_times_out).then_some(self.command_timeout);
-        let store = RedisStore::new(conn, timer, self.notify);
-        Ok(self.with_store(Arc::new(store)))
-    }
-
-    /// The manager over any store: where its leases live is the store's business.
-    pub(crate) fn with_store(self, store: Arc<dyn LeaseStore>) -> LockManager {
-        let notifier = match (self.notify, self.pubsub) {
-            (true, Some(client)) => Some(Notifier::new(
-                client,
-                self.connect_timeout,
-                self.command_timeout,
-            )),
-            _ => None,
-        };
-        LockManager {
-            shared: Arc::new(Shared {
-                watchdog: Watchdog::new(Arc::clone(&store)),
-                store,
-                notifier,
-                prefix: self.prefix.into(),
-                defaults: self.defaults,
-            }),
-        }
-    }
-
-    pub(crate) fn check(&self) -> Result<()> {
-        validate_prefix(&self.prefix)?;
-        if self.command_timeout.is_zero()
-            || self.connect_timeout.is_zero()
-            || self.node_timeout.is_zero()
-        {
-            return Err(Error::invalid("timeout", "timeouts must be above zero"));
-        }
-        self.defaults.validate()
-    }
-}
-
-/// Opens a client for `url`, or says why it cannot be used.
-///
-/// `rediss://` needs this crate's `tls` feature: without it the URL is rejected here, even
-/// when another crate of the application turned on redis-rs' TLS (rustls would panic on
-/// the first connection for want of a crypto provider). With it, rustls' `ring` provider is
-/// installed as the process default unless the application installed one already.
-pub(crate) fn open_client(url: &str) -> Result<redis::Client> {
-    let tls = url
-        .get(..8)
-        .is_some_and(|scheme| scheme.eq_ignore_ascii_case("rediss:/"));
-    if tls {
-        #[cfg(not(feature = "tls"))]
-        return Err(Error::invalid(
-            "url",
-            "rediss:// needs distlock's `tls` cargo feature",
-        ));
-        #[cfg(feature = "tls")]
-        {
-            // `Err` means a provider is installed already: the application's choice stands.
-            let _ = rustls::crypto::ring::default_provider().install_default();
-        }
-    }
-    redis::Client::open(url).map_err(|e| Error::invalid("url", e.to_string()))
-}
-
-/// The oldest Redis accepted by [`LockManagerBuilder::connect`]: the acquire script writes
-/// after reading `TIME`, which needs script effects replication, the default from 5.0 on.
-pub const MIN_REDIS_VERSION: (u32, u32) = (5, 0);
-
-/// What `INFO` tells about a server that matters to leases: its version (rejected below
-/// [`MIN_REDIS_VERSION`]) and its eviction policy (warned about once when it may evict
-/// lease keys). A server that does not allow `INFO` is taken as it is.
-pub(crate) async fn check_server<C: ConnectionLike + Send>(conn: &mut C, url: &str) -> Result<()> {
-    let info: String = match redis::cmd("INFO").query_async(conn).await {
-        Ok(info) => info,
-        Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoPerm) => {
-            return Ok(());
-        }
-        Err(e) => {
-            tracing::debug!(error = %e, "INFO not available; server not checked");
-            return Ok(());
-        }
-    };
-    let field = |name: &str| {
-        info.lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
-            .map(str::trim)
-    };
-    if let Some(version) = field("redis_version") {
-        let mut parts = version.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
-        let found = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
-        if found < MIN_REDIS_VERSION {
-            return Err(Error::invalid(
-                "url",
-                format!(
-                    "{} runs Redis {version}; distlock needs Redis {}.{} or later",
-                    crate::error::display_key(url.as_bytes()),
-                    MIN_REDIS_VERSION.0,
-                    MIN_REDIS_VERSION.1
-                ),
-            ));
-        }
-    }
-    if let Some(policy) = field("maxmemory_policy")
-        && evicts_leases(policy)
-    {
-        tracing::warn!(
-            policy,
-            "the server may evict keys under memory pressure (maxmemory-policy {policy}): an \
-             evicted lease lets a second owner in; use noeviction (or volatile-* with no other \
-             keys that expire) for lock data"
-        );
-    }
-    Ok(())
-}
-
-/// Whether a `maxmemory-policy` can evict a lease key (a key with a TTL).
-fn evicts_leases(policy: &str) -> bool {
-    policy.starts_with("allkeys-") || policy.starts_with("volatile-")
-}
-
 /// The result of one acquire attempt.
 enum Attempt {
     Taken(LockGuard),
@@ -436,36 +73,22 @@ enum Attempt {
 }
 
 impl LockManager {
-    /// Connects to `url` with the default prefix, options and timeouts. See
-    /// [`LockManagerBuilder::connect`] for the errors and for other settings.
-    ///
-    /// # Cancel safety
-    ///
-    /// Dropping the future abandons the connection attempt; nothing is left behind.
-    pub async fn connect(url: &str) -> Result<Self> {
-        Self::builder().connect(url).await
-    }
-
-    /// A manager on a connection you already have, with the default prefix, options and
-    /// command timeout. See [`LockManagerBuilder::build`].
-    ///
-    /// ```no_run
-    /// # async fn demo() -> distlock::Result<()> {
-    /// let client = redis::Client::open("redis://127.0.0.1:6379")?;
-    /// let conn = client.get_multiplexed_async_connection().await?;
-    /// let locks = distlock::LockManager::new(conn)?;
-    /// # Ok(()) }
-    /// ```
-    pub fn new<C>(conn: C) -> Result<Self>
-    where
-        C: ConnectionLike + Clone + Send + Sync + 'static,
-    {
-        Self::builder().build(conn)
-    }
-
-    /// A builder for a prefix, default options and timeouts.
-    pub fn builder() -> LockManagerBuilder {
-        LockManagerBuilder::default()
+    /// The manager over `store`: where its leases live is the store's business.
+    pub(crate) fn from_parts(
+        store: Arc<dyn LeaseStore>,
+        notifier: Option<Notifier>,
+        prefix: Box<[u8]>,
+        defaults: LockOptions,
+    ) -> Self {
+        LockManager {
+            shared: Arc::new(Shared {
+                renewal: AutoExtender::new(Arc::clone(&store)),
+                store,
+                notifier,
+                prefix,
+                defaults,
+            }),
+        }
     }
 
     /// The options [`lock`](Self::lock) and [`try_lock`](Self::try_lock) use.
@@ -543,118 +166,27 @@ impl LockManager {
         auto_extend_default: bool,
     ) -> Result<LockGuard> {
         let started = Instant::now();
-        options.validate()?;
         let key = LockKey::new(&self.shared.prefix, key)?;
-        let request = Request::new(options, auto_extend_default)?;
-        let ttl = request.ttl;
-        let deadline = started.checked_add(options.wait_budget()).ok_or_else(|| {
+        let request = options.check(auto_extend_default)?;
+        let deadline = started.checked_add(request.wait).ok_or_else(|| {
             Error::invalid("wait", "the wait budget overflows the monotonic clock")
         })?;
-        let span = tracing::debug_span!(
-            "distlock.lock",
-            key = %key,
-            ttl_ms = ttl.as_millis()
-        );
+        let span =
+            tracing::debug_span!("distlock.lock", key = %key, ttl_ms = request.ttl.as_millis());
         async {
-            let mut delays = options.backoff_policy().delays();
-            let mut attempts: u32 = 0;
-            let mut waiter: Option<Waiter> = None;
-            // The last attempt failed on the connection, not on a holder: what to report
-            // if the budget runs out now.
-            let mut failure: Option<Error> = None;
-            // First come, first served within this manager: when callers of this manager
-            // already wait for the key, queue behind them instead of snatching it from
-            // the one a release is waking.
-            let mut wait_turn = false;
-            if let Some(notifier) = &self.shared.notifier
-                && notifier.has_waiters(key.released_channel())
-                && let Some(queued) = notifier.register(key.released_channel())
-            {
-                waiter = Some(queued);
-                wait_turn = true;
-            }
+            let notifier = self.shared.notifier.as_ref();
+            let delays = request.backoff.delays();
+            let mut wait = Wait::new(&key, notifier, delays, started, deadline);
             loop {
-                let now = Instant::now();
-                // Whether a release after the coming attempt is sure to wake this waiter.
-                let listening = waiter.as_ref().is_some_and(Waiter::listening);
-                let pttl = if std::mem::take(&mut wait_turn) {
-                    None
-                } else {
-                    attempts = attempts.saturating_add(1);
-                    match self.attempt(&key, request).await {
+                if wait.attempt_now() {
+                    match self.attempt(&key, &request).await {
                         Ok(Attempt::Taken(guard)) => return Ok(guard),
-                        Ok(Attempt::Held { pttl }) => {
-                            failure = None;
-                            pttl
-                        }
-                        Err(e) if e.is_transient() => {
-                            tracing::debug!(error = %e, "attempt failed on the connection; retrying");
-                            failure = Some(e);
-                            None
-                        }
+                        Ok(Attempt::Held { pttl }) => wait.held(pttl),
+                        Err(e) if e.is_transient() => wait.failed(e),
                         Err(e) => return Err(e),
                     }
-                };
-                let now_after = Instant::now();
-                let delay = match delays.next() {
-                    Some(delay) if now_after < deadline => delay,
-                    // However the budget or attempt limit is set, one attempt is made.
-                    _ if attempts == 0 => continue,
-                    _ => {
-                        let waited = now_after.saturating_duration_since(started);
-                        tracing::debug!(attempts, ?waited, "gave up waiting");
-                        return Err(failure.unwrap_or_else(|| Error::Timeout {
-                            key: key.display(),
-                            waited,
-                            attempts,
-                        }));
-                    }
-                };
-                let now = now_after.max(now);
-                let poll = now.checked_add(delay).map_or(deadline, |t| t.min(deadline));
-                if failure.is_some() {
-                    tokio::time::sleep_until(poll.into()).await;
-                    continue;
                 }
-                if waiter.is_none()
-                    && let Some(notifier) = &self.shared.notifier
-                    && let Some(registered) = notifier.register(key.released_channel())
-                {
-                    // Subscribe, then try again at once: that attempt decides to wait, and
-                    // any release after it wakes this waiter. The subscription is waited
-                    // for no longer than the poll would be; until it is confirmed, this
-                    // waiter polls.
-                    let confirmed = registered.until_listening(poll).await;
-                    waiter = Some(registered);
-                    if confirmed {
-                        continue;
-                    }
-                }
-                // Every wait ends by the holder's remaining TTL (an expiry is not
-                // announced) and the budget. A polling waiter also retries after a backoff
-                // step; with notifications only the longest-waiting waiter of this manager
-                // does (a missed notification costs at most that), the others wait their
-                // turn instead of snatching the lock from it.
-                let held_until = pttl.and_then(|left| now.checked_add(left + EXPIRY_SLACK));
-                if let (Some(waiter), Some(until)) = (&waiter, held_until) {
-                    waiter.note_held_until(until);
-                }
-                let mut bound = deadline;
-                if let Some(until) = held_until.or_else(|| waiter.as_ref()?.held_until()) {
-                    bound = bound.min(until.max(now));
-                }
-                let poll = poll.min(bound);
-                tracing::trace!(attempts, ?delay, ?pttl, "held by another owner; waiting");
-                match &waiter {
-                    Some(waiter) => {
-                        let first = waiter.is_first();
-                        waiter
-                            .wait(if listening && !first { bound } else { poll })
-                            .await;
-                        waiter.rearm();
-                    }
-                    None => tokio::time::sleep_until(poll.into()).await,
-                }
+                wait.pause().await?;
             }
         }
         .instrument(span)
@@ -700,14 +232,14 @@ impl LockManager {
         options: LockOptions,
     ) -> Result<LockGuard> {
         let key = LockKey::new(&self.shared.prefix, key.as_ref())?;
-        let request = Request::new(&options, false)?;
+        let request = options.check(false)?;
         let span = tracing::debug_span!(
             "distlock.try_lock",
             key = %key,
             ttl_ms = request.ttl.as_millis()
         );
         async {
-            match self.attempt(&key, request).await? {
+            match self.attempt(&key, &request).await? {
                 Attempt::Taken(guard) => Ok(guard),
                 Attempt::Held { pttl } => Err(Error::Contended {
                     key: key.display(),
@@ -803,7 +335,7 @@ impl LockManager {
     }
 
     /// One acquire round trip with a fresh token.
-    async fn attempt(&self, key: &LockKey, request: Request) -> Result<Attempt> {
+    async fn attempt(&self, key: &LockKey, request: &Checked) -> Result<Attempt> {
         let ttl = request.ttl;
         let token = Token::generate();
         let runtime = Handle::try_current().ok();
@@ -846,7 +378,7 @@ impl LockManager {
                 tracing::debug!(token = token.short(), ?fence, "acquired");
                 let lease = Arc::new(Lease::new(key.clone(), token, fence, ttl, sent, replied));
                 let renewal = match (&runtime, request.auto_extend) {
-                    (Some(runtime), true) => Some(self.shared.watchdog.register(
+                    (Some(runtime), true) => Some(self.shared.renewal.register(
                         Arc::clone(&lease),
                         sent,
                         request.max_hold,

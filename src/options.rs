@@ -2,8 +2,8 @@
 
 use std::time::{Duration, Instant};
 
+use crate::backoff::Backoff;
 use crate::error::{Error, Result};
-use crate::retry::Backoff;
 
 /// The shortest lease TTL accepted: 10 ms.
 ///
@@ -106,14 +106,6 @@ impl LockOptions {
         self
     }
 
-    /// Whether these options turn auto-extension on, given the call's default.
-    pub const fn auto_extend_or(&self, default: bool) -> bool {
-        match self.auto_extend {
-            Some(on) => on,
-            None => default,
-        }
-    }
-
     /// The hold-time cap these options give, if any.
     pub const fn hold_cap(&self) -> Option<Duration> {
         self.max_hold
@@ -134,8 +126,10 @@ impl LockOptions {
         self.backoff
     }
 
-    pub(crate) fn validate(&self) -> Result<()> {
-        Ttl::new(self.ttl)?;
+    /// These options, checked, for a call whose auto-extension default is
+    /// `auto_extend_default`: the one place options are validated.
+    pub(crate) fn check(&self, auto_extend_default: bool) -> Result<Checked> {
+        let mut ttl = Ttl::new(self.ttl)?;
         if Instant::now().checked_add(self.wait).is_none() {
             return Err(Error::invalid(
                 "wait",
@@ -145,8 +139,39 @@ impl LockOptions {
                 ),
             ));
         }
-        self.backoff.validate()
+        self.backoff.validate()?;
+        if let Some(hold) = self.max_hold {
+            if hold < MIN_TTL {
+                return Err(Error::invalid(
+                    "max_hold",
+                    format!("a hold-time cap must be at least {MIN_TTL:?}, got {hold:?}"),
+                ));
+            }
+            // The lease never outlives the cap, whatever the TTL: a cap shorter than the
+            // TTL is the TTL of the first lease.
+            if hold < ttl.as_duration() {
+                ttl = Ttl::new(hold)?;
+            }
+        }
+        Ok(Checked {
+            ttl,
+            wait: self.wait,
+            backoff: self.backoff,
+            auto_extend: self.auto_extend.unwrap_or(auto_extend_default),
+            max_hold: self.max_hold,
+        })
     }
+}
+
+/// What one call asks for, checked ([`LockOptions::check`]).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Checked {
+    /// The TTL of the first lease: the options' TTL, or the hold-time cap if shorter.
+    pub(crate) ttl: Ttl,
+    pub(crate) wait: Duration,
+    pub(crate) backoff: Backoff,
+    pub(crate) auto_extend: bool,
+    pub(crate) max_hold: Option<Duration>,
 }
 
 /// A checked lease TTL.
@@ -239,7 +264,7 @@ mod tests {
     #[test]
     fn wait_budget_that_overflows_the_clock_is_rejected() {
         let opts = LockOptions::new().wait(Duration::MAX);
-        assert_eq!(what(opts.validate().unwrap_err()), "wait");
+        assert_eq!(what(opts.check(false).unwrap_err()), "wait");
     }
 
     #[test]

@@ -6,13 +6,12 @@
 //! guard code stay as they are.
 
 use std::future::Future;
-use std::io;
 use std::pin::Pin;
 use std::time::Duration;
 
 use redis::aio::ConnectionLike;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, LostReason, Result};
 use crate::key::{LockKey, Token};
 use crate::options::Ttl;
 use crate::scripts;
@@ -29,18 +28,36 @@ pub(crate) enum Acquire {
     Held { pttl: Option<Duration> },
 }
 
-/// What a compare-and-act command (extend, release) found.
+/// What one server's compare-and-act command (extend, release) found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Verdict {
+pub(crate) enum NodeAnswer {
     /// The key held our token and the command took effect.
     Done,
     /// The key was gone: the lease expired.
     Expired,
-    /// The key holds another token.
+    /// The key holds another token (or a value of another type).
     Taken,
-    /// A store spread over several nodes could not confirm the lease on a majority of
-    /// them (too many failed or timed out): the lease must be treated as lost.
-    NoQuorum,
+}
+
+/// What a store's compare-and-act call comes to for the lease: done, or the lease is lost
+/// and why. A store over one server answers with its [`NodeAnswer`]; a store over several
+/// counts theirs (and may answer [`LostReason::NoQuorum`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Verdict {
+    /// The command took effect where it had to.
+    Done,
+    /// The lease is gone.
+    Lost(LostReason),
+}
+
+impl From<NodeAnswer> for Verdict {
+    fn from(answer: NodeAnswer) -> Self {
+        match answer {
+            NodeAnswer::Done => Verdict::Done,
+            NodeAnswer::Expired => Verdict::Lost(LostReason::Expired),
+            NodeAnswer::Taken => Verdict::Lost(LostReason::Taken),
+        }
+    }
 }
 
 /// Acquire, extend and release one lease. Implementations bound every call in time.
@@ -158,45 +175,36 @@ where
             None => call.await,
             Some(limit) => match tokio::time::timeout(limit, call).await {
                 Ok(result) => result,
-                Err(_) => Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    format!("no reply from Redis within {limit:?}"),
-                )
-                .into()),
+                Err(_) => Err(crate::error::timed_out(format!(
+                    "no reply from Redis within {limit:?}"
+                ))),
             },
         }
     }
 }
 
-fn verdict(code: i64) -> Result<Verdict> {
+fn answer(code: i64) -> Result<NodeAnswer> {
     match code {
-        1 => Ok(Verdict::Done),
-        0 => Ok(Verdict::Expired),
-        -1 => Ok(Verdict::Taken),
-        other => Err(unexpected_reply(format!("script returned {other}"))),
+        1 => Ok(NodeAnswer::Done),
+        0 => Ok(NodeAnswer::Expired),
+        -1 => Ok(NodeAnswer::Taken),
+        other => Err(Error::unexpected_reply(format!("script returned {other}"))),
     }
 }
 
-/// A reply the scripts never give: not a connection failure, so never retried.
-pub(crate) fn unexpected_reply(detail: String) -> Error {
-    Error::Redis(redis::RedisError::from((
-        redis::ErrorKind::UnexpectedReturnType,
-        "unexpected reply from Redis",
-        detail,
-    )))
-}
-
-impl<C> LeaseStore for RedisStore<C>
+impl<C> RedisStore<C>
 where
     C: ConnectionLike + Clone + Send + Sync + 'static,
 {
-    fn acquire<'a>(
-        &'a self,
-        key: &'a LockKey,
-        token: &'a Token,
+    /// `SET key token NX PX ttl` on this server, with a fencing token if the store hands
+    /// them out.
+    pub(crate) async fn acquire_here(
+        &self,
+        key: &LockKey,
+        token: &Token,
         ttl: Ttl,
-    ) -> BoxFuture<'a, Result<Acquire>> {
-        Box::pin(async move {
+    ) -> Result<Acquire> {
+        {
             let mut conn = self.conn.clone();
             let call = if self.fenced {
                 let mut call = scripts::ACQUIRE.key(key.lease());
@@ -215,33 +223,37 @@ where
                 1 if !self.fenced => Ok(Acquire::Taken { fence: None }),
                 1 => u64::try_from(value)
                     .map(|fence| Acquire::Taken { fence: Some(fence) })
-                    .map_err(|_| unexpected_reply(format!("negative fencing token {value}"))),
+                    .map_err(|_| {
+                        Error::unexpected_reply(format!("negative fencing token {value}"))
+                    }),
                 // PTTL is -1 for a key without expiry (set by something else than distlock).
                 0 => Ok(Acquire::Held {
                     pttl: u64::try_from(value).ok().map(Duration::from_millis),
                 }),
-                other => Err(unexpected_reply(format!("acquire returned {other}"))),
+                other => Err(Error::unexpected_reply(format!("acquire returned {other}"))),
             }
-        })
+        }
     }
 
-    fn extend<'a>(
-        &'a self,
-        key: &'a LockKey,
-        token: &'a Token,
+    /// Compare-and-`PEXPIRE` on this server.
+    pub(crate) async fn extend_here(
+        &self,
+        key: &LockKey,
+        token: &Token,
         ttl: Ttl,
-    ) -> BoxFuture<'a, Result<Verdict>> {
-        Box::pin(async move {
+    ) -> Result<NodeAnswer> {
+        {
             let mut conn = self.conn.clone();
             let mut call = scripts::EXTEND.key(key.lease());
             call.arg(token.as_bytes()).arg(ttl.as_millis());
             let code: i64 = self.invoke(&call, &mut conn).await?;
-            verdict(code)
-        })
+            answer(code)
+        }
     }
 
-    fn release<'a>(&'a self, key: &'a LockKey, token: &'a Token) -> BoxFuture<'a, Result<Verdict>> {
-        Box::pin(async move {
+    /// Compare-and-delete on this server, announced to waiters if the store does.
+    pub(crate) async fn release_here(&self, key: &LockKey, token: &Token) -> Result<NodeAnswer> {
+        {
             let mut conn = self.conn.clone();
             let mut call = scripts::RELEASE.key(key.lease());
             call.arg(token.as_bytes());
@@ -249,12 +261,14 @@ where
                 call.arg(key.released_channel());
             }
             let code: i64 = self.invoke(&call, &mut conn).await?;
-            verdict(code)
-        })
+            answer(code)
+        }
     }
 
-    fn extend_many<'a>(&'a self, batch: &'a [Renewal]) -> BoxFuture<'a, Vec<Result<Verdict>>> {
-        Box::pin(async move {
+    /// Compare-and-`PEXPIRE` of many leases on this server, one script call per
+    /// [`RENEWALS_PER_CALL`]; one answer per lease, in order.
+    pub(crate) async fn extend_many_here(&self, batch: &[Renewal]) -> Vec<Result<NodeAnswer>> {
+        {
             let mut out = Vec::with_capacity(batch.len());
             for chunk in batch.chunks(RENEWALS_PER_CALL) {
                 let mut conn = self.conn.clone();
@@ -266,10 +280,10 @@ where
                 }
                 match self.invoke::<Vec<i64>>(&call, &mut conn).await {
                     Ok(codes) if codes.len() == chunk.len() => {
-                        out.extend(codes.into_iter().map(verdict));
+                        out.extend(codes.into_iter().map(answer));
                     }
                     Ok(codes) => {
-                        let err = unexpected_reply(format!(
+                        let err = Error::unexpected_reply(format!(
                             "{} results for {} leases",
                             codes.len(),
                             chunk.len()
@@ -283,6 +297,43 @@ where
                 }
             }
             out
+        }
+    }
+}
+
+impl<C> LeaseStore for RedisStore<C>
+where
+    C: ConnectionLike + Clone + Send + Sync + 'static,
+{
+    fn acquire<'a>(
+        &'a self,
+        key: &'a LockKey,
+        token: &'a Token,
+        ttl: Ttl,
+    ) -> BoxFuture<'a, Result<Acquire>> {
+        Box::pin(self.acquire_here(key, token, ttl))
+    }
+
+    fn extend<'a>(
+        &'a self,
+        key: &'a LockKey,
+        token: &'a Token,
+        ttl: Ttl,
+    ) -> BoxFuture<'a, Result<Verdict>> {
+        Box::pin(async move { self.extend_here(key, token, ttl).await.map(Verdict::from) })
+    }
+
+    fn release<'a>(&'a self, key: &'a LockKey, token: &'a Token) -> BoxFuture<'a, Result<Verdict>> {
+        Box::pin(async move { self.release_here(key, token).await.map(Verdict::from) })
+    }
+
+    fn extend_many<'a>(&'a self, batch: &'a [Renewal]) -> BoxFuture<'a, Vec<Result<Verdict>>> {
+        Box::pin(async move {
+            self.extend_many_here(batch)
+                .await
+                .into_iter()
+                .map(|answer| answer.map(Verdict::from))
+                .collect()
         })
     }
 }

@@ -28,7 +28,7 @@ use crate::store::{LeaseStore, Renewal, Verdict};
 
 /// The renewal task of one manager (started on demand, gone when nothing is registered).
 #[derive(Clone)]
-pub(crate) struct Watchdog {
+pub(crate) struct AutoExtender {
     inner: Arc<Inner>,
 }
 
@@ -57,12 +57,12 @@ struct Entry {
 }
 
 /// Registration of one lease with the renewal task; dropping it stops the renewal.
-pub(crate) struct RenewalTicket {
+pub(crate) struct AutoExtension {
     inner: Weak<Inner>,
     id: u64,
 }
 
-impl RenewalTicket {
+impl AutoExtension {
     /// The lease's TTL or deadline changed outside the renewal task (an explicit extend):
     /// plan again.
     pub(crate) fn reschedule(&self) {
@@ -72,7 +72,7 @@ impl RenewalTicket {
     }
 }
 
-impl Drop for RenewalTicket {
+impl Drop for AutoExtension {
     fn drop(&mut self) {
         if let Some(inner) = self.inner.upgrade() {
             let entry = inner.registry().entries.remove(&self.id);
@@ -91,9 +91,9 @@ fn period(ttl: Ttl) -> Duration {
     ttl.as_duration() / 3
 }
 
-impl Watchdog {
+impl AutoExtender {
     pub(crate) fn new(store: Arc<dyn LeaseStore>) -> Self {
-        Watchdog {
+        AutoExtender {
             inner: Arc::new(Inner {
                 store,
                 registry: Mutex::new(Registry::default()),
@@ -110,7 +110,7 @@ impl Watchdog {
         acquired_at: Instant,
         max_hold: Option<Duration>,
         runtime: &Handle,
-    ) -> RenewalTicket {
+    ) -> AutoExtension {
         lease.set_renewed(true);
         let entry = Entry {
             not_before: None,
@@ -130,7 +130,7 @@ impl Watchdog {
             let inner = Arc::clone(&self.inner);
             runtime.spawn(run(inner, task).instrument(tracing::debug_span!("distlock.renewal")));
         }
-        RenewalTicket {
+        AutoExtension {
             inner: Arc::downgrade(&self.inner),
             id,
         }
@@ -325,17 +325,13 @@ async fn renew(inner: &Inner, mut batch: Vec<Item>) {
                     entry.not_before = None;
                 }
             }
-            Ok(Verdict::Expired) => {
-                lease.mark_lost(LostReason::Expired);
-                registry.entries.remove(&id);
-            }
-            Ok(Verdict::Taken) => {
-                lease.mark_lost(LostReason::Taken);
+            Ok(Verdict::Lost(reason)) if reason != LostReason::NoQuorum => {
+                lease.mark_lost(reason);
                 registry.entries.remove(&id);
             }
             // Too few nodes of a multi-primary lease confirmed this round: like an
             // unreachable server, retried until the lease's own deadline decides.
-            Ok(Verdict::NoQuorum) | Err(_) => {
+            Ok(Verdict::Lost(_)) | Err(_) => {
                 failed += 1;
                 lease.abandon_extend(op);
                 if let Some(entry) = entry {

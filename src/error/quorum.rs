@@ -4,7 +4,7 @@
 use std::fmt;
 use std::time::Duration;
 
-use crate::error::Error;
+use super::Error;
 
 /// Which call on a lock over several primaries failed to reach a majority.
 ///

@@ -3,7 +3,9 @@
 use std::fmt;
 use std::time::Duration;
 
-use crate::quorum::QuorumError;
+mod quorum;
+
+pub use quorum::{NodeOutcome, NodeReport, QuorumError, QuorumOperation};
 
 /// A `Result` whose error is [`enum@Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -151,7 +153,16 @@ impl Error {
 
     /// A reply that came too late or never: the kind of error a response timeout gives.
     pub(crate) fn timed_out(detail: impl Into<String>) -> Self {
-        Error::Redis(std::io::Error::new(std::io::ErrorKind::TimedOut, detail.into()).into())
+        Error::Redis(timed_out(detail))
+    }
+
+    /// A reply the scripts never give: not a connection failure, so never retried.
+    pub(crate) fn unexpected_reply(detail: impl Into<String>) -> Self {
+        Error::Redis(redis::RedisError::from((
+            redis::ErrorKind::UnexpectedReturnType,
+            "unexpected reply from Redis",
+            detail.into(),
+        )))
     }
 
     pub(crate) fn invalid(what: &'static str, detail: impl Into<String>) -> Self {
@@ -230,4 +241,10 @@ pub(crate) fn display_key(name: &[u8]) -> String {
     } else {
         text.into_owned()
     }
+}
+
+/// The Redis error of a reply that came too late or never, as a response timeout gives it
+/// (`is_timeout()` holds, so it counts as transient).
+pub(crate) fn timed_out(detail: impl Into<String>) -> redis::RedisError {
+    std::io::Error::new(std::io::ErrorKind::TimedOut, detail.into()).into()
 }

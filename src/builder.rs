@@ -1,0 +1,474 @@
+//! Every way to construct a [`LockManager`]: [`LockManagerBuilder`] and its defaults.
+//!
+//! One builder, one shared connection configuration, and one constructor per place a lease
+//! can live: a single primary from a URL ([`connect`](LockManagerBuilder::connect)) or from
+//! a connection of yours ([`build`](LockManagerBuilder::build)), several independent
+//! primaries ([`connect_redlock`](LockManagerBuilder::connect_redlock),
+//! [`build_redlock`](LockManagerBuilder::build_redlock)). Each constructor makes the store
+//! (what sends lease commands) and hands it to the manager; nothing below the manager knows
+//! how it was built.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+
+use crate::connect::{check_server, open_client};
+use crate::error::{Error, NodeOutcome, QuorumError, QuorumOperation, Result};
+use crate::key::validate_prefix;
+use crate::manager::LockManager;
+use crate::notify::Notifier;
+use crate::options::LockOptions;
+use crate::redlock::{Node, RedlockStore};
+use crate::store::{LeaseStore, RedisStore};
+
+/// The default key prefix: lock `jobs:nightly` lives at `distlock:{jobs:nightly}`.
+pub const DEFAULT_PREFIX: &str = "distlock:";
+
+/// The default bound on one Redis command (acquire, extend or release attempt).
+pub const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The default bound on establishing the connection in [`LockManager::connect`].
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The default bound on one node's answer in a lock over several primaries (see
+/// [`LockManagerBuilder::node_timeout`]): small next to any sensible lease TTL, large next
+/// to a Redis round trip on a healthy network.
+pub const DEFAULT_NODE_TIMEOUT: Duration = Duration::from_millis(100);
+
+/// Builds a [`LockManager`] with a key prefix, default options and timeouts.
+///
+/// ```no_run
+/// # async fn demo() -> distlock::Result<()> {
+/// use std::time::Duration;
+/// use distlock::{LockManager, LockOptions};
+///
+/// let locks = LockManager::builder()
+///     .prefix("billing:locks:")
+///     .default_options(LockOptions::new().ttl(Duration::from_secs(5)))
+///     .command_timeout(Duration::from_millis(500))
+///     .connect("redis://127.0.0.1:6379")
+///     .await?;
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct LockManagerBuilder {
+    prefix: Vec<u8>,
+    defaults: LockOptions,
+    command_timeout: Duration,
+    connect_timeout: Duration,
+    node_timeout: Duration,
+    notify: bool,
+    pubsub: Option<redis::Client>,
+    connection_times_out: bool,
+}
+
+impl Default for LockManagerBuilder {
+    fn default() -> Self {
+        LockManagerBuilder {
+            prefix: DEFAULT_PREFIX.as_bytes().to_vec(),
+            defaults: LockOptions::new(),
+            command_timeout: DEFAULT_COMMAND_TIMEOUT,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            notify: true,
+            pubsub: None,
+            connection_times_out: false,
+            node_timeout: DEFAULT_NODE_TIMEOUT,
+        }
+    }
+}
+
+impl LockManagerBuilder {
+    /// The prefix of every Redis key the manager touches (default [`DEFAULT_PREFIX`], at most
+    /// [`MAX_PREFIX_LEN`](crate::MAX_PREFIX_LEN) bytes). Managers that must exclude each
+    /// other need the same prefix.
+    pub fn prefix(mut self, prefix: impl AsRef<[u8]>) -> Self {
+        self.prefix = prefix.as_ref().to_vec();
+        self
+    }
+
+    /// The options [`lock`](LockManager::lock) and [`try_lock`](LockManager::try_lock) use
+    /// (default [`LockOptions::new`]).
+    pub fn default_options(mut self, options: LockOptions) -> Self {
+        self.defaults = options;
+        self
+    }
+
+    /// The longest distlock waits for the reply to one command before it reports
+    /// [`Error::Redis`] (default [`DEFAULT_COMMAND_TIMEOUT`]). Must be above zero.
+    ///
+    /// With [`connect`](Self::connect) it is the response timeout of the reconnecting
+    /// connection. With [`build`](Self::build), distlock enforces it with a timer of its own
+    /// around every command, unless [`connection_enforces_timeout`](Self::connection_enforces_timeout)
+    /// says the connection already does.
+    pub fn command_timeout(mut self, timeout: Duration) -> Self {
+        self.command_timeout = timeout;
+        self
+    }
+
+    /// For [`build`](Self::build): the connection given bounds every reply in time itself,
+    /// so distlock adds no timer of its own (one less timer per command). redis-rs's
+    /// `MultiplexedConnection` and `ConnectionManager` do (a 500 ms response timeout unless
+    /// configured otherwise). Do not claim it for a connection without a response timeout:
+    /// a server that stops answering would then make calls wait forever.
+    pub fn connection_enforces_timeout(mut self) -> Self {
+        self.connection_times_out = true;
+        self
+    }
+
+    /// The longest [`connect`](Self::connect) takes to reach the server (default
+    /// [`DEFAULT_CONNECT_TIMEOUT`]). Must be above zero.
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// Release notifications (default on): releases are published on the lock's pub/sub
+    /// channel, and waiters of this manager sleep until a release wakes them instead of
+    /// polling. Waiters share one subscription connection per manager and are woken in
+    /// arrival order, one per release. A notification is only a shortcut: every wait is
+    /// still bounded by the holder's remaining TTL, the backoff policy and the wait budget.
+    ///
+    /// Off, releases are not published and waiters poll with the backoff policy. Managers
+    /// that compete for the same locks should agree: a manager with notifications off does
+    /// not wake the waiters of the others.
+    pub fn notify(mut self, on: bool) -> Self {
+        self.notify = on;
+        self
+    }
+
+    /// The client to open the subscription connection with, for a manager built with
+    /// [`build`](Self::build) on a connection of your own (which cannot subscribe).
+    /// [`connect`](Self::connect) uses its own URL. Without one, waiters poll.
+    pub fn notify_via(mut self, client: redis::Client) -> Self {
+        self.pubsub = Some(client);
+        self
+    }
+
+    /// For a lock over several primaries ([`connect_redlock`](Self::connect_redlock),
+    /// [`build_redlock`](Self::build_redlock)): the longest one node's answer to an acquire,
+    /// extend or release is waited for (default [`DEFAULT_NODE_TIMEOUT`]). A node that takes
+    /// longer counts as failed for that call, so one slow node delays a call by at most this
+    /// much. Keep it well below the lease TTL: an acquire takes up to this long, and the
+    /// lease's validity is what remains of the TTL after it. Must be above zero.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> distlock::Result<()> {
+    /// use std::time::Duration;
+    /// let locks = distlock::LockManager::builder()
+    ///     .node_timeout(Duration::from_millis(30)) // nodes in one data center
+    ///     .connect_redlock(["redis://a:6379", "redis://b:6379", "redis://c:6379"])
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn node_timeout(mut self, timeout: Duration) -> Self {
+        self.node_timeout = timeout;
+        self
+    }
+
+    /// Connects to `url` (`redis://[user:password@]host[:port][/db]`, `unix://…`) through a
+    /// [`ConnectionManager`], which reconnects by itself after a failure.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidArgument`] for a URL that does not parse, a `rediss://` URL without
+    /// the `tls` feature, a server older than [`MIN_REDIS_VERSION`], or a bad option;
+    /// [`Error::Redis`] when the server cannot be reached (refused, wrong password, or no
+    /// answer within the connect timeout).
+    ///
+    /// A server whose `maxmemory-policy` may evict keys is accepted with one warning
+    /// (an evicted lease lets a second owner in): see the crate docs on guarantees.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future abandons the connection attempt; nothing is left behind.
+    pub async fn connect(mut self, url: &str) -> Result<LockManager> {
+        self.check()?;
+        let client = open_client(url)?;
+        if self.pubsub.is_none() {
+            self.pubsub = Some(client.clone());
+        }
+        // The connection manager's response timeout is the command timeout.
+        self.connection_times_out = true;
+        let config = self.connection_config();
+        let connect = ConnectionManager::new_with_config(client, config);
+        let mut conn = match tokio::time::timeout(self.connect_timeout, connect).await {
+            Ok(conn) => conn?,
+            Err(_) => {
+                return Err(Error::timed_out(format!(
+                    "could not connect to Redis at {} within {:?}",
+                    crate::connect::redacted(url),
+                    self.connect_timeout
+                )));
+            }
+        };
+        check_server(&mut conn, url).await?;
+        self.build(conn)
+    }
+
+    /// Builds the manager on a connection you already have: a [`ConnectionManager`], a
+    /// [`MultiplexedConnection`](redis::aio::MultiplexedConnection), a pooled connection,
+    /// anything that implements [`ConnectionLike`] and is cheap to clone.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidArgument`] for a bad prefix, timeout or default option.
+    pub fn build<C>(self, conn: C) -> Result<LockManager>
+    where
+        C: ConnectionLike + Clone + Send + Sync + 'static,
+    {
+        self.check()?;
+        let timer = (!self.connection_times_out).then_some(self.command_timeout);
+        let store = RedisStore::new(conn, timer, self.notify);
+        Ok(self.into_manager(Arc::new(store)))
+    }
+
+    /// The manager over any store: where its leases live is the store's business.
+    fn into_manager(self, store: Arc<dyn LeaseStore>) -> LockManager {
+        let notifier = match (self.notify, self.pubsub) {
+            (true, Some(client)) => Some(Notifier::new(
+                client,
+                self.connect_timeout,
+                self.command_timeout,
+            )),
+            _ => None,
+        };
+        LockManager::from_parts(store, notifier, self.prefix.into(), self.defaults)
+    }
+
+    /// The configuration of every reconnecting connection a builder opens: the connect
+    /// timeout, the command timeout as response timeout, two quick reconnect tries.
+    fn connection_config(&self) -> ConnectionManagerConfig {
+        ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(self.connect_timeout))
+            .set_response_timeout(Some(self.command_timeout))
+            .set_number_of_retries(2)
+            .set_max_delay(Duration::from_millis(500))
+    }
+
+    fn check(&self) -> Result<()> {
+        validate_prefix(&self.prefix)?;
+        if self.command_timeout.is_zero()
+            || self.connect_timeout.is_zero()
+            || self.node_timeout.is_zero()
+        {
+            return Err(Error::invalid("timeout", "timeouts must be above zero"));
+        }
+        self.defaults.check(false).map(drop)
+    }
+
+    /// Connects to N independent Redis primaries and builds a manager whose locks hold on
+    /// a majority of them (the Redlock algorithm): the lock survives the loss of any
+    /// minority of nodes.
+    ///
+    /// Each URL gets its own reconnecting [`ConnectionManager`]. All nodes are contacted at
+    /// once; a majority must answer within the connect timeout, and nodes that do not are
+    /// kept and retried by every later call, so a manager can start while a minority is
+    /// down.
+    ///
+    /// The locks behave like single-primary locks (same guard, waiting, backoff, drop and
+    /// renewal) with these differences:
+    ///
+    /// - every acquire, extend and release goes to all N nodes at once, each node bounded
+    ///   by [`node_timeout`](Self::node_timeout);
+    /// - an acquire succeeds when a majority (`N/2 + 1`) set the lease and validity is left;
+    ///   the guard's [`valid_until`](crate::LockGuard::valid_until) is
+    ///   `start + ttl - drift`, so its remaining time is `ttl - elapsed - drift`. Any other
+    ///   outcome releases the lease again on every node before returning;
+    /// - "held by another owner" ([`Error::Contended`], [`Error::Timeout`]) when a majority
+    ///   answered but not for us; [`Error::Quorum`] (with every node's answer) when too few
+    ///   answered — returned at once, not waited out;
+    /// - extend and renewal need a majority of all N nodes, or the lease is lost
+    ///   ([`LostReason::NoQuorum`](crate::LostReason::NoQuorum)); a failed extend releases
+    ///   nothing. A successful [`LockGuard::extend`](crate::LockGuard::extend) also sets
+    ///   the lease again on nodes that lost it (restarted empty, or down at acquire);
+    /// - release is sent to all N; see [`LockGuard::release`](crate::LockGuard::release);
+    /// - waiters poll with the backoff policy (bounded by the holder's remaining TTL and
+    ///   the wait budget): release notifications ([`notify`](Self::notify)) are not used,
+    ///   since one subscription would tie every waiter to one node;
+    /// - [`fencing_token`](crate::LockGuard::fencing_token) is `None`: see the crate docs
+    ///   on [several primaries](crate#several-primaries-redlock).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidArgument`] for no URL, a URL that does not parse, the same
+    /// `host:port` listed twice (two entries on one server would let one failure count
+    /// twice), or a bad option; [`Error::Quorum`] when fewer than a majority of nodes
+    /// answered.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future abandons the connection attempts; nothing is left behind.
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # async fn demo() -> distlock::Result<()> {
+    /// use std::time::Duration;
+    /// use distlock::LockManager;
+    ///
+    /// let locks = LockManager::builder()
+    ///     .node_timeout(Duration::from_millis(50))
+    ///     .connect_redlock([
+    ///         "redis://10.0.0.1:6379",
+    ///         "redis://10.0.0.2:6379",
+    ///         "redis://10.0.0.3:6379",
+    ///         "redis://10.0.0.4:6379",
+    ///         "redis://10.0.0.5:6379",
+    ///     ])
+    ///     .await?;
+    /// let guard = locks.lock("jobs:nightly").await?; // held on at least 3 of the 5
+    /// assert_eq!(guard.fencing_token(), None);
+    /// guard.release().await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn connect_redlock<I>(self, urls: I) -> Result<LockManager>
+    where
+        I: IntoIterator,
+        I::Item: AsRef<str>,
+    {
+        self.check()?;
+        let mut clients = Vec::new();
+        let mut seen = HashSet::new();
+        for url in urls {
+            let client = open_client(url.as_ref())?;
+            let name = client.get_connection_info().addr().to_string();
+            if !seen.insert(name.clone()) {
+                return Err(Error::invalid(
+                    "nodes",
+                    format!("{name} is listed twice; the nodes must be independent servers"),
+                ));
+            }
+            clients.push((name, client));
+        }
+        crate::redlock::check_node_count(clients.len())?;
+
+        // The per-call node timeout already bounds every call; the connection's response
+        // timeout only stops a frozen server from piling up requests.
+        let config = self.connection_config();
+        let mut conns = Vec::with_capacity(clients.len());
+        for (name, client) in clients {
+            // Lazy: a node that is down now is connected by a later call.
+            let conn = ConnectionManager::new_lazy_with_config(client, config.clone())?;
+            conns.push((name, conn));
+        }
+
+        let started = Instant::now();
+        let limit = self.connect_timeout;
+        let answers = crate::redlock::join_all(
+            conns
+                .iter()
+                .map(|(_, conn)| {
+                    let mut conn = conn.clone();
+                    crate::redlock::bounded(limit, async move {
+                        redis::cmd("PING")
+                            .query_async::<()>(&mut conn)
+                            .await
+                            .map_err(Error::from)
+                    })
+                })
+                .collect(),
+        )
+        .await;
+        let quorum = crate::redlock::majority(conns.len());
+        let reached = answers.iter().filter(|a| a.is_ok()).count();
+        for ((name, _), answer) in conns.iter().zip(&answers) {
+            if let Err(e) = answer {
+                tracing::warn!(node = name, error = %e, "node unreachable at connect; later calls retry it");
+            }
+        }
+        let nodes: Vec<Node<ConnectionManager>> = conns
+            .into_iter()
+            .map(|(name, conn)| Node::new(name, conn))
+            .collect();
+        let store = RedlockStore::new(nodes, self.node_timeout);
+        if reached < quorum {
+            return Err(Error::Quorum(Box::new(QuorumError {
+                operation: QuorumOperation::Connect,
+                key: String::new(),
+                needed: quorum,
+                nodes: store.reports(answers, |()| NodeOutcome::Confirmed),
+                elapsed: started.elapsed(),
+                validity_ran_out: false,
+            })));
+        }
+        Ok(self.notify(false).into_manager(Arc::new(store)))
+    }
+
+    /// Builds a manager whose locks hold on a majority of the independent Redis primaries
+    /// behind `conns` (the Redlock algorithm), from connections you already have. Behaves as
+    /// [`connect_redlock`](Self::connect_redlock) does, without contacting the nodes first;
+    /// errors and logs name the nodes `node 0`, `node 1`, … in the order given.
+    ///
+    /// Each connection must reach a different server: distlock cannot tell two connections
+    /// to one server apart, and such a pair would let one failure count twice.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidArgument`] for no connection or a bad option.
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # async fn demo() -> distlock::Result<()> {
+    /// let mut conns = Vec::new();
+    /// for url in ["redis://10.0.0.1", "redis://10.0.0.2", "redis://10.0.0.3"] {
+    ///     let client = redis::Client::open(url)?;
+    ///     conns.push(client.get_multiplexed_async_connection().await?);
+    /// }
+    /// let locks = distlock::LockManager::builder().build_redlock(conns)?;
+    /// let guard = locks.try_lock("cache:rebuild").await?;
+    /// guard.release().await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn build_redlock<C, I>(self, conns: I) -> Result<LockManager>
+    where
+        I: IntoIterator<Item = C>,
+        C: ConnectionLike + Clone + Send + Sync + 'static,
+    {
+        self.check()?;
+        let nodes: Vec<Node<C>> = conns
+            .into_iter()
+            .enumerate()
+            .map(|(i, conn)| Node::new(format!("node {i}"), conn))
+            .collect();
+        crate::redlock::check_node_count(nodes.len())?;
+        let store = RedlockStore::new(nodes, self.node_timeout);
+        Ok(self.notify(false).into_manager(Arc::new(store)))
+    }
+}
+
+impl LockManager {
+    /// Connects to `url` with the default prefix, options and timeouts. See
+    /// [`LockManagerBuilder::connect`] for the errors and for other settings.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future abandons the connection attempt; nothing is left behind.
+    pub async fn connect(url: &str) -> Result<Self> {
+        LockManagerBuilder::default().connect(url).await
+    }
+
+    /// A manager on a connection you already have, with the default prefix, options and
+    /// command timeout. See [`LockManagerBuilder::build`].
+    ///
+    /// ```no_run
+    /// # async fn demo() -> distlock::Result<()> {
+    /// let client = redis::Client::open("redis://127.0.0.1:6379")?;
+    /// let conn = client.get_multiplexed_async_connection().await?;
+    /// let locks = distlock::LockManager::new(conn)?;
+    /// # Ok(()) }
+    /// ```
+    pub fn new<C>(conn: C) -> Result<Self>
+    where
+        C: ConnectionLike + Clone + Send + Sync + 'static,
+    {
+        LockManagerBuilder::default().build(conn)
+    }
+
+    /// A builder for a prefix, default options and timeouts.
+    pub fn builder() -> LockManagerBuilder {
+        LockManagerBuilder::default()
+    }
+}

@@ -1,0 +1,129 @@
+//! Opening connections to a server: which URLs can be used, and what is checked on the
+//! server before a manager relies on it.
+
+use redis::aio::ConnectionLike;
+
+use crate::error::{Error, Result};
+
+/// Opens a client for `url`, or says why it cannot be used.
+///
+/// `rediss://` needs this crate's `tls` feature: without it the URL is rejected here, even
+/// when another crate of the application turned on redis-rs' TLS (rustls would panic on
+/// the first connection for want of a crypto provider). With it, rustls' `ring` provider is
+/// installed as the process default unless the application installed one already.
+pub(crate) fn open_client(url: &str) -> Result<redis::Client> {
+    let tls = url
+        .get(..8)
+        .is_some_and(|scheme| scheme.eq_ignore_ascii_case("rediss:/"));
+    if tls {
+        #[cfg(not(feature = "tls"))]
+        return Err(Error::invalid(
+            "url",
+            "rediss:// needs distlock's `tls` cargo feature",
+        ));
+        #[cfg(feature = "tls")]
+        {
+            // `Err` means a provider is installed already: the application's choice stands.
+            let _ = rustls::crypto::ring::default_provider().install_default();
+        }
+    }
+    redis::Client::open(url).map_err(|e| Error::invalid("url", e.to_string()))
+}
+
+/// The oldest Redis accepted by [`LockManagerBuilder::connect`](crate::LockManagerBuilder::connect): the acquire script writes
+/// after reading `TIME`, which needs script effects replication, the default from 5.0 on.
+pub const MIN_REDIS_VERSION: (u32, u32) = (5, 0);
+
+/// What `INFO` tells about a server that matters to leases: its version (rejected below
+/// [`MIN_REDIS_VERSION`]) and its eviction policy (warned about once when it may evict
+/// lease keys). A server that does not allow `INFO` is taken as it is.
+pub(crate) async fn check_server<C: ConnectionLike + Send>(conn: &mut C, url: &str) -> Result<()> {
+    let info: String = match redis::cmd("INFO").query_async(conn).await {
+        Ok(info) => info,
+        Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoPerm) => {
+            return Ok(());
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, "INFO not available; server not checked");
+            return Ok(());
+        }
+    };
+    let field = |name: &str| {
+        info.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+            .map(str::trim)
+    };
+    if let Some(version) = field("redis_version") {
+        let mut parts = version.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
+        let found = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+        if found < MIN_REDIS_VERSION {
+            return Err(Error::invalid(
+                "url",
+                format!(
+                    "{} runs Redis {version}; distlock needs Redis {}.{} or later",
+                    redacted(url),
+                    MIN_REDIS_VERSION.0,
+                    MIN_REDIS_VERSION.1
+                ),
+            ));
+        }
+    }
+    if let Some(policy) = field("maxmemory_policy")
+        && evicts_leases(policy)
+    {
+        tracing::warn!(
+            policy,
+            "the server may evict keys under memory pressure (maxmemory-policy {policy}): an \
+             evicted lease lets a second owner in; use noeviction (or volatile-* with no other \
+             keys that expire) for lock data"
+        );
+    }
+    Ok(())
+}
+
+/// Whether a `maxmemory-policy` can evict a lease key (a key with a TTL).
+fn evicts_leases(policy: &str) -> bool {
+    policy.starts_with("allkeys-") || policy.starts_with("volatile-")
+}
+
+/// `url` with its password, if any, replaced by `***`: fit for errors and logs.
+pub(crate) fn redacted(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    match rest.rsplit_once('@') {
+        Some((auth, host)) => match auth.split_once(':') {
+            Some((user, _password)) => format!("{scheme}://{user}:***@{host}"),
+            None => format!("{scheme}://***@{host}"),
+        },
+        None => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_never_reach_errors_or_logs() {
+        assert_eq!(redacted("redis://u:secret@h:1/0"), "redis://u:***@h:1/0");
+        assert_eq!(redacted("redis://:secret@h"), "redis://:***@h");
+        assert_eq!(redacted("redis://secret@h"), "redis://***@h");
+        assert_eq!(redacted("redis://h:6379"), "redis://h:6379");
+        assert_eq!(redacted("not a url"), "not a url");
+    }
+
+    #[test]
+    fn evicting_policies_are_the_allkeys_and_volatile_ones() {
+        for policy in [
+            "allkeys-lru",
+            "allkeys-lfu",
+            "allkeys-random",
+            "volatile-lru",
+            "volatile-ttl",
+        ] {
+            assert!(evicts_leases(policy), "{policy}");
+        }
+        assert!(!evicts_leases("noeviction"));
+    }
+}

@@ -1,0 +1,266 @@
+//! Release notifications: waiters sleep until the holder releases, instead of polling.
+//!
+//! The release script publishes on the lock's channel (`<prefix>{<name>}:released`). One
+//! subscription connection per manager, owned by one background task, carries the
+//! subscriptions of all its waiters; a message wakes the longest-waiting waiter of that lock
+//! in this manager (first come, first served), not all of them. A waiter that loses the race
+//! again keeps its place at the front of the queue.
+//!
+//! Waiters never do network I/O themselves and never wait on a lock held across it: they
+//! put themselves in a queue and tell the task which channels are wanted; the task
+//! subscribes and unsubscribes, one command at a time, and reports what is confirmed. A
+//! waiter that needs the subscription waits for the confirmation only as long as its own
+//! bound allows, and polls until then. So a slow or hanging subscription link delays no
+//! call past its budget, and a waiter cancelled at any point leaves nothing subscribed: the
+//! task unsubscribes every channel nobody waits on.
+//!
+//! Pub/sub is fire-and-forget, so a notification is only ever a shortcut: every wait is
+//! also bounded by the holder's remaining TTL, the backoff policy and the wait budget. A lost
+//! connection wakes every waiter (they retry at once); the task reconnects while waiters
+//! remain, with a growing pause between failed tries. A server that refuses the
+//! subscription for lack of permission (`NOPERM`: Redis 7's default
+//! `acl-pubsub-default resetchannels`) turns notifications off for the manager, with one
+//! warning; its waiters poll. The connection closes when the manager is dropped, or after a
+//! short idle spell with no waiter.
+
+mod queue;
+mod task;
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
+
+use queue::Queues;
+
+/// The pub/sub side of one manager. Dropping it closes the subscription connection and
+/// ends its task.
+pub(crate) struct Notifier {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    client: redis::Client,
+    connect_timeout: Duration,
+    timeout: Duration,
+    state: Mutex<State>,
+    /// Wakes the subscription task: the wanted channels changed, or the manager is gone.
+    kick: Notify,
+    /// Wakes waiters that wait for their channel to be subscribed, on every change of the
+    /// subscribed set, of `failures` and of `disabled`.
+    changed: Notify,
+}
+
+#[derive(Default)]
+struct State {
+    queues: Queues<Arc<Slot>>,
+    /// Channels the server confirmed on the current connection.
+    subscribed: HashSet<Box<[u8]>>,
+    /// Bumped on every failed connection or subscription: a waiter waiting for its
+    /// subscription stops waiting and polls.
+    failures: u64,
+    /// A subscription task runs.
+    task: bool,
+    /// The server refused the subscription (`NOPERM`): waiters of this manager poll.
+    disabled: bool,
+    /// The manager is gone.
+    closed: bool,
+}
+
+/// One waiting call.
+struct Slot {
+    wake: Notify,
+}
+
+/// A registered waiter: wakes on a release of its lock, or when its bound passes.
+pub(crate) struct Waiter {
+    inner: Arc<Inner>,
+    channel: Box<[u8]>,
+    slot: Arc<Slot>,
+}
+
+impl Notifier {
+    pub(crate) fn new(client: redis::Client, connect_timeout: Duration, timeout: Duration) -> Self {
+        Notifier {
+            inner: Arc::new(Inner {
+                client,
+                connect_timeout,
+                timeout,
+                state: Mutex::new(State::default()),
+                kick: Notify::new(),
+                changed: Notify::new(),
+            }),
+        }
+    }
+
+    /// Whether callers of this manager already wait for the lock announced on `channel`.
+    pub(crate) fn has_waiters(&self, channel: &[u8]) -> bool {
+        self.inner.state().queues.has_waiters(channel)
+    }
+
+    /// Registers a waiter on `channel` and asks for the channel to be subscribed. Returns at
+    /// once, without I/O; [`Waiter::listening`] tells when the subscription is confirmed.
+    /// `None` when notifications are off for this manager (the server refused them) or no
+    /// tokio runtime runs: the caller polls.
+    pub(crate) fn register(&self, channel: &[u8]) -> Option<Waiter> {
+        let runtime = tokio::runtime::Handle::try_current().ok()?;
+        let slot = Arc::new(Slot {
+            wake: Notify::new(),
+        });
+        {
+            let mut state = self.inner.state();
+            if state.disabled || state.closed {
+                return None;
+            }
+            // Queued before the subscription is confirmed: a release confirmed after the
+            // subscription finds this waiter in the queue.
+            state.queues.enqueue(channel, Arc::clone(&slot));
+            if !state.task {
+                state.task = true;
+                runtime.spawn(task::run(Arc::clone(&self.inner)));
+            }
+        }
+        self.inner.kick.notify_one();
+        Some(Waiter {
+            inner: Arc::clone(&self.inner),
+            channel: channel.into(),
+            slot,
+        })
+    }
+}
+
+impl Drop for Notifier {
+    fn drop(&mut self) {
+        self.inner.state().closed = true;
+        self.inner.kick.notify_one();
+    }
+}
+
+impl Inner {
+    fn state(&self) -> MutexGuard<'_, State> {
+        // No code that can panic runs under this lock; recover from poison anyway.
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Wakes the first waiter on `channel`.
+    fn wake_one(&self, channel: &[u8]) {
+        let slot = self.state().queues.wake_one(channel);
+        if let Some(slot) = slot {
+            slot.wake.notify_one();
+        }
+    }
+
+    /// Wakes everyone: the connection is gone and messages may have been missed.
+    fn connection_lost(&self, failed: bool) {
+        let slots = {
+            let mut state = self.state();
+            state.subscribed.clear();
+            if failed {
+                state.failures += 1;
+            }
+            state.queues.wake_all()
+        };
+        for slot in slots {
+            slot.wake.notify_one();
+        }
+        self.changed.notify_waiters();
+    }
+}
+
+impl Waiter {
+    /// Whether the server has confirmed the subscription of this waiter's channel: a
+    /// release published from now on wakes a waiter of this lock in this manager.
+    pub(crate) fn listening(&self) -> bool {
+        self.inner.state().subscribed.contains(&self.channel)
+    }
+
+    /// Waits until [`listening`](Self::listening), and returns `true`; or returns `false`
+    /// at `until`, or as soon as a subscription attempt fails or notifications are off.
+    pub(crate) async fn until_listening(&self, until: Instant) -> bool {
+        let failures = self.inner.state().failures;
+        loop {
+            let changed = self.inner.changed.notified();
+            let mut changed = std::pin::pin!(changed);
+            changed.as_mut().enable();
+            {
+                let state = self.inner.state();
+                if state.subscribed.contains(&self.channel) {
+                    return true;
+                }
+                if state.disabled || state.closed || state.failures != failures {
+                    return false;
+                }
+            }
+            if Instant::now() >= until {
+                return false;
+            }
+            tokio::select! {
+                _ = changed => {}
+                _ = tokio::time::sleep_until(until.into()) => return false,
+            }
+        }
+    }
+
+    /// Sleeps until a release notification or `until`, whichever comes first.
+    /// Returns `true` if woken by a notification.
+    pub(crate) async fn wait(&self, until: Instant) -> bool {
+        tokio::select! {
+            _ = self.slot.wake.notified() => true,
+            _ = tokio::time::sleep_until(until.into()) => false,
+        }
+    }
+
+    /// Whether this waiter is the longest-waiting one of its lock in this manager.
+    pub(crate) fn is_first(&self) -> bool {
+        self.inner
+            .state()
+            .queues
+            .is_first(&self.channel, |s| Arc::ptr_eq(s, &self.slot))
+    }
+
+    /// Shares what a failed attempt learned: the holder's lease runs until `until`.
+    pub(crate) fn note_held_until(&self, until: Instant) {
+        self.inner
+            .state()
+            .queues
+            .note_held_until(&self.channel, until);
+    }
+
+    /// When the holder's lease runs out, as last reported by a waiter of this lock.
+    pub(crate) fn held_until(&self) -> Option<Instant> {
+        self.inner.state().queues.held_until(&self.channel)
+    }
+
+    /// Back in the queue before the next attempt, at the front if a notification woke it:
+    /// it has waited longest. Must precede the attempt, or a release between the attempt
+    /// and the next wait is missed. No I/O: a lost subscription is made again by the task.
+    pub(crate) fn rearm(&self) {
+        self.inner
+            .state()
+            .queues
+            .rearm(&self.channel, |s| Arc::ptr_eq(s, &self.slot));
+    }
+}
+
+impl Drop for Waiter {
+    fn drop(&mut self) {
+        let (passed_on, idle) = {
+            let mut state = self.inner.state();
+            let passed_on = state
+                .queues
+                .remove(&self.channel, |s| Arc::ptr_eq(s, &self.slot));
+            (passed_on, !state.queues.has_waiters(&self.channel))
+        };
+        // A notification this waiter took but did not use belongs to the next one.
+        if let Some(next) = passed_on {
+            next.wake.notify_one();
+        }
+        if idle {
+            // The task unsubscribes the channel nobody waits on.
+            self.inner.kick.notify_one();
+        }
+    }
+}

@@ -1,0 +1,210 @@
+//! The subscription task of one manager: the only code that talks to the subscription
+//! connection.
+
+use std::collections::HashSet;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_core::Stream;
+use redis::aio::{PubSubSink, PubSubStream};
+
+use super::Inner;
+use crate::error::timed_out;
+
+/// How long the subscription connection stays open with no waiter before it is closed.
+const IDLE_LINGER: Duration = Duration::from_secs(1);
+
+/// The pause after the first failed connection or subscription; doubled per failure.
+const RETRY_MIN: Duration = Duration::from_millis(50);
+
+/// The longest pause between two tries to (re)establish the subscription connection.
+const RETRY_MAX: Duration = Duration::from_secs(2);
+
+/// The subscription task of one manager: owns the connection, keeps the subscribed set
+/// equal to the set of channels somebody waits on, and hands each message to the queue.
+pub(super) async fn run(inner: Arc<Inner>) {
+    let mut conn: Option<(PubSubSink, PubSubStream)> = None;
+    let mut failures: u32 = 0;
+    let mut idle_since: Option<Instant> = None;
+    loop {
+        // Registered before reading the state, so a change in between is not missed.
+        let kicked = inner.kick.notified();
+        let mut kicked = std::pin::pin!(kicked);
+        kicked.as_mut().enable();
+        let (wanted, subscribed, closed) = {
+            let state = inner.state();
+            (
+                state.queues.wanted(),
+                state.subscribed.clone(),
+                state.closed,
+            )
+        };
+        if closed {
+            break;
+        }
+        if wanted.is_empty() {
+            let since = *idle_since.get_or_insert_with(Instant::now);
+            if conn.is_none() || since.elapsed() >= IDLE_LINGER {
+                // Nothing to listen for: close, and end unless a waiter came meanwhile.
+                conn = None;
+                let mut state = inner.state();
+                state.subscribed.clear();
+                if state.queues.wanted().is_empty() || state.closed {
+                    state.task = false;
+                    return;
+                }
+                continue;
+            }
+        } else {
+            idle_since = None;
+        }
+        if conn.is_none() && !wanted.is_empty() {
+            match connect(&inner).await {
+                Ok(opened) => conn = Some(opened),
+                Err(e) => {
+                    failures += 1;
+                    tracing::debug!(error = %e, "no subscription connection; waiters poll");
+                    inner.connection_lost(true);
+                    pause(&inner, retry_pause(failures)).await;
+                    continue;
+                }
+            }
+        }
+        if let Some((sink, _)) = conn.as_mut() {
+            match reconcile(&inner, sink, &wanted, &subscribed).await {
+                Ok(()) => failures = 0,
+                Err(Refused::NoPermission(e)) => {
+                    tracing::warn!(
+                        error = %e,
+                        "the server refuses release notifications (no permission on the lock \
+                         channels); waiters of this manager poll instead"
+                    );
+                    conn = None;
+                    inner.state().disabled = true;
+                    inner.connection_lost(true);
+                    break;
+                }
+                Err(Refused::Failed(e)) => {
+                    failures += 1;
+                    tracing::debug!(error = %e, "subscription failed; waiters poll");
+                    conn = None;
+                    inner.connection_lost(true);
+                    pause(&inner, retry_pause(failures)).await;
+                    continue;
+                }
+            }
+        }
+        let linger = idle_since.map(|since| since + IDLE_LINGER);
+        let next = async {
+            match conn.as_mut() {
+                Some((_, stream)) => {
+                    std::future::poll_fn(|cx| Pin::new(&mut *stream).poll_next(cx)).await
+                }
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            msg = next => match msg {
+                Some(msg) => {
+                    if let Ok(channel) = msg.get_channel::<Vec<u8>>() {
+                        inner.wake_one(&channel);
+                    }
+                }
+                None => {
+                    tracing::debug!("subscription connection closed; waking all waiters");
+                    conn = None;
+                    inner.connection_lost(false);
+                }
+            },
+            _ = kicked => {}
+            _ = sleep_until_opt(linger) => {}
+        }
+    }
+    drop(conn);
+    let mut state = inner.state();
+    state.subscribed.clear();
+    state.task = false;
+    let slots = state.queues.wake_all();
+    drop(state);
+    for slot in slots {
+        slot.wake.notify_one();
+    }
+    inner.changed.notify_waiters();
+}
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn retry_pause(failures: u32) -> Duration {
+    RETRY_MIN
+        .saturating_mul(1u32 << failures.saturating_sub(1).min(10))
+        .min(RETRY_MAX)
+}
+
+/// Sleeps `pause`, or less if the manager is dropped meanwhile.
+async fn pause(inner: &Inner, pause: Duration) {
+    let until = tokio::time::Instant::now() + pause;
+    loop {
+        let kicked = inner.kick.notified();
+        if inner.state().closed {
+            return;
+        }
+        tokio::select! {
+            _ = kicked => {}
+            _ = tokio::time::sleep_until(until) => return,
+        }
+    }
+}
+
+async fn connect(inner: &Inner) -> redis::RedisResult<(PubSubSink, PubSubStream)> {
+    let pubsub = tokio::time::timeout(inner.connect_timeout, inner.client.get_async_pubsub())
+        .await
+        .map_err(|_| timed_out("could not open the subscription connection in time"))??;
+    Ok(pubsub.split())
+}
+
+enum Refused {
+    /// The server refused for lack of permission: asking again will not help.
+    NoPermission(redis::RedisError),
+    /// Anything else: the connection is dropped and made again.
+    Failed(redis::RedisError),
+}
+
+/// Subscribes the wanted channels that are not subscribed and unsubscribes the others, one
+/// command at a time, each bounded by the command timeout.
+async fn reconcile(
+    inner: &Inner,
+    sink: &mut PubSubSink,
+    wanted: &HashSet<Box<[u8]>>,
+    subscribed: &HashSet<Box<[u8]>>,
+) -> Result<(), Refused> {
+    for channel in wanted.difference(subscribed) {
+        match tokio::time::timeout(inner.timeout, sink.subscribe(&**channel)).await {
+            Ok(Ok(())) => {
+                inner.state().subscribed.insert(channel.clone());
+                inner.changed.notify_waiters();
+            }
+            Ok(Err(e)) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoPerm) => {
+                return Err(Refused::NoPermission(e));
+            }
+            Ok(Err(e)) => return Err(Refused::Failed(e)),
+            Err(_) => return Err(Refused::Failed(timed_out("SUBSCRIBE got no answer"))),
+        }
+    }
+    for channel in subscribed.difference(wanted) {
+        // Whatever the answer, a channel nobody waits on is not kept: on failure the
+        // connection, and with it every subscription, is dropped.
+        inner.state().subscribed.remove(channel);
+        match tokio::time::timeout(inner.timeout, sink.unsubscribe(&**channel)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(Refused::Failed(e)),
+            Err(_) => return Err(Refused::Failed(timed_out("UNSUBSCRIBE got no answer"))),
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,395 @@
+//! One lock over several independent Redis primaries (Redlock).
+//!
+//! [`RedlockStore`] is a [`LeaseStore`] over N nodes, each an ordinary single-primary
+//! [`RedisStore`]. The manager, guard, waiting loop, drop-release and renewal work on it
+//! unchanged; what this module adds is the fan-out and the counting:
+//!
+//! - every call goes to all N nodes at once, each bounded by the per-node timeout, so a
+//!   call takes about as long as the slowest node that answers, never the sum;
+//! - a lease is ours only when a majority of N (`N/2 + 1`) set it *and* some validity is
+//!   left (`ttl - elapsed - drift > 0`, which is the guard's usual
+//!   `valid_until = sent + ttl - drift`, still in the future);
+//! - an acquire that does not end with the lease releases it again on every node where
+//!   this attempt may have set it (all but those that answered "held by another"),
+//!   timed-out nodes included, before it returns;
+//! - extend and release count confirmations over all N nodes, never over the nodes that
+//!   happened to take the lease.
+//!
+//! Node answers are classified the same way for every call, by the pure functions of
+//! [`vote`], which its unit tests pin down; [`fanout`] asks every node at once.
+
+mod fanout;
+mod vote;
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use redis::aio::ConnectionLike;
+
+use crate::error::{
+    Error, LostReason, NodeOutcome, NodeReport, QuorumError, QuorumOperation, Result,
+};
+use crate::key::{LockKey, Token};
+use crate::options::Ttl;
+use crate::store::{
+    Acquire, BoxFuture, LeaseStore, NodeAnswer, RENEWALS_PER_CALL, RedisStore, Renewal, Verdict,
+};
+
+use fanout::no_answer;
+pub(crate) use fanout::{bounded, join_all};
+pub(crate) use vote::majority;
+use vote::{AcquireDecision, decide_acquire, decide_verdict};
+
+/// One primary of the set.
+pub(crate) struct Node<C> {
+    /// `host:port` or `node <index>`: how errors and logs name it.
+    name: String,
+    store: RedisStore<C>,
+}
+
+impl<C> Node<C>
+where
+    C: ConnectionLike + Clone + Send + Sync + 'static,
+{
+    /// A node named `name` (for errors and logs) on `conn`: leases without a fencing
+    /// counter (a per-node counter is no token for the lock as a whole), releases not
+    /// announced, every call bounded by the store's node timeout.
+    pub(crate) fn new(name: String, conn: C) -> Self {
+        Node {
+            name,
+            store: RedisStore::unfenced(conn, None),
+        }
+    }
+}
+
+/// Leases on a majority of N independent primaries.
+pub(crate) struct RedlockStore<C> {
+    nodes: Vec<Node<C>>,
+    quorum: usize,
+    node_timeout: Duration,
+}
+
+impl<C> RedlockStore<C>
+where
+    C: ConnectionLike + Clone + Send + Sync + 'static,
+{
+    /// A store over `nodes`, each call to a node bounded by `node_timeout`.
+    pub(crate) fn new(nodes: Vec<Node<C>>, node_timeout: Duration) -> Self {
+        RedlockStore {
+            quorum: majority(nodes.len()),
+            nodes,
+            node_timeout,
+        }
+    }
+
+    /// Sends `call` to every node at once, each bounded by the node timeout; one answer per
+    /// node, in node order.
+    async fn ask<'a, T, F>(&'a self, call: impl Fn(&'a RedisStore<C>) -> F) -> Vec<Result<T>>
+    where
+        F: Future<Output = Result<T>> + 'a,
+    {
+        let limit = self.node_timeout;
+        join_all(
+            self.nodes
+                .iter()
+                .map(|node| bounded(limit, call(&node.store)))
+                .collect(),
+        )
+        .await
+    }
+
+    /// Compare-and-delete on the nodes `which`, all at once; failures are only logged,
+    /// since the TTL ends whatever a failed delete leaves.
+    async fn release_on(&self, which: &[usize], key: &LockKey, token: &Token) {
+        let limit = self.node_timeout;
+        let calls = which
+            .iter()
+            .filter_map(|&i| self.nodes.get(i))
+            .map(|node| async move {
+                (
+                    node,
+                    bounded(limit, node.store.release_here(key, token)).await,
+                )
+            })
+            .collect();
+        for (node, answer) in join_all(calls).await {
+            if let Err(e) = answer {
+                tracing::warn!(
+                    node = node.name,
+                    key = %key,
+                    error = %e,
+                    "cleanup release failed; a lease set there ends with its TTL"
+                );
+            }
+        }
+    }
+
+    /// Sets the lease again on nodes that no longer have it, while a majority still does.
+    ///
+    /// Safe because our token is on a majority right now, so nobody else can hold the lock;
+    /// useful because a node that restarted empty (or was down when the lease was taken)
+    /// otherwise leaves the lease one failure closer to losing its majority. Only for a
+    /// guard's own `extend`: the guard is borrowed for the whole call, so its release
+    /// cannot slip in between and be undone by the SET.
+    async fn repair(&self, which: &[usize], key: &LockKey, token: &Token, ttl: Ttl) {
+        let limit = self.node_timeout;
+        let calls = which
+            .iter()
+            .filter_map(|&i| self.nodes.get(i))
+            .map(|node| async move {
+                (
+                    node,
+                    bounded(limit, node.store.acquire_here(key, token, ttl)).await,
+                )
+            })
+            .collect();
+        for (node, answer) in join_all(calls).await {
+            match answer {
+                Ok(Acquire::Taken { .. }) => tracing::info!(
+                    node = node.name,
+                    key = %key,
+                    "lease set again on a node that had lost it"
+                ),
+                Ok(Acquire::Held { .. }) => tracing::debug!(
+                    node = node.name,
+                    key = %key,
+                    "node that had lost the lease now holds another owner's; left alone"
+                ),
+                Err(e) => tracing::debug!(
+                    node = node.name,
+                    key = %key,
+                    error = %e,
+                    "could not set the lease again on a node that had lost it"
+                ),
+            }
+        }
+    }
+
+    /// One report per node, in node order, from its answer.
+    pub(crate) fn reports<T>(
+        &self,
+        answers: Vec<Result<T>>,
+        outcome: impl Fn(T) -> NodeOutcome,
+    ) -> Vec<NodeReport> {
+        self.nodes
+            .iter()
+            .zip(answers)
+            .enumerate()
+            .map(|(index, (node, answer))| NodeReport {
+                index,
+                node: node.name.clone(),
+                outcome: match answer {
+                    Ok(value) => outcome(value),
+                    Err(e) => NodeOutcome::Failed(e),
+                },
+            })
+            .collect()
+    }
+
+    fn log_unconfirmed(&self, what: &str, key: &LockKey, answers: &[Result<NodeAnswer>]) {
+        for (node, answer) in self.nodes.iter().zip(answers) {
+            match answer {
+                Ok(NodeAnswer::Done) => {}
+                Ok(other) => {
+                    tracing::warn!(node = node.name, key = %key, answer = ?other, "{what} not confirmed by node")
+                }
+                Err(e) => {
+                    tracing::warn!(node = node.name, key = %key, error = %e, "{what} failed on node")
+                }
+            }
+        }
+    }
+}
+
+impl<C> LeaseStore for RedlockStore<C>
+where
+    C: ConnectionLike + Clone + Send + Sync + 'static,
+{
+    fn acquire<'a>(
+        &'a self,
+        key: &'a LockKey,
+        token: &'a Token,
+        ttl: Ttl,
+    ) -> BoxFuture<'a, Result<Acquire>> {
+        Box::pin(async move {
+            // Validity counts from here, before the first node is asked: the manager's
+            // `valid_until` is measured from a moment earlier still, so it never claims
+            // more than this check allowed.
+            let started = Instant::now();
+            let answers = self.ask(|node| node.acquire_here(key, token, ttl)).await;
+            let elapsed = started.elapsed();
+            let in_time = Instant::now() < ttl.valid_until(started);
+            let decision = decide_acquire(&answers, self.quorum, in_time);
+            // Unless the lease is ours, undo every SET this attempt may have made: on the
+            // nodes that took it and on the ones that failed or timed out (the SET may have
+            // landed after the node timeout; a delete sent now follows it on the same
+            // connection). A node that answered "held" provably has no key of ours. If this
+            // future is dropped during the cleanup, the manager's abandoned-acquire release
+            // (on all nodes) covers it.
+            let maybe_ours: Vec<usize> = answers
+                .iter()
+                .enumerate()
+                .filter(|(_, a)| !matches!(a, Ok(Acquire::Held { .. })))
+                .map(|(i, _)| i)
+                .collect();
+            let outcome = match decision {
+                AcquireDecision::Taken => return Ok(Acquire::Taken { fence: None }),
+                AcquireDecision::Held { retry_after } => {
+                    tracing::debug!(
+                        key = %key,
+                        ?retry_after,
+                        "no majority: held by another owner"
+                    );
+                    Ok(Acquire::Held { pttl: retry_after })
+                }
+                AcquireDecision::NoQuorum { validity_ran_out } => {
+                    let error = QuorumError {
+                        operation: QuorumOperation::Acquire,
+                        key: key.display(),
+                        needed: self.quorum,
+                        nodes: self.reports(answers, |a| match a {
+                            Acquire::Taken { .. } => NodeOutcome::Confirmed,
+                            Acquire::Held { pttl } => {
+                                NodeOutcome::HeldByOther { retry_after: pttl }
+                            }
+                        }),
+                        elapsed,
+                        validity_ran_out,
+                    };
+                    tracing::warn!(error = %error, "acquire without quorum");
+                    Err(Error::Quorum(Box::new(error)))
+                }
+            };
+            self.release_on(&maybe_ours, key, token).await;
+            outcome
+        })
+    }
+
+    fn extend<'a>(
+        &'a self,
+        key: &'a LockKey,
+        token: &'a Token,
+        ttl: Ttl,
+    ) -> BoxFuture<'a, Result<Verdict>> {
+        Box::pin(async move {
+            let started = Instant::now();
+            let answers = self.ask(|node| node.extend_here(key, token, ttl)).await;
+            let in_time = Instant::now() < ttl.valid_until(started);
+            let verdict = decide_verdict(&answers, self.quorum, in_time);
+            if verdict == Verdict::Done {
+                let lost_it: Vec<usize> = answers
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, a)| matches!(a, Ok(NodeAnswer::Expired)))
+                    .map(|(i, _)| i)
+                    .collect();
+                self.repair(&lost_it, key, token, ttl).await;
+            } else {
+                self.log_unconfirmed("extend", key, &answers);
+            }
+            Ok(verdict)
+        })
+    }
+
+    fn release<'a>(&'a self, key: &'a LockKey, token: &'a Token) -> BoxFuture<'a, Result<Verdict>> {
+        Box::pin(async move {
+            let started = Instant::now();
+            let answers = self.ask(|node| node.release_here(key, token)).await;
+            let elapsed = started.elapsed();
+            match decide_verdict(&answers, self.quorum, true) {
+                Verdict::Lost(LostReason::NoQuorum) => {
+                    let error = QuorumError {
+                        operation: QuorumOperation::Release,
+                        key: key.display(),
+                        needed: self.quorum,
+                        nodes: self.reports(answers, |v| match v {
+                            NodeAnswer::Done => NodeOutcome::Confirmed,
+                            NodeAnswer::Expired => NodeOutcome::Expired,
+                            NodeAnswer::Taken => NodeOutcome::HeldByOther { retry_after: None },
+                        }),
+                        elapsed,
+                        validity_ran_out: false,
+                    };
+                    tracing::warn!(error = %error, "release without quorum");
+                    Err(Error::Quorum(Box::new(error)))
+                }
+                verdict => {
+                    if answers.iter().any(|a| a.is_err()) {
+                        self.log_unconfirmed("release", key, &answers);
+                    }
+                    Ok(verdict)
+                }
+            }
+        })
+    }
+
+    fn extend_many<'a>(&'a self, batch: &'a [Renewal]) -> BoxFuture<'a, Vec<Result<Verdict>>> {
+        Box::pin(async move {
+            let started = Instant::now();
+            // A node renews the batch in chunks, one round trip each; give it the node
+            // timeout per chunk.
+            let chunks =
+                u32::try_from(batch.len().div_ceil(RENEWALS_PER_CALL).max(1)).unwrap_or(u32::MAX);
+            let limit = self.node_timeout.saturating_mul(chunks);
+            let per_node: Vec<Vec<Result<NodeAnswer>>> = join_all(
+                self.nodes
+                    .iter()
+                    .map(|node| async move {
+                        match tokio::time::timeout(limit, node.store.extend_many_here(batch)).await
+                        {
+                            Ok(answers) if answers.len() == batch.len() => answers,
+                            Ok(answers) => {
+                                let e = Error::unexpected_reply(format!(
+                                    "{} answers for {} leases",
+                                    answers.len(),
+                                    batch.len()
+                                ));
+                                batch.iter().map(|_| Err(e.clone())).collect()
+                            }
+                            Err(_) => {
+                                let e = no_answer(limit);
+                                batch.iter().map(|_| Err(e.clone())).collect()
+                            }
+                        }
+                    })
+                    .collect(),
+            )
+            .await;
+            let now = Instant::now();
+            // No repair here, unlike `extend`: the renewal task runs beside the guard, and a
+            // SET on a node that lost the lease could land after the guard's release and
+            // leave a key nobody releases.
+            batch
+                .iter()
+                .enumerate()
+                .map(|(i, renewal)| {
+                    let answers: Vec<Result<NodeAnswer>> = per_node
+                        .iter()
+                        .map(|node| {
+                            node.get(i)
+                                .cloned()
+                                .unwrap_or_else(|| Err(Error::unexpected_reply("missing answer")))
+                        })
+                        .collect();
+                    let in_time = now < renewal.ttl.valid_until(started);
+                    let verdict = decide_verdict(&answers, self.quorum, in_time);
+                    if verdict != Verdict::Done {
+                        self.log_unconfirmed("renewal", &renewal.key, &answers);
+                    }
+                    Ok(verdict)
+                })
+                .collect()
+        })
+    }
+}
+
+/// At least one node.
+pub(crate) fn check_node_count(n: usize) -> Result<()> {
+    if n == 0 {
+        return Err(Error::invalid(
+            "nodes",
+            "a lock over several primaries needs at least one node",
+        ));
+    }
+    Ok(())
+}

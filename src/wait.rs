@@ -1,0 +1,257 @@
+//! Waiting for a lock held by another owner: when to try again.
+//!
+//! [`Wait`] is the strategy of one waiting call ([`lock`](crate::LockManager::lock) and
+//! friends). It owns everything the call knows between attempts — the deadline, the
+//! backoff delays, the attempt count, the place in this manager's queue of waiters, the
+//! last connection error — and answers two questions for the acquire loop: "attempt now?"
+//! and "how long to pause after this outcome?". The loop itself stays a few lines:
+//! attempt, tell the outcome, pause, repeat.
+//!
+//! The rules, in one place:
+//!
+//! - at least one attempt, whatever the budget or attempt limit;
+//! - never sleep past the deadline; once the budget or the attempt limit is spent, the call
+//!   ends with [`Error::Timeout`] (held by another owner) or, if the last attempt failed on
+//!   the connection, with that error;
+//! - with release notifications, subscribe first, then attempt at once: that attempt
+//!   decides to wait, and any release after it wakes a waiter of this manager. Until the
+//!   server confirms the subscription, the waiter polls;
+//! - every pause ends by the holder's remaining TTL (an expiry is not announced) and the
+//!   deadline; the longest-waiting waiter of the manager (and every waiter that is not
+//!   sure to be woken) also retries after a backoff step; the others wait their turn, so a
+//!   newcomer does not snatch the lock from the waiter a release is waking.
+
+use std::time::{Duration, Instant};
+
+use crate::backoff::Delays;
+use crate::error::Error;
+use crate::key::LockKey;
+use crate::notify::{Notifier, Waiter};
+
+/// Waiting past a holder's reported remaining TTL by this much finds the key expired.
+const EXPIRY_SLACK: Duration = Duration::from_millis(1);
+
+/// The strategy of one waiting call; see the module docs.
+pub(crate) struct Wait<'a> {
+    key: &'a LockKey,
+    notifier: Option<&'a Notifier>,
+    started: Instant,
+    deadline: Instant,
+    delays: Delays,
+    attempts: u32,
+    waiter: Option<Waiter>,
+    /// The next turn waits in the queue without an attempt first.
+    queued_behind: bool,
+    /// The subscription was confirmed before the last attempt: a release after that
+    /// attempt is sure to wake a waiter of this manager.
+    listening: bool,
+    /// When the last attempt was sent.
+    attempted_at: Instant,
+    /// What the last attempt found: the holder's remaining TTL, if it said.
+    held_for: Option<Duration>,
+    /// The last attempt failed on the connection (not on a holder).
+    failure: Option<Error>,
+}
+
+impl<'a> Wait<'a> {
+    /// A wait for `key` that ends at `deadline`. When callers of this manager already
+    /// wait for the key, this one queues behind them: its first turn is a pause.
+    pub(crate) fn new(
+        key: &'a LockKey,
+        notifier: Option<&'a Notifier>,
+        delays: Delays,
+        started: Instant,
+        deadline: Instant,
+    ) -> Self {
+        let mut wait = Wait {
+            key,
+            notifier,
+            started,
+            deadline,
+            delays,
+            attempts: 0,
+            waiter: None,
+            queued_behind: false,
+            listening: false,
+            attempted_at: started,
+            held_for: None,
+            failure: None,
+        };
+        if let Some(notifier) = notifier
+            && notifier.has_waiters(key.released_channel())
+        {
+            wait.waiter = notifier.register(key.released_channel());
+            wait.queued_behind = wait.waiter.is_some();
+        }
+        wait
+    }
+
+    /// Whether to attempt now; if so, the attempt is counted.
+    pub(crate) fn attempt_now(&mut self) -> bool {
+        if std::mem::take(&mut self.queued_behind) {
+            self.held_for = None;
+            self.listening = self.waiter.as_ref().is_some_and(Waiter::listening);
+            return false;
+        }
+        self.listening = self.waiter.as_ref().is_some_and(Waiter::listening);
+        self.attempts = self.attempts.saturating_add(1);
+        self.attempted_at = Instant::now();
+        true
+    }
+
+    /// The attempt found the lock held; `pttl` is the holder's remaining TTL, if known.
+    pub(crate) fn held(&mut self, pttl: Option<Duration>) {
+        self.held_for = pttl;
+        self.failure = None;
+    }
+
+    /// The attempt failed on the connection: retried within the budget.
+    pub(crate) fn failed(&mut self, error: Error) {
+        tracing::debug!(error = %error, "attempt failed on the connection; retrying");
+        self.held_for = None;
+        self.failure = Some(error);
+    }
+
+    /// Pauses until the next attempt is due, or returns the error that ends the call:
+    /// the budget or the attempt limit is spent.
+    pub(crate) async fn pause(&mut self) -> Result<(), Error> {
+        let now = Instant::now();
+        let delay = match self.delays.next() {
+            Some(delay) if now < self.deadline => delay,
+            // However the budget or attempt limit is set, one attempt is made.
+            _ if self.attempts == 0 => return Ok(()),
+            _ => return Err(self.give_up(now)),
+        };
+        let poll = poll_at(now, delay, self.deadline);
+        if self.failure.is_some() {
+            tokio::time::sleep_until(poll.into()).await;
+            return Ok(());
+        }
+        if self.waiter.is_none()
+            && let Some(notifier) = self.notifier
+            && let Some(registered) = notifier.register(self.key.released_channel())
+        {
+            // Subscribe, then try again at once. The subscription is waited for no longer
+            // than the poll would be; until it is confirmed, this waiter polls.
+            let confirmed = registered.until_listening(poll).await;
+            self.waiter = Some(registered);
+            if confirmed {
+                return Ok(());
+            }
+        }
+        let held_until = self
+            .held_for
+            .and_then(|left| self.attempted_at.checked_add(left + EXPIRY_SLACK));
+        if let (Some(waiter), Some(until)) = (&self.waiter, held_until) {
+            waiter.note_held_until(until);
+        }
+        let known_end = held_until.or_else(|| self.waiter.as_ref()?.held_until());
+        let bounds = Bounds::new(now, self.deadline, poll, known_end);
+        tracing::trace!(attempts = self.attempts, ?delay, held_for = ?self.held_for, "held by another owner; waiting");
+        match &self.waiter {
+            Some(waiter) => {
+                let sure_to_be_woken = self.listening && !waiter.is_first();
+                waiter.wait(bounds.until(sure_to_be_woken)).await;
+                waiter.rearm();
+            }
+            None => tokio::time::sleep_until(bounds.poll.into()).await,
+        }
+        Ok(())
+    }
+
+    fn give_up(&mut self, now: Instant) -> Error {
+        let waited = now.saturating_duration_since(self.started);
+        let attempts = self.attempts;
+        tracing::debug!(attempts, ?waited, "gave up waiting");
+        self.failure.take().unwrap_or_else(|| Error::Timeout {
+            key: self.key.display(),
+            waited,
+            attempts,
+        })
+    }
+}
+
+/// The next backoff step from `now`, never past `deadline`.
+fn poll_at(now: Instant, delay: Duration, deadline: Instant) -> Instant {
+    now.checked_add(delay).map_or(deadline, |t| t.min(deadline))
+}
+
+/// How long one pause may last.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Bounds {
+    /// The end of any pause: the deadline, or the holder's known end if sooner.
+    bound: Instant,
+    /// The end of a pause that also polls: the next backoff step, within `bound`.
+    poll: Instant,
+}
+
+impl Bounds {
+    fn new(now: Instant, deadline: Instant, poll: Instant, known_end: Option<Instant>) -> Self {
+        let mut bound = deadline;
+        if let Some(end) = known_end {
+            bound = bound.min(end.max(now));
+        }
+        Bounds {
+            bound,
+            poll: poll.min(bound),
+        }
+    }
+
+    /// A waiter sure to be woken by a release waits for it (or the holder's end); any
+    /// other waiter also polls.
+    fn until(self, sure_to_be_woken: bool) -> Instant {
+        if sure_to_be_woken {
+            self.bound
+        } else {
+            self.poll
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ms(v: u64) -> Duration {
+        Duration::from_millis(v)
+    }
+
+    #[test]
+    fn a_poll_never_lands_past_the_deadline() {
+        let now = Instant::now();
+        assert_eq!(poll_at(now, ms(50), now + ms(10)), now + ms(10));
+        assert_eq!(poll_at(now, ms(5), now + ms(10)), now + ms(5));
+        assert_eq!(poll_at(now, Duration::MAX, now + ms(10)), now + ms(10));
+    }
+
+    #[test]
+    fn a_pause_ends_by_the_holders_end_and_the_deadline() {
+        let now = Instant::now();
+        let b = Bounds::new(now, now + ms(1_000), now + ms(300), Some(now + ms(200)));
+        assert_eq!(b.bound, now + ms(200));
+        assert_eq!(
+            b.poll,
+            now + ms(200),
+            "the poll never outlasts the holder's end"
+        );
+        assert_eq!(b.until(true), now + ms(200));
+        let b = Bounds::new(now, now + ms(100), now + ms(50), Some(now + ms(200)));
+        assert_eq!(b.bound, now + ms(100), "nor the deadline");
+    }
+
+    #[test]
+    fn only_a_waiter_sure_to_be_woken_skips_the_poll() {
+        let now = Instant::now();
+        let b = Bounds::new(now, now + ms(1_000), now + ms(20), None);
+        assert_eq!(b.until(false), now + ms(20));
+        assert_eq!(b.until(true), now + ms(1_000));
+    }
+
+    #[test]
+    fn a_holder_end_already_past_ends_the_pause_now() {
+        let now = Instant::now();
+        let b = Bounds::new(now, now + ms(1_000), now + ms(20), Some(now - ms(5)));
+        assert_eq!(b.bound, now);
+        assert_eq!(b.poll, now);
+    }
+}
