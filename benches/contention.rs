@@ -109,9 +109,9 @@ async fn run_distlock(locks: &LockManager, key: &str, tasks: usize, run: Duratio
     });
     let stop = Arc::new(AtomicBool::new(false));
     let opts = LockOptions::new()
-        .ttl(Duration::from_secs(5))
-        .wait(Duration::from_secs(60))
-        .backoff(
+        .with_ttl(Duration::from_secs(5))
+        .with_wait(Duration::from_secs(60))
+        .with_backoff(
             Backoff::new()
                 .with_base(Duration::from_millis(1))
                 .with_cap(Duration::from_millis(50)),
@@ -232,7 +232,7 @@ fn main() {
     let rows = rt.block_on(async {
         let notify = LockManager::connect(&node.url()).await.expect("connect");
         let polling = LockManager::builder()
-            .notify(false)
+            .with_notify(false)
             .connect(&node.url())
             .await
             .expect("connect");

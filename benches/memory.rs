@@ -69,7 +69,7 @@ fn main() {
             ("held guard", LockOptions::new()),
             (
                 "held guard, auto-extended",
-                LockOptions::new().auto_extend(true),
+                LockOptions::new().with_auto_extend(true),
             ),
         ] {
             let mut guards: Vec<LockGuard> = Vec::with_capacity(n);
@@ -97,7 +97,7 @@ fn main() {
         for _ in 0..n {
             let locks = locks.clone();
             tasks.push(tokio::spawn(async move {
-                let opts = LockOptions::new().wait(Duration::from_secs(120));
+                let opts = LockOptions::new().with_wait(Duration::from_secs(120));
                 if let Ok(g) = locks.lock_with("bench:mem:contended", opts).await {
                     let _ = g.release().await;
                 }

@@ -127,7 +127,7 @@ fn main() {
 
     // A node timeout far above any round trip here: the bench measures latency, not
     // timeouts.
-    let builder = LockManager::builder().node_timeout(Duration::from_secs(2));
+    let builder = LockManager::builder().with_node_timeout(Duration::from_secs(2));
     let (single, redlock_one, redlock_five, slow_single, slow_five, slow_each) =
         rt.block_on(async {
             let single = builder

@@ -1,15 +1,15 @@
-//! The cost of keeping many leases alive: the batched renewal task against a renewal per
+//! The cost of keeping many leases alive: the batched auto-extension task against an auto-extension per
 //! lease (a timer and a round trip each), measured in one process.
 //!
 //! ```sh
-//! cargo bench --bench renewal                                # Redis from the test support
-//! DISTLOCK_TEST_BACKEND=process cargo bench --bench renewal  # a local redis-server
+//! cargo bench --bench auto-extension                                # Redis from the test support
+//! DISTLOCK_TEST_BACKEND=process cargo bench --bench auto-extension  # a local redis-server
 //! ```
 //!
 //! For each variant: hold the same number of leases for the same time, then report the
-//! commands the server executed for renewals (from `INFO commandstats`), and the CPU time
+//! commands the server executed for auto-extensions (from `INFO commandstats`), and the CPU time
 //! this process spent (from `/proc/thread-self/schedstat`; the runtime is single-threaded,
-//! so that is everything the client did). An idle hold (no renewal at all) is the baseline
+//! so that is everything the client did). An idle hold (no auto-extension at all) is the baseline
 //! the CPU figures are taken against. Under `cargo test` it runs a short smoke version.
 
 #[path = "../tests/support/mod.rs"]
@@ -109,17 +109,17 @@ fn main() {
     rt.block_on(async {
         let mut raw = node.conn().await;
         let locks = LockManager::new(node.conn().await).expect("manager");
-        let plain = LockOptions::new().ttl(Duration::from_secs(60));
+        let plain = LockOptions::new().with_ttl(Duration::from_secs(60));
 
-        // Baseline: leases held, nothing renewing them.
+        // Baseline: leases held, nothing extending them.
         let guards = acquire_all(&locks, "bench:idle", leases, plain).await;
         let idle = measure(&mut raw, "evalsha", hold, std::future::pending::<()>()).await;
         for g in guards {
             g.release().await.expect("release");
         }
 
-        // The renewal task: one batch per tick.
-        let auto = LockOptions::new().ttl(ttl).auto_extend(true);
+        // The auto-extension task: one batch per tick.
+        let auto = LockOptions::new().with_ttl(ttl).with_auto_extend(true);
         let guards = acquire_all(&locks, "bench:auto", leases, auto).await;
         let started = Instant::now();
         let batched = measure(&mut raw, "evalsha", hold, std::future::pending::<()>()).await;
@@ -128,8 +128,8 @@ fn main() {
             g.release().await.expect("release");
         }
 
-        // A renewal per lease: every lease extends itself every ttl/3.
-        let guards = acquire_all(&locks, "bench:each", leases, plain.ttl(ttl)).await;
+        // An auto-extension per lease: every lease extends itself every ttl/3.
+        let guards = acquire_all(&locks, "bench:each", leases, plain.with_ttl(ttl)).await;
         let each = measure(&mut raw, "evalsha", hold, async {
             let mut tasks = tokio::task::JoinSet::new();
             for g in guards {
@@ -148,14 +148,14 @@ fn main() {
         let cpu_pct = |m: &Measured| (m.cpu.as_secs_f64() - idle.cpu.as_secs_f64()).max(0.0) / hold.as_secs_f64() * 100.0;
         println!();
         println!(
-            "keeping {leases} leases alive for {hold:?} (TTL {ttl:?}, {ticks:.0} renewal periods), backend {:?}",
+            "keeping {leases} leases alive for {hold:?} (TTL {ttl:?}, {ticks:.0} auto-extension periods), backend {:?}",
             support::backend()
         );
         println!("| variant | server calls | calls per period | server time | client CPU above idle |");
         println!("|---|---|---|---|---|");
         for (name, m) in [
-            ("idle (no renewal)", &idle),
-            ("distlock renewal task (batched)", &batched),
+            ("idle (no auto-extension)", &idle),
+            ("distlock auto-extension task (batched)", &batched),
             ("one extend per lease per period", &each),
         ] {
             println!(

@@ -28,9 +28,9 @@ async fn run(url: &str, record: &str, locked: bool) -> Result<i64, Box<dyn std::
         let record = record.to_owned();
         writers.push(tokio::spawn(async move {
             let opts = LockOptions::new()
-                .ttl(Duration::from_secs(5))
-                .wait(Duration::from_secs(30))
-                .backoff(
+                .with_ttl(Duration::from_secs(5))
+                .with_wait(Duration::from_secs(30))
+                .with_backoff(
                     Backoff::new()
                         .with_base(Duration::from_millis(1))
                         .with_cap(Duration::from_millis(20)),

@@ -63,7 +63,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // Worker A takes a short lease, then stalls past it.
     let a = locks
-        .lock_with(&lock, LockOptions::new().ttl(Duration::from_millis(300)))
+        .lock_with(
+            &lock,
+            LockOptions::new().with_ttl(Duration::from_millis(300)),
+        )
         .await?;
     let a_token = a
         .fencing_token()

@@ -37,7 +37,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 // Runs are due every 50 ms; each worker's clock and scheduling is a little off.
                 let jitter = Duration::from_micros(rand::rng().random_range(0..5_000));
                 tokio::time::sleep_until(start + Duration::from_millis(50) * run + jitter).await;
-                let opts = LockOptions::new().ttl(Duration::from_secs(30));
+                let opts = LockOptions::new().with_ttl(Duration::from_secs(30));
                 let guard = match locks.try_lock_with(format!("{ns}:run:{run}"), opts).await {
                     Ok(guard) => guard,
                     Err(e) if e.is_held_by_other() => continue, // another worker has it

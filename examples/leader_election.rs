@@ -35,9 +35,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         let mut stop = stop_rx.clone();
         tasks.push(tokio::spawn(async move {
             let opts = LockOptions::new()
-                .ttl(TTL)
-                .wait(Duration::from_secs(10))
-                .backoff(Backoff::new().with_cap(Duration::from_millis(100)));
+                .with_ttl(TTL)
+                .with_wait(Duration::from_secs(10))
+                .with_backoff(Backoff::new().with_cap(Duration::from_millis(100)));
             loop {
                 if *stop.borrow() {
                     return Ok::<_, distlock::Error>(());

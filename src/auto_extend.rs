@@ -1,17 +1,17 @@
-//! Auto-extension: one background task per manager renews all of its leases in batches.
+//! Auto-extension: one background task per manager extends all of its leases in batches.
 //!
-//! Each registered lease is due for renewal a third of the way from the last command that
+//! Each registered lease is due for auto-extension a third of the way from the last command that
 //! set its TTL to the deadline that command leaves (about `ttl / 3` after it was sent); an
-//! explicit extend with another TTL moves the schedule, and renewals reuse its TTL. When the earliest lease falls due, the task renews it together with every lease
-//! due within the next renewal period, in one `extend_many` call (one round trip and one
+//! explicit extend with another TTL moves the schedule, and auto-extensions reuse its TTL. When the earliest lease falls due, the task extends it together with every lease
+//! due within the next auto-extension period, in one `extend_many` call (one round trip and one
 //! Lua call per thousand leases on a single primary). Renewing a little early costs
 //! little and pulls leases into the same batch, so a thousand leases settle into one
 //! round trip per tick instead of a thousand.
 //!
-//! A renewal that finds the key gone or held by another token marks the lease lost at
-//! once. A renewal that cannot reach the server is retried every tenth of the TTL; if none
+//! An auto-extension that finds the key gone or held by another token marks the lease lost at
+//! once. An auto-extension that cannot reach the server is retried every tenth of the TTL; if none
 //! succeeds, the lease's own deadline makes it lost ([`LostReason::Unreachable`]), so a
-//! slow or stuck renewal never delays the loss past the validity deadline.
+//! slow or stuck auto-extension never delays the loss past the validity deadline.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
@@ -24,9 +24,9 @@ use tracing::Instrument;
 use crate::error::LostReason;
 use crate::lease::{Lease, OpId};
 use crate::options::Ttl;
-use crate::store::{LeaseStore, Renewal, Verdict};
+use crate::store::{Extension, LeaseStore, Verdict};
 
-/// The renewal task of one manager (started on demand, gone when nothing is registered).
+/// The auto-extension task of one manager (started on demand, gone when nothing is registered).
 #[derive(Clone)]
 pub(crate) struct AutoExtender {
     inner: Arc<Inner>,
@@ -50,20 +50,20 @@ struct Registry {
 
 struct Entry {
     lease: Arc<Lease>,
-    /// After a failed renewal: no retry before this instant.
+    /// After a failed auto-extension: no retry before this instant.
     not_before: Option<Instant>,
-    /// The end of the hold-time cap, if any: renewals never extend the lease past it.
+    /// The end of the hold-time cap, if any: auto-extensions never extend the lease past it.
     hold_until: Option<Instant>,
 }
 
-/// Registration of one lease with the renewal task; dropping it stops the renewal.
+/// Registration of one lease with the auto-extension task; dropping it stops the auto-extension.
 pub(crate) struct AutoExtension {
     inner: Weak<Inner>,
     id: u64,
 }
 
 impl AutoExtension {
-    /// The lease's TTL or deadline changed outside the renewal task (an explicit extend):
+    /// The lease's TTL or deadline changed outside the auto-extension task (an explicit extend):
     /// plan again.
     pub(crate) fn reschedule(&self) {
         if let Some(inner) = self.inner.upgrade() {
@@ -77,16 +77,16 @@ impl Drop for AutoExtension {
         if let Some(inner) = self.inner.upgrade() {
             let entry = inner.registry().entries.remove(&self.id);
             if let Some(entry) = entry {
-                entry.lease.set_renewed(false);
+                entry.lease.set_auto_extended(false);
             }
-            // Plan again: with nothing left to renew the task ends now, and with it its
-            // hold on the connection, instead of at the next renewal it had planned.
+            // Plan again: with nothing left to extend the task ends now, and with it its
+            // hold on the connection, instead of at the next auto-extension it had planned.
             inner.wake.notify_one();
         }
     }
 }
 
-/// A third of the TTL: the renewal period.
+/// A third of the TTL: the auto-extension period.
 fn period(ttl: Ttl) -> Duration {
     ttl.as_duration() / 3
 }
@@ -111,7 +111,7 @@ impl AutoExtender {
         max_hold: Option<Duration>,
         runtime: &Handle,
     ) -> AutoExtension {
-        lease.set_renewed(true);
+        lease.set_auto_extended(true);
         let entry = Entry {
             not_before: None,
             hold_until: max_hold.and_then(|hold| acquired_at.checked_add(hold)),
@@ -128,7 +128,8 @@ impl AutoExtender {
             registry.next_task += 1;
             registry.running = Some(task);
             let inner = Arc::clone(&self.inner);
-            runtime.spawn(run(inner, task).instrument(tracing::debug_span!("distlock.renewal")));
+            runtime
+                .spawn(run(inner, task).instrument(tracing::debug_span!("distlock.auto_extend")));
         }
         AutoExtension {
             inner: Arc::downgrade(&self.inner),
@@ -165,24 +166,24 @@ enum Plan {
     Stop,
     /// Nothing due: sleep until then (or until woken).
     Sleep(Instant),
-    /// Renew these now.
-    Renew(Vec<Item>),
+    /// Extend these now.
+    Extend(Vec<Item>),
 }
 
-/// One lease in a renewal batch.
+/// One lease in an auto-extension batch.
 struct Item {
     id: u64,
     lease: Arc<Lease>,
-    renewal: Renewal,
-    /// The final renewal under a hold-time cap: the lease is no longer registered.
+    extension: Extension,
+    /// The final auto-extension under a hold-time cap: the lease is no longer registered.
     last: bool,
-    /// This renewal as a command of its lease (see [`Lease::begin_extend`]).
+    /// This auto-extension as a command of its lease (see [`Lease::begin_extend`]).
     op: Option<OpId>,
 }
 
 impl Entry {
     fn due(&self) -> Instant {
-        let at = self.lease.renew_at();
+        let at = self.lease.extend_due();
         self.not_before.map_or(at, |t| t.max(at))
     }
 }
@@ -201,7 +202,7 @@ async fn run(inner: Arc<Inner>, task: u64) {
                     _ = tokio::time::sleep_until(until.into()) => {}
                 }
             }
-            Plan::Renew(batch) => renew(inner, batch).await,
+            Plan::Extend(batch) => extend_batch(inner, batch).await,
         }
     }
 }
@@ -209,7 +210,7 @@ async fn run(inner: Arc<Inner>, task: u64) {
 fn plan(inner: &Inner) -> Plan {
     let mut registry = inner.registry();
     let now = Instant::now();
-    // Leases that are gone need no renewal.
+    // Leases that are gone need no auto-extension.
     registry.entries.retain(|_, e| e.lease.lost().is_none());
     if registry.entries.is_empty() {
         // Cleared here, under the lock, so a concurrent `register` starts a new task.
@@ -227,9 +228,9 @@ fn plan(inner: &Inner) -> Plan {
     if first_due > now {
         return Plan::Sleep(first_due);
     }
-    // Coalesce: renew, with the lease that fell due, every lease due within the next
+    // Coalesce: extend, with the lease that fell due, every lease due within the next
     // period (the shorter of its own and the due lease's), so leases drift into one
-    // batch and stay there; none is renewed more than one of its own periods early.
+    // batch and stay there; none is auto-extended more than one of its own periods early.
     let window = period(first_ttl);
     let mut batch = Vec::new();
     let mut capped = Vec::new();
@@ -238,8 +239,8 @@ fn plan(inner: &Inner) -> Plan {
         if entry.due() > now + window.min(period(ttl)) {
             continue;
         }
-        // Under a hold-time cap, the renewal that reaches the cap is the last one: it
-        // gives exactly the hold time left, and renewal stops.
+        // Under a hold-time cap, the auto-extension that reaches the cap is the last one: it
+        // gives exactly the hold time left, and auto-extension stops.
         let mut last = false;
         let ttl = match entry.hold_until {
             Some(until) if until.saturating_duration_since(now) <= ttl.as_duration() => {
@@ -255,7 +256,7 @@ fn plan(inner: &Inner) -> Plan {
             }
             _ => ttl,
         };
-        let renewal = Renewal {
+        let extension = Extension {
             key: entry.lease.key.clone(),
             token: entry.lease.token,
             ttl,
@@ -263,7 +264,7 @@ fn plan(inner: &Inner) -> Plan {
         batch.push(Item {
             id,
             lease: Arc::clone(&entry.lease),
-            renewal,
+            extension,
             last,
             op: None,
         });
@@ -272,32 +273,32 @@ fn plan(inner: &Inner) -> Plan {
         if let Some(entry) = registry.entries.remove(&id) {
             tracing::debug!(
                 key = %entry.lease.key,
-                "hold-time cap reached; renewal stops"
+                "hold-time cap reached; auto-extension stops"
             );
             entry.lease.hold_capped();
-            entry.lease.set_renewed(false);
+            entry.lease.set_auto_extended(false);
         }
     }
     if batch.is_empty() {
         // Only capped leases were due; plan again.
         return Plan::Sleep(now);
     }
-    Plan::Renew(batch)
+    Plan::Extend(batch)
 }
 
-async fn renew(inner: &Inner, mut batch: Vec<Item>) {
+async fn extend_batch(inner: &Inner, mut batch: Vec<Item>) {
     let sent = Instant::now();
-    // Each renewal counts as a command of its lease from before it is sent (see
-    // `Lease::begin_extend`); a lease lost meanwhile is not renewed.
+    // Each auto-extension counts as a command of its lease from before it is sent (see
+    // `Lease::begin_extend`); a lease lost meanwhile is not auto-extended.
     batch.retain_mut(|item| {
-        item.op = item.lease.begin_extend(item.renewal.ttl, sent, false);
+        item.op = item.lease.begin_extend(item.extension.ttl, sent, false);
         item.op.is_some()
     });
     if batch.is_empty() {
         return;
     }
-    let renewals: Vec<Renewal> = batch.iter().map(|item| item.renewal.clone()).collect();
-    let results = inner.store.extend_many(&renewals).await;
+    let extensions: Vec<Extension> = batch.iter().map(|item| item.extension.clone()).collect();
+    let results = inner.store.extend_many(&extensions).await;
     let done = Instant::now();
     let mut registry = inner.registry();
     let mut failed = 0usize;
@@ -305,7 +306,7 @@ async fn renew(inner: &Inner, mut batch: Vec<Item>) {
         let Item {
             id,
             lease,
-            renewal,
+            extension,
             last,
             op,
         } = item;
@@ -335,14 +336,15 @@ async fn renew(inner: &Inner, mut batch: Vec<Item>) {
                 failed += 1;
                 lease.abandon_extend(op);
                 if let Some(entry) = entry {
-                    entry.not_before =
-                        Some(done + (renewal.ttl.as_duration() / 10).max(Duration::from_millis(5)));
+                    entry.not_before = Some(
+                        done + (extension.ttl.as_duration() / 10).max(Duration::from_millis(5)),
+                    );
                 }
             }
         }
     }
-    tracing::trace!(leases = renewals.len(), failed, elapsed = ?done - sent, "renewed");
+    tracing::trace!(leases = extensions.len(), failed, elapsed = ?done - sent, "extended");
     if failed > 0 {
-        tracing::warn!(failed, "lease renewals could not reach Redis; retrying");
+        tracing::warn!(failed, "lease extensions could not reach Redis; retrying");
     }
 }

@@ -34,7 +34,7 @@ use crate::error::{Error, Result};
 /// An exponential backoff policy with full jitter, a cap and an optional attempt limit.
 ///
 /// Defaults: base 10 ms, factor 2, cap 500 ms, jitter on, no attempt limit (the wait
-/// budget of [`LockOptions::wait`](crate::LockOptions::wait) bounds the wait instead).
+/// budget of [`LockOptions::with_wait`](crate::LockOptions::with_wait) bounds the wait instead).
 ///
 /// The setters are `const fn`s and do not validate; a policy that cannot be used (a zero
 /// base, a factor below 1 or not finite, a cap below the base, a limit of zero attempts) is

@@ -33,7 +33,7 @@ pub const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The default bound on one node's answer in a lock over several primaries (see
-/// [`LockManagerBuilder::node_timeout`]): small next to any sensible lease TTL, large next
+/// [`LockManagerBuilder::with_node_timeout`]): small next to any sensible lease TTL, large next
 /// to a Redis round trip on a healthy network.
 pub const DEFAULT_NODE_TIMEOUT: Duration = Duration::from_millis(100);
 
@@ -45,9 +45,9 @@ pub const DEFAULT_NODE_TIMEOUT: Duration = Duration::from_millis(100);
 /// use distlock::{LockManager, LockOptions};
 ///
 /// let locks = LockManager::builder()
-///     .prefix("billing:locks:")
-///     .default_options(LockOptions::new().ttl(Duration::from_secs(5)))
-///     .command_timeout(Duration::from_millis(500))
+///     .with_prefix("billing:locks:")
+///     .with_default_options(LockOptions::new().with_ttl(Duration::from_secs(5)))
+///     .with_command_timeout(Duration::from_millis(500))
 ///     .connect("redis://127.0.0.1:6379")
 ///     .await?;
 /// # Ok(()) }
@@ -83,14 +83,14 @@ impl LockManagerBuilder {
     /// The prefix of every Redis key the manager touches (default [`DEFAULT_PREFIX`], at most
     /// [`MAX_PREFIX_LEN`](crate::MAX_PREFIX_LEN) bytes). Managers that must exclude each
     /// other need the same prefix.
-    pub fn prefix(mut self, prefix: impl AsRef<[u8]>) -> Self {
+    pub fn with_prefix(mut self, prefix: impl AsRef<[u8]>) -> Self {
         self.prefix = prefix.as_ref().to_vec();
         self
     }
 
     /// The options [`lock`](LockManager::lock) and [`try_lock`](LockManager::try_lock) use
     /// (default [`LockOptions::new`]).
-    pub fn default_options(mut self, options: LockOptions) -> Self {
+    pub fn with_default_options(mut self, options: LockOptions) -> Self {
         self.defaults = options;
         self
     }
@@ -102,7 +102,7 @@ impl LockManagerBuilder {
     /// connection. With [`build`](Self::build), distlock enforces it with a timer of its own
     /// around every command, unless [`connection_enforces_timeout`](Self::connection_enforces_timeout)
     /// says the connection already does.
-    pub fn command_timeout(mut self, timeout: Duration) -> Self {
+    pub fn with_command_timeout(mut self, timeout: Duration) -> Self {
         self.command_timeout = timeout;
         self
     }
@@ -119,7 +119,7 @@ impl LockManagerBuilder {
 
     /// The longest [`connect`](Self::connect) takes to reach the server (default
     /// [`DEFAULT_CONNECT_TIMEOUT`]). Must be above zero.
-    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+    pub fn with_connect_timeout(mut self, timeout: Duration) -> Self {
         self.connect_timeout = timeout;
         self
     }
@@ -133,7 +133,7 @@ impl LockManagerBuilder {
     /// Off, releases are not published and waiters poll with the backoff policy. Managers
     /// that compete for the same locks should agree: a manager with notifications off does
     /// not wake the waiters of the others.
-    pub fn notify(mut self, on: bool) -> Self {
+    pub fn with_notify(mut self, on: bool) -> Self {
         self.notify = on;
         self
     }
@@ -141,7 +141,7 @@ impl LockManagerBuilder {
     /// The client to open the subscription connection with, for a manager built with
     /// [`build`](Self::build) on a connection of your own (which cannot subscribe).
     /// [`connect`](Self::connect) uses its own URL. Without one, waiters poll.
-    pub fn notify_via(mut self, client: redis::Client) -> Self {
+    pub fn with_notify_via(mut self, client: redis::Client) -> Self {
         self.pubsub = Some(client);
         self
     }
@@ -157,12 +157,12 @@ impl LockManagerBuilder {
     /// # async fn demo() -> distlock::Result<()> {
     /// use std::time::Duration;
     /// let locks = distlock::LockManager::builder()
-    ///     .node_timeout(Duration::from_millis(30)) // nodes in one data center
+    ///     .with_node_timeout(Duration::from_millis(30)) // nodes in one data center
     ///     .connect_redlock(["redis://a:6379", "redis://b:6379", "redis://c:6379"])
     ///     .await?;
     /// # Ok(()) }
     /// ```
-    pub fn node_timeout(mut self, timeout: Duration) -> Self {
+    pub fn with_node_timeout(mut self, timeout: Duration) -> Self {
         self.node_timeout = timeout;
         self
     }
@@ -268,10 +268,10 @@ impl LockManagerBuilder {
     /// down.
     ///
     /// The locks behave like single-primary locks (same guard, waiting, backoff, drop and
-    /// renewal) with these differences:
+    /// auto-extension) with these differences:
     ///
     /// - every acquire, extend and release goes to all N nodes at once, each node bounded
-    ///   by [`node_timeout`](Self::node_timeout);
+    ///   by [`node_timeout`](Self::with_node_timeout);
     /// - an acquire succeeds when a majority (`N/2 + 1`) set the lease and validity is left;
     ///   the guard's [`valid_until`](crate::LockGuard::valid_until) is
     ///   `start + ttl - drift`, so its remaining time is `ttl - elapsed - drift`. Any other
@@ -279,13 +279,13 @@ impl LockManagerBuilder {
     /// - "held by another owner" ([`Error::Contended`], [`Error::Timeout`]) when a majority
     ///   answered but not for us; [`Error::Quorum`] (with every node's answer) when too few
     ///   answered — returned at once, not waited out;
-    /// - extend and renewal need a majority of all N nodes, or the lease is lost
+    /// - extend and auto-extension need a majority of all N nodes, or the lease is lost
     ///   ([`LostReason::NoQuorum`](crate::LostReason::NoQuorum)); a failed extend releases
     ///   nothing. A successful [`LockGuard::extend`](crate::LockGuard::extend) also sets
     ///   the lease again on nodes that lost it (restarted empty, or down at acquire);
     /// - release is sent to all N; see [`LockGuard::release`](crate::LockGuard::release);
     /// - waiters poll with the backoff policy (bounded by the holder's remaining TTL and
-    ///   the wait budget): release notifications ([`notify`](Self::notify)) are not used,
+    ///   the wait budget): release notifications ([`notify`](Self::with_notify)) are not used,
     ///   since one subscription would tie every waiter to one node;
     /// - [`fencing_token`](crate::LockGuard::fencing_token) is `None`: see the crate docs
     ///   on [several primaries](crate#several-primaries-redlock).
@@ -309,7 +309,7 @@ impl LockManagerBuilder {
     /// use distlock::LockManager;
     ///
     /// let locks = LockManager::builder()
-    ///     .node_timeout(Duration::from_millis(50))
+    ///     .with_node_timeout(Duration::from_millis(50))
     ///     .connect_redlock([
     ///         "redis://10.0.0.1:6379",
     ///         "redis://10.0.0.2:6379",
@@ -393,7 +393,7 @@ impl LockManagerBuilder {
                 validity_ran_out: false,
             })));
         }
-        Ok(self.notify(false).into_manager(Arc::new(store)))
+        Ok(self.with_notify(false).into_manager(Arc::new(store)))
     }
 
     /// Builds a manager whose locks hold on a majority of the independent Redis primaries
@@ -435,7 +435,7 @@ impl LockManagerBuilder {
             .collect();
         crate::redlock::check_node_count(nodes.len())?;
         let store = RedlockStore::new(nodes, self.node_timeout);
-        Ok(self.notify(false).into_manager(Arc::new(store)))
+        Ok(self.with_notify(false).into_manager(Arc::new(store)))
     }
 }
 

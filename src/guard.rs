@@ -36,8 +36,8 @@ pub struct LockGuard {
     handle: LeaseHandle,
     store: Arc<dyn LeaseStore>,
     runtime: Option<Handle>,
-    /// Present while the renewal task keeps this lease alive; dropping it stops renewal.
-    renewal: Option<AutoExtension>,
+    /// Present while the auto-extension task keeps this lease alive; dropping it stops auto-extension.
+    extension: Option<AutoExtension>,
     /// `true` once the server answered a release: nothing is left to release.
     finished: bool,
 }
@@ -47,13 +47,13 @@ impl LockGuard {
         lease: Arc<Lease>,
         store: Arc<dyn LeaseStore>,
         runtime: Option<Handle>,
-        renewal: Option<AutoExtension>,
+        extension: Option<AutoExtension>,
     ) -> Self {
         LockGuard {
             handle: LeaseHandle { lease },
             store,
             runtime,
-            renewal,
+            extension,
             finished: false,
         }
     }
@@ -97,10 +97,10 @@ impl LockGuard {
         self.handle.is_held()
     }
 
-    /// Whether the renewal task keeps this lease alive
-    /// ([`LockOptions::auto_extend`](crate::LockOptions::auto_extend)).
+    /// Whether the auto-extension task keeps this lease alive
+    /// ([`LockOptions::with_auto_extend`](crate::LockOptions::with_auto_extend)).
     pub fn is_auto_extended(&self) -> bool {
-        self.renewal.is_some()
+        self.extension.is_some()
     }
 
     /// Resolves with the reason once the lease is gone; see [`LeaseHandle::lost`].
@@ -108,7 +108,7 @@ impl LockGuard {
     /// ```no_run
     /// # async fn demo(locks: distlock::LockManager) -> distlock::Result<()> {
     /// use distlock::LockOptions;
-    /// let guard = locks.lock_with("index:rebuild", LockOptions::new().auto_extend(true)).await?;
+    /// let guard = locks.lock_with("index:rebuild", LockOptions::new().with_auto_extend(true)).await?;
     /// tokio::select! {
     ///     reason = guard.lost() => eprintln!("stopped: lease lost ({reason})"),
     ///     _ = async { /* long work */ } => guard.release().await?,
@@ -126,10 +126,10 @@ impl LockGuard {
     /// Resets the lease's TTL to `ttl`, if the lease is still ours.
     ///
     /// On success [`valid_until`](Self::valid_until) moves to "now + `ttl` − drift" — unless
-    /// another extend or renewal of this lease is in flight or its outcome is unknown: the
+    /// another extend or auto-extension of this lease is in flight or its outcome is unknown: the
     /// server may run those after this one, so the deadline stays the earliest any of them
     /// could leave. A shorter `ttl` takes effect on the local deadline as soon as the call
-    /// starts, and an auto-extended lease is renewed with the new `ttl` from then on.
+    /// starts, and an auto-extended lease is auto-extended with the new `ttl` from then on.
     /// An extend whose reply arrives after the lease's validity ended is
     /// [`Error::Lost`] ([`LostReason::Expired`]): the lease was not guaranteed in between.
     /// Returns [`Error::Lost`] when the key expired ([`LostReason::Expired`]) or holds
@@ -179,16 +179,16 @@ impl LockGuard {
         async {
             let sent = Instant::now();
             // Counted before it is sent: from now on the server may run it, in whatever
-            // order with other extends and renewals, so the deadline believed drops to
+            // order with other extends and auto-extensions, so the deadline believed drops to
             // what it would leave at once.
             let Some(op) = lease.begin_extend(ttl, sent, true) else {
                 // A loss, once seen, is final: never revive a lease reported gone.
                 let reason = lease.lost().unwrap_or(LostReason::Expired);
                 return Err(self.lose(reason));
             };
-            if let Some(renewal) = &self.renewal {
-                // Renewal follows the new TTL and deadline, not the old schedule.
-                renewal.reschedule();
+            if let Some(extension) = &self.extension {
+                // Auto-extension follows the new TTL and deadline, not the old schedule.
+                extension.reschedule();
             }
             let pending = PendingExtend::new(lease, op);
             // On error `pending` is dropped: the outcome is unknown and keeps counting.
@@ -242,9 +242,9 @@ impl LockGuard {
     /// # Ok(()) }
     /// ```
     pub async fn release(mut self) -> Result<()> {
-        // Stop renewal first: a renewal still in flight can only find the key gone after
+        // Stop auto-extension first: an auto-extension still in flight can only find the key gone after
         // this release (compare-and-`PEXPIRE` never re-creates a key).
-        self.renewal = None;
+        self.extension = None;
         let lease = Arc::clone(&self.handle.lease);
         let span = tracing::debug_span!(
             "distlock.release",
@@ -292,7 +292,7 @@ impl LockGuard {
 
 impl Drop for LockGuard {
     fn drop(&mut self) {
-        self.renewal = None;
+        self.extension = None;
         if self.finished {
             return;
         }
@@ -377,7 +377,7 @@ impl fmt::Debug for LockGuard {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("LockGuard")
             .field("lease", &self.handle)
-            .field("auto_extended", &self.renewal.is_some())
+            .field("auto_extended", &self.extension.is_some())
             .finish()
     }
 }

@@ -32,8 +32,8 @@
 //!
 //! // Custom lease and wait.
 //! let opts = LockOptions::new()
-//!     .ttl(Duration::from_secs(10))
-//!     .wait(Duration::from_secs(5));
+//!     .with_ttl(Duration::from_secs(10))
+//!     .with_wait(Duration::from_secs(5));
 //! let guard = locks.lock_with("jobs:nightly", opts).await?;
 //! guard.extend(Duration::from_secs(10)).await?;
 //! guard.release().await?;
@@ -42,7 +42,7 @@
 //!
 //! # Keeping a lease alive
 //!
-//! With [`LockOptions::auto_extend`], the manager's renewal task extends the lease about
+//! With [`LockOptions::with_auto_extend`], the manager's auto-extension task extends the lease about
 //! every `ttl/3` while the guard lives (all leases of a manager in one batched call per
 //! period). [`LockGuard::lost`] resolves when the lease is gone anyway (taken, expired,
 //! Redis unreachable until the deadline, hold-time cap), and
@@ -82,7 +82,7 @@
 //!   latest `SET`, two holders can overlap; the fencing check above still protects the
 //!   resource.
 //! - **Every call is bounded in time**: by the wait budget, the command timeout
-//!   ([`LockManagerBuilder::command_timeout`]) and the connect timeout.
+//!   ([`LockManagerBuilder::with_command_timeout`]) and the connect timeout.
 //!
 //! # Several primaries (Redlock)
 //!
@@ -100,7 +100,7 @@
 //! use distlock::{Error, LockManager};
 //!
 //! let locks = LockManager::builder()
-//!     .node_timeout(Duration::from_millis(50))
+//!     .with_node_timeout(Duration::from_millis(50))
 //!     .connect_redlock(["redis://a:6379", "redis://b:6379", "redis://c:6379"])
 //!     .await?;
 //! match locks.try_lock("jobs:nightly").await {

@@ -38,7 +38,7 @@ use crate::wait::Wait;
 ///
 /// let locks = LockManager::connect("redis://127.0.0.1:6379").await?;
 /// let guard = locks
-///     .lock_with("jobs:nightly", LockOptions::new().ttl(Duration::from_secs(10)))
+///     .lock_with("jobs:nightly", LockOptions::new().with_ttl(Duration::from_secs(10)))
 ///     .await?;
 /// // ... only one process runs this at a time ...
 /// guard.release().await?;
@@ -51,7 +51,7 @@ pub struct LockManager {
 
 struct Shared {
     store: Arc<dyn LeaseStore>,
-    renewal: AutoExtender,
+    auto_extender: AutoExtender,
     notifier: Option<Notifier>,
     prefix: Box<[u8]>,
     defaults: LockOptions,
@@ -82,7 +82,7 @@ impl LockManager {
     ) -> Self {
         LockManager {
             shared: Arc::new(Shared {
-                renewal: AutoExtender::new(Arc::clone(&store)),
+                auto_extender: AutoExtender::new(Arc::clone(&store)),
                 store,
                 notifier,
                 prefix,
@@ -141,7 +141,7 @@ impl LockManager {
     /// use std::time::Duration;
     /// use distlock::{Error, LockOptions};
     ///
-    /// let opts = LockOptions::new().wait(Duration::from_secs(2));
+    /// let opts = LockOptions::new().with_wait(Duration::from_secs(2));
     /// match locks.lock_with("ledger", opts).await {
     ///     Ok(guard) => guard.release().await?,
     ///     Err(Error::Timeout { waited, attempts, .. }) => {
@@ -269,8 +269,8 @@ impl LockManager {
     /// while the lease is held, and releases it.
     ///
     /// The lease is auto-extended unless `options` turn that off
-    /// ([`LockOptions::auto_extend`]). If the lease is lost before `work` finishes (a
-    /// renewal finds it taken, Redis stays unreachable until the deadline, the hold-time cap
+    /// ([`LockOptions::with_auto_extend`]). If the lease is lost before `work` finishes (a
+    /// auto-extension finds it taken, Redis stays unreachable until the deadline, the hold-time cap
     /// runs out), `work` is dropped, that is cancelled at its next `.await`, and the call
     /// returns [`Error::Lost`]. Otherwise the lease is released and `work`'s output returned;
     /// a release that fails after `work` finished under a valid lease is logged, not
@@ -297,7 +297,7 @@ impl LockManager {
     ///     .with_lock("reports:nightly", |lease| async move {
     ///         // Pass the fencing token to every write the work makes.
     ///         let token = lease.fencing_token();
-    ///         /* ... long work, renewed in the background ... */
+    ///         /* ... long work, auto-extended in the background ... */
     ///         42
     ///     })
     ///     .await?;
@@ -342,7 +342,7 @@ impl LockManager {
         if request.auto_extend && runtime.is_none() {
             return Err(Error::invalid(
                 "auto_extend",
-                "auto-extension needs a tokio runtime to renew in",
+                "auto-extension needs a tokio runtime to run in",
             ));
         }
         let mut pending = PendingAcquire {
@@ -377,8 +377,8 @@ impl LockManager {
             Acquire::Taken { fence } => {
                 tracing::debug!(token = token.short(), ?fence, "acquired");
                 let lease = Arc::new(Lease::new(key.clone(), token, fence, ttl, sent, replied));
-                let renewal = match (&runtime, request.auto_extend) {
-                    (Some(runtime), true) => Some(self.shared.renewal.register(
+                let extension = match (&runtime, request.auto_extend) {
+                    (Some(runtime), true) => Some(self.shared.auto_extender.register(
                         Arc::clone(&lease),
                         sent,
                         request.max_hold,
@@ -390,7 +390,7 @@ impl LockManager {
                     lease,
                     Arc::clone(&self.shared.store),
                     runtime,
-                    renewal,
+                    extension,
                 )))
             }
             Acquire::Held { pttl } => Ok(Attempt::Held { pttl }),

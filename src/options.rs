@@ -13,7 +13,7 @@ use crate::error::{Error, Result};
 /// [`Error::InvalidArgument`] instead of handing out leases that are born expired.
 pub const MIN_TTL: Duration = Duration::from_millis(10);
 
-/// The longest lease TTL accepted: 365 days. A lease is meant to be renewed, not to
+/// The longest lease TTL accepted: 365 days. A lease is meant to be auto-extended, not to
 /// outlive its holder by years; longer values are rejected rather than overflowing the
 /// millisecond arithmetic on either side.
 pub const MAX_TTL: Duration = Duration::from_secs(365 * 24 * 60 * 60);
@@ -22,8 +22,8 @@ pub const MAX_TTL: Duration = Duration::from_secs(365 * 24 * 60 * 60);
 /// to space out the attempts.
 ///
 /// Defaults: TTL 30 s, wait budget 10 s, [`Backoff::new`] (10 ms base, ×2, 500 ms cap,
-/// full jitter). Every setter is a `const fn` and takes effect only for calls that are given
-/// these options; values are checked when a lock call uses them, and an unusable value
+/// full jitter). Setters are `const fn with_*` and getters are named after the setting, as
+/// for [`Backoff`]; values are checked when a lock call uses them, and an unusable value
 /// gives [`Error::InvalidArgument`] before anything is sent.
 ///
 /// ```
@@ -31,10 +31,10 @@ pub const MAX_TTL: Duration = Duration::from_secs(365 * 24 * 60 * 60);
 /// use distlock::LockOptions;
 ///
 /// let opts = LockOptions::new()
-///     .ttl(Duration::from_secs(10))
-///     .wait(Duration::from_secs(5));
-/// assert_eq!(opts.lease_ttl(), Duration::from_secs(10));
-/// assert_eq!(opts.wait_budget(), Duration::from_secs(5));
+///     .with_ttl(Duration::from_secs(10))
+///     .with_wait(Duration::from_secs(5));
+/// assert_eq!(opts.ttl(), Duration::from_secs(10));
+/// assert_eq!(opts.wait(), Duration::from_secs(5));
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct LockOptions {
@@ -65,65 +65,72 @@ impl LockOptions {
 
     /// How long a lease lasts unless extended or released: between [`MIN_TTL`] and
     /// [`MAX_TTL`], counted in whole milliseconds (sub-millisecond parts are dropped).
-    pub const fn ttl(mut self, ttl: Duration) -> Self {
+    pub const fn with_ttl(mut self, ttl: Duration) -> Self {
         self.ttl = ttl;
         self
     }
 
     /// How long [`lock`](crate::LockManager::lock) keeps trying while another owner holds
     /// the key, on the monotonic clock. Zero means one attempt.
-    pub const fn wait(mut self, wait: Duration) -> Self {
+    pub const fn with_wait(mut self, wait: Duration) -> Self {
         self.wait = wait;
         self
     }
 
     /// How to space out attempts while waiting.
-    pub const fn backoff(mut self, backoff: Backoff) -> Self {
+    pub const fn with_backoff(mut self, backoff: Backoff) -> Self {
         self.backoff = backoff;
         self
     }
 
-    /// Keep the lease alive while its guard lives: the manager's renewal task extends it
-    /// about every `ttl / 3`, and [`LockGuard::lost`](crate::LockGuard::lost) resolves if a
-    /// renewal finds it gone or Redis stays unreachable until its deadline.
+    /// Auto-extension: keep the lease alive while its guard lives. The manager's
+    /// auto-extension task extends it about every `ttl / 3`, and
+    /// [`LockGuard::lost`](crate::LockGuard::lost) resolves if an extension finds it gone
+    /// or Redis stays unreachable until its deadline.
     ///
     /// Off by default for [`lock`](crate::LockManager::lock) and friends, on by default for
     /// [`with_lock`](crate::LockManager::with_lock); setting it here decides for both.
-    pub const fn auto_extend(mut self, on: bool) -> Self {
+    pub const fn with_auto_extend(mut self, on: bool) -> Self {
         self.auto_extend = Some(on);
         self
     }
 
     /// Caps how long auto-extension keeps a lease alive, counted from the acquisition:
-    /// renewals never extend the lease past it, after which the lease runs out and
+    /// auto-extension never extends the lease past it, after which the lease runs out and
     /// [`LockGuard::lost`](crate::LockGuard::lost) resolves with
     /// [`LostReason::MaxHoldReached`](crate::LostReason::MaxHoldReached). A cap shorter than
     /// the TTL shortens the first lease to the cap, so the lease never outlives it. Explicit
     /// [`extend`](crate::LockGuard::extend) calls are not capped. No cap by default; a cap
     /// below [`MIN_TTL`] is rejected with [`Error::InvalidArgument`].
-    pub const fn max_hold(mut self, max_hold: Duration) -> Self {
+    pub const fn with_max_hold(mut self, max_hold: Duration) -> Self {
         self.max_hold = Some(max_hold);
         self
     }
 
-    /// The hold-time cap these options give, if any.
-    pub const fn hold_cap(&self) -> Option<Duration> {
-        self.max_hold
-    }
-
-    /// The lease TTL these options give.
-    pub const fn lease_ttl(&self) -> Duration {
+    /// The lease TTL (set with [`with_ttl`](Self::with_ttl)).
+    pub const fn ttl(&self) -> Duration {
         self.ttl
     }
 
-    /// The wait budget these options give.
-    pub const fn wait_budget(&self) -> Duration {
+    /// The wait budget (set with [`with_wait`](Self::with_wait)).
+    pub const fn wait(&self) -> Duration {
         self.wait
     }
 
-    /// The backoff policy these options give.
-    pub const fn backoff_policy(&self) -> Backoff {
+    /// The backoff policy (set with [`with_backoff`](Self::with_backoff)).
+    pub const fn backoff(&self) -> Backoff {
         self.backoff
+    }
+
+    /// Whether these options turn auto-extension on or off; `None` leaves it to the call
+    /// (set with [`with_auto_extend`](Self::with_auto_extend)).
+    pub const fn auto_extend(&self) -> Option<bool> {
+        self.auto_extend
+    }
+
+    /// The hold-time cap, if any (set with [`with_max_hold`](Self::with_max_hold)).
+    pub const fn max_hold(&self) -> Option<Duration> {
+        self.max_hold
     }
 
     /// These options, checked, for a call whose auto-extension default is
@@ -263,7 +270,7 @@ mod tests {
 
     #[test]
     fn wait_budget_that_overflows_the_clock_is_rejected() {
-        let opts = LockOptions::new().wait(Duration::MAX);
+        let opts = LockOptions::new().with_wait(Duration::MAX);
         assert_eq!(what(opts.check(false).unwrap_err()), "wait");
     }
 

@@ -119,12 +119,12 @@ return 0
     )
 });
 
-/// [`EXTEND`] for many leases in one call: the renewal task's batch.
+/// [`EXTEND`] for many leases in one call: the auto-extension task's batch.
 ///
 /// KEYS[i] lease key i. ARGV[2i-1] token i, ARGV[2i] new TTL in ms for lease i.
 /// Returns one result code per key, in order. Each key's outcome is its own: a key that
 /// another program replaced by a value of another type (`GET` fails with `WRONGTYPE`) is
-/// not our lease any more and answers `-1`, and the other leases are renewed as usual.
+/// not our lease any more and answers `-1`, and the other leases are auto-extended as usual.
 pub(crate) static EXTEND_MANY: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"

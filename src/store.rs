@@ -83,18 +83,18 @@ pub(crate) trait LeaseStore: Send + Sync + 'static {
 
     /// Compare-and-`PEXPIRE` for many leases at once, in as few round trips as the store
     /// allows: one verdict (or error) per lease, in order.
-    fn extend_many<'a>(&'a self, batch: &'a [Renewal]) -> BoxFuture<'a, Vec<Result<Verdict>>>;
+    fn extend_many<'a>(&'a self, batch: &'a [Extension]) -> BoxFuture<'a, Vec<Result<Verdict>>>;
 }
 
-/// One lease in a batch renewal.
+/// One lease in a batch auto-extension.
 #[derive(Debug, Clone)]
-pub(crate) struct Renewal {
+pub(crate) struct Extension {
     pub(crate) key: LockKey,
     pub(crate) token: Token,
     pub(crate) ttl: Ttl,
 }
 
-/// Leases per `EXTEND_MANY` call: large enough that a thousand leases renew in one call,
+/// Leases per `EXTEND_MANY` call: large enough that a thousand leases extend in one call,
 /// small enough that one call never blocks the server for long.
 pub(crate) const RENEWALS_PER_CALL: usize = 1000;
 
@@ -267,16 +267,16 @@ where
 
     /// Compare-and-`PEXPIRE` of many leases on this server, one script call per
     /// [`RENEWALS_PER_CALL`]; one answer per lease, in order.
-    pub(crate) async fn extend_many_here(&self, batch: &[Renewal]) -> Vec<Result<NodeAnswer>> {
+    pub(crate) async fn extend_many_here(&self, batch: &[Extension]) -> Vec<Result<NodeAnswer>> {
         {
             let mut out = Vec::with_capacity(batch.len());
             for chunk in batch.chunks(RENEWALS_PER_CALL) {
                 let mut conn = self.conn.clone();
                 let mut call = scripts::EXTEND_MANY.prepare_invoke();
-                for renewal in chunk {
-                    call.key(renewal.key.lease())
-                        .arg(renewal.token.as_bytes())
-                        .arg(renewal.ttl.as_millis());
+                for extension in chunk {
+                    call.key(extension.key.lease())
+                        .arg(extension.token.as_bytes())
+                        .arg(extension.ttl.as_millis());
                 }
                 match self.invoke::<Vec<i64>>(&call, &mut conn).await {
                     Ok(codes) if codes.len() == chunk.len() => {
@@ -327,7 +327,7 @@ where
         Box::pin(async move { self.release_here(key, token).await.map(Verdict::from) })
     }
 
-    fn extend_many<'a>(&'a self, batch: &'a [Renewal]) -> BoxFuture<'a, Vec<Result<Verdict>>> {
+    fn extend_many<'a>(&'a self, batch: &'a [Extension]) -> BoxFuture<'a, Vec<Result<Verdict>>> {
         Box::pin(async move {
             self.extend_many_here(batch)
                 .await

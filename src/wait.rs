@@ -151,7 +151,7 @@ impl<'a> Wait<'a> {
         match &self.waiter {
             Some(waiter) => {
                 let sure_to_be_woken = self.listening && !waiter.is_first();
-                waiter.wait(bounds.until(sure_to_be_woken)).await;
+                waiter.sleep(bounds.until(sure_to_be_woken)).await;
                 waiter.rearm();
             }
             None => tokio::time::sleep_until(bounds.poll.into()).await,

@@ -16,11 +16,11 @@ fn lease_key(name: &str) -> String {
 
 fn auto(ttl_ms: u64) -> LockOptions {
     LockOptions::new()
-        .ttl(Duration::from_millis(ttl_ms))
-        .auto_extend(true)
+        .with_ttl(Duration::from_millis(ttl_ms))
+        .with_auto_extend(true)
 }
 
-/// `EVALSHA` calls the server has counted so far (acquire, release, renewals).
+/// `EVALSHA` calls the server has counted so far (acquire, release, auto-extensions).
 async fn evalsha_calls(raw: &mut redis::aio::MultiplexedConnection) -> u64 {
     let info: String = redis::cmd("INFO")
         .arg("commandstats")
@@ -55,7 +55,7 @@ async fn a_one_second_lease_is_held_for_five_seconds_and_stays_gone_after_releas
     guard.release().await.unwrap();
     for _ in 0..15 {
         let exists: bool = raw.exists(lease_key(&name)).await.unwrap();
-        assert!(!exists, "a renewal brought the released lease back");
+        assert!(!exists, "an auto-extension brought the released lease back");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -69,7 +69,7 @@ async fn stopping_redis_under_a_held_lease_reports_unreachable_by_the_deadline()
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     node.stop().await;
-    // No renewal can succeed from here on, so the deadline cannot move any more.
+    // No auto-extension can succeed from here on, so the deadline cannot move any more.
     let deadline = guard.valid_until();
     let reason = tokio::time::timeout(Duration::from_secs(5), guard.lost())
         .await
@@ -93,7 +93,7 @@ async fn a_paused_server_makes_the_lease_unreachable_by_its_deadline() {
 
     node.pause().await;
     let deadline = guard.valid_until();
-    // Renewals hang (the 2 s command timeout is longer than the lease): the deadline alone
+    // Auto-extensions hang (the 2 s command timeout is longer than the lease): the deadline alone
     // must end the lease.
     let reason = tokio::time::timeout(Duration::from_secs(5), guard.lost()).await;
     let late = Instant::now().saturating_duration_since(deadline);
@@ -106,14 +106,17 @@ async fn a_paused_server_makes_the_lease_unreachable_by_its_deadline() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_lease_taken_behind_its_back_is_reported_taken_within_one_renewal_period() {
+async fn a_lease_taken_behind_its_back_is_reported_taken_within_one_auto_extension_period() {
     let node = RedisNode::start().await;
     let locks = LockManager::connect(&node.url()).await.unwrap();
     let mut raw = node.conn().await;
     let name = unique_key("taken");
     let ttl = Duration::from_millis(1500);
     let guard = locks
-        .lock_with(&name, LockOptions::new().ttl(ttl).auto_extend(true))
+        .lock_with(
+            &name,
+            LockOptions::new().with_ttl(ttl).with_auto_extend(true),
+        )
         .await
         .unwrap();
 
@@ -124,7 +127,7 @@ async fn a_lease_taken_behind_its_back_is_reported_taken_within_one_renewal_peri
         .expect("lost() resolves");
     let latency = replaced.elapsed();
     assert_eq!(reason, LostReason::Taken);
-    // One renewal period is ttl/3; allow the coalescing window and scheduling slack.
+    // One auto-extension period is ttl/3; allow the coalescing window and scheduling slack.
     assert!(
         latency <= ttl / 3 + Duration::from_millis(250),
         "took {latency:?}"
@@ -157,7 +160,7 @@ async fn with_lock_cancels_the_work_and_returns_lost_when_the_lease_is_taken() {
             let _: () = raw.set(lease_key(&name), "intruder").await.unwrap();
         })
     };
-    let opts = LockOptions::new().ttl(Duration::from_millis(900));
+    let opts = LockOptions::new().with_ttl(Duration::from_millis(900));
     let (d, f) = (Arc::clone(&dropped), Arc::clone(&finished));
     let result = tokio::time::timeout(
         Duration::from_secs(10),
@@ -195,7 +198,7 @@ async fn with_lock_returns_the_output_keeps_the_lease_alive_and_releases() {
     let key = lease_key(&name);
 
     // The work outlives the 1 s TTL two and a half times: auto-extension is on.
-    let opts = LockOptions::new().ttl(Duration::from_millis(1000));
+    let opts = LockOptions::new().with_ttl(Duration::from_millis(1000));
     let output = locks
         .with_lock_with(&name, opts, |lease| async move {
             tokio::time::sleep(Duration::from_millis(2500)).await;
@@ -251,7 +254,7 @@ async fn without_auto_extension_lost_resolves_expired_at_the_deadline() {
     let guard = locks
         .lock_with(
             unique_key("plain"),
-            LockOptions::new().ttl(Duration::from_millis(300)),
+            LockOptions::new().with_ttl(Duration::from_millis(300)),
         )
         .await
         .unwrap();
@@ -272,12 +275,12 @@ async fn without_auto_extension_lost_resolves_expired_at_the_deadline() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn max_hold_stops_renewal_and_reports_the_cap() {
+async fn max_hold_stops_auto_extension_and_reports_the_cap() {
     let node = RedisNode::start().await;
     let locks = LockManager::connect(&node.url()).await.unwrap();
     let mut raw = node.conn().await;
     let name = unique_key("max-hold");
-    let opts = auto(300).max_hold(Duration::from_millis(1000));
+    let opts = auto(300).with_max_hold(Duration::from_millis(1000));
     let started = Instant::now();
     let guard = locks.lock_with(&name, opts).await.unwrap();
     let reason = tokio::time::timeout(Duration::from_secs(5), guard.lost())
@@ -285,25 +288,25 @@ async fn max_hold_stops_renewal_and_reports_the_cap() {
         .unwrap();
     let held = started.elapsed();
     assert_eq!(reason, LostReason::MaxHoldReached);
-    // Renewed well past the 300 ms TTL, and never past the 1 s cap.
+    // Auto-extended well past the 300 ms TTL, and never past the 1 s cap.
     assert!(held > Duration::from_millis(800), "gave up early: {held:?}");
     assert!(
         held <= Duration::from_millis(1050),
         "held past the cap: {held:?}"
     );
-    // The last renewal's TTL ended with the cap: the key expires right after.
+    // The last auto-extension's TTL ended with the cap: the key expires right after.
     tokio::time::sleep(Duration::from_millis(100)).await;
     let exists: bool = raw.exists(lease_key(&name)).await.unwrap();
     assert!(!exists, "the lease outlived the hold-time cap");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn renewals_in_flight_never_resurrect_a_released_lease() {
+async fn auto_extensions_in_flight_never_resurrect_a_released_lease() {
     let node = RedisNode::start().await;
     let locks = LockManager::connect(&node.url()).await.unwrap();
     let mut raw = node.conn().await;
     let name = unique_key("race");
-    // A 60 ms TTL renews every 20 ms: releases land on renewals in flight.
+    // A 60 ms TTL extends every 20 ms: releases land on auto-extensions in flight.
     for i in 0..150u64 {
         let guard = locks
             .try_lock_with(&name, auto(60))
@@ -312,7 +315,7 @@ async fn renewals_in_flight_never_resurrect_a_released_lease() {
         tokio::time::sleep(Duration::from_micros((i * 97) % 30_000)).await;
         match guard.release().await {
             Ok(()) => {}
-            // On a loaded machine a renewal can miss a 60 ms lease; it expired, which is
+            // On a loaded machine an auto-extension can miss a 60 ms lease; it expired, which is
             // not what this test is about.
             Err(Error::Lost { reason, .. }) => assert_eq!(reason, LostReason::Expired),
             Err(e) => panic!("iteration {i}: {e}"),
@@ -326,7 +329,7 @@ async fn renewals_in_flight_never_resurrect_a_released_lease() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_thousand_leases_stay_alive_on_batched_renewals() {
+async fn a_thousand_leases_stay_alive_on_batched_auto_extensions() {
     const LEASES: usize = 1000;
     let node = RedisNode::start().await;
     let locks = LockManager::connect(&node.url()).await.unwrap();
@@ -336,7 +339,7 @@ async fn a_thousand_leases_stay_alive_on_batched_renewals() {
 
     let mut guards = Vec::with_capacity(LEASES);
     for i in 0..LEASES {
-        let opts = LockOptions::new().ttl(ttl).auto_extend(true);
+        let opts = LockOptions::new().with_ttl(ttl).with_auto_extend(true);
         guards.push(
             locks
                 .try_lock_with(format!("{prefix}:{i}"), opts)
@@ -354,18 +357,18 @@ async fn a_thousand_leases_stay_alive_on_batched_renewals() {
         let pttl: i64 = raw.pttl(lease_key(&format!("{prefix}:{i}"))).await.unwrap();
         assert!(pttl > 0, "lease {i} expired on the server");
     }
-    // One tick per ttl/3 = 500 ms: ~9 ticks in the window, and one call per tick renews all
-    // 1000 leases once they have drifted into one batch. Per-lease renewal would be ~9000.
+    // One tick per ttl/3 = 500 ms: ~9 ticks in the window, and one call per tick extends all
+    // 1000 leases once they have drifted into one batch. Per-lease auto-extension would be ~9000.
     let ticks = (window.as_millis() / (ttl / 3).as_millis()) as u64;
     eprintln!(
-        "batched renewal: {LEASES} leases, {calls} renewal calls in {window:?} (~{ticks} ticks, {:.1} calls per tick)",
+        "batched auto-extension: {LEASES} leases, {calls} auto-extension calls in {window:?} (~{ticks} ticks, {:.1} calls per tick)",
         calls as f64 / ticks as f64
     );
     assert!(
         calls <= ticks + 3,
-        "{calls} renewal calls for {ticks} ticks"
+        "{calls} auto-extension calls for {ticks} ticks"
     );
-    assert!(calls >= ticks / 2, "renewals happened: {calls}");
+    assert!(calls >= ticks / 2, "auto-extensions happened: {calls}");
     for guard in guards {
         guard.release().await.unwrap();
     }

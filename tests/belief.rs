@@ -270,7 +270,7 @@ async fn pttl(check: &mut MultiplexedConnection, key: &str) -> i64 {
 }
 
 fn ttl_opts(ttl: Duration) -> LockOptions {
-    LockOptions::new().ttl(ttl).wait(Duration::ZERO)
+    LockOptions::new().with_ttl(ttl).with_wait(Duration::ZERO)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -341,23 +341,23 @@ async fn concurrent_extends_never_leave_belief_above_the_server_ttl() {
 }
 
 #[tokio::test]
-async fn renewal_racing_a_shorter_extend_never_leaves_belief_above_the_server_ttl() {
+async fn auto_extension_racing_a_shorter_extend_never_leaves_belief_above_the_server_ttl() {
     let node = RedisNode::start().await;
     let mut check = node.conn().await;
     let baseline = Baseline::take(&node).await;
     let (locks, hostile, shas) = hostile_manager(&node).await;
-    let name = unique_key("renewal-vs-extend");
+    let name = unique_key("auto-extension-vs-extend");
     let key = lease_key(&name);
-    // Renewed every 200 ms with the old TTL of 600 ms.
+    // Auto-extended every 200 ms with the old TTL of 600 ms.
     let guard = locks
         .try_lock_with(
             &name,
-            ttl_opts(Duration::from_millis(600)).auto_extend(true),
+            ttl_opts(Duration::from_millis(600)).with_auto_extend(true),
         )
         .await
         .expect("lock");
     // The user's shorter extend leaves first but waits 250 ms on the slow connection:
-    // at least one renewal (600 ms) runs on the server before it, and sets the later deadline.
+    // at least one auto-extension (600 ms) runs on the server before it, and sets the later deadline.
     let plan_shas = shas.clone();
     hostile.set_plan(move |cmd| {
         if plan_shas.is_extend(cmd) {
@@ -375,10 +375,10 @@ async fn renewal_racing_a_shorter_extend_never_leaves_belief_above_the_server_tt
     )
     .await;
     hostile.clear_plan();
-    // And while renewal goes on.
+    // And while auto-extension goes on.
     let until = Instant::now() + Duration::from_secs(2);
     while Instant::now() < until {
-        assert_belief_within_truth(&guard, &mut check, &key, "while renewal goes on").await;
+        assert_belief_within_truth(&guard, &mut check, &key, "while auto-extension goes on").await;
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     drop(guard);
@@ -455,8 +455,8 @@ async fn lock_with_retries_an_acquire_answered_after_its_ttl() {
         }
     });
     let opts = LockOptions::new()
-        .ttl(Duration::from_millis(100))
-        .wait(Duration::from_secs(3));
+        .with_ttl(Duration::from_millis(100))
+        .with_wait(Duration::from_secs(3));
     let guard = locks.lock_with(&name, opts).await;
     let now = Instant::now();
     hostile.clear_plan();
@@ -561,20 +561,20 @@ async fn ttls_that_cannot_leave_validity_are_rejected() {
 }
 
 // ---------------------------------------------------------------------------------------
-// #7: one bad key in a renewal batch.
+// #7: one bad key in an auto-extension batch.
 // ---------------------------------------------------------------------------------------
 
 #[tokio::test]
-async fn a_retyped_key_does_not_break_renewal_of_the_other_leases() {
+async fn a_retyped_key_does_not_break_auto_extension_of_the_other_leases() {
     let node = RedisNode::start().await;
     let mut check = node.conn().await;
     let baseline = Baseline::take(&node).await;
     let locks = plain_manager(&node).await;
-    // Renewed every 500 ms, both in one batch; a renewal may be late by up to ~1 s
+    // Auto-extended every 500 ms, both in one batch; an auto-extension may be late by up to ~1 s
     // (a loaded machine) before the lease is in danger.
     let ttl = Duration::from_millis(1500);
     let (healthy_name, bad_name) = (unique_key("batch-healthy"), unique_key("batch-bad"));
-    let opts = ttl_opts(ttl).auto_extend(true);
+    let opts = ttl_opts(ttl).with_auto_extend(true);
     let healthy = locks
         .try_lock_with(&healthy_name, opts)
         .await
@@ -598,8 +598,8 @@ async fn a_retyped_key_does_not_break_renewal_of_the_other_leases() {
         "the retyped lease's reason (the healthy one is_held() == {})",
         healthy.is_held()
     );
-    // Several renewal periods later, the other lease is still held, and truly so.
-    let until = Instant::now() + ttl * 5 / 3; // five renewal periods
+    // Several auto-extension periods later, the other lease is still held, and truly so.
+    let until = Instant::now() + ttl * 5 / 3; // five auto-extension periods
     while Instant::now() < until {
         assert!(
             healthy.is_held(),
@@ -630,8 +630,8 @@ async fn max_hold_below_the_ttl_caps_the_lease() {
         let name = unique_key("max-hold");
         let key = lease_key(&name);
         let opts = ttl_opts(Duration::from_secs(3))
-            .auto_extend(true)
-            .max_hold(hold);
+            .with_auto_extend(true)
+            .with_max_hold(hold);
         let started = Instant::now();
         let guard = locks.try_lock_with(&name, opts).await.expect("lock");
         let left = pttl(&mut check, &key).await;
@@ -677,7 +677,10 @@ async fn shortening_extend_on_an_auto_extended_lease_stays_held() {
     let name = unique_key("shorten");
     let key = lease_key(&name);
     let guard = locks
-        .try_lock_with(&name, ttl_opts(Duration::from_secs(3)).auto_extend(true))
+        .try_lock_with(
+            &name,
+            ttl_opts(Duration::from_secs(3)).with_auto_extend(true),
+        )
         .await
         .expect("lock");
     guard
@@ -1125,14 +1128,14 @@ mod property {
         });
         let mut managers = vec![
             LockManager::builder()
-                .command_timeout(CMD_TIMEOUT)
+                .with_command_timeout(CMD_TIMEOUT)
                 .build(hostile.clone())
                 .expect("hostile manager"),
         ];
         if case.managers == 2 {
             managers.push(
                 LockManager::builder()
-                    .command_timeout(CMD_TIMEOUT)
+                    .with_command_timeout(CMD_TIMEOUT)
                     .build(node.conn().await)
                     .expect("plain manager"),
             );
@@ -1157,11 +1160,11 @@ mod property {
                     }
                     let locks = &managers[mgr % managers.len()];
                     let mut opts = LockOptions::new()
-                        .ttl(Duration::from_millis(ttl_ms))
-                        .wait(Duration::from_millis(wait_ms))
-                        .auto_extend(auto.is_some());
+                        .with_ttl(Duration::from_millis(ttl_ms))
+                        .with_wait(Duration::from_millis(wait_ms))
+                        .with_auto_extend(auto.is_some());
                     if let Some(Some(hold)) = auto {
-                        opts = opts.max_hold(Duration::from_millis(hold));
+                        opts = opts.with_max_hold(Duration::from_millis(hold));
                     }
                     let budget = Duration::from_millis(wait_ms) + one_call;
                     let out = if wait_ms == 0 {

@@ -55,7 +55,7 @@ async fn futures_dropped_at_random_points_leave_no_lease_behind_and_no_false_hol
     let baseline = Baseline::take(&node).await;
     let locks = LockManager::connect(&proxy.url()).await.unwrap();
     let prefix = unique_key("cancel");
-    let long = LockOptions::new().ttl(LONG_TTL);
+    let long = LockOptions::new().with_ttl(LONG_TTL);
     let blocker_name = format!("{prefix}:blocker");
     let blocker = locks.try_lock_with(&blocker_name, long).await.unwrap();
 
@@ -105,15 +105,15 @@ async fn futures_dropped_at_random_points_leave_no_lease_behind_and_no_false_hol
             Op::LockWaiting => {
                 // Held by the blocker: this call is always dropped while waiting.
                 let waiting = LockOptions::new()
-                    .ttl(LONG_TTL)
-                    .wait(Duration::from_secs(10));
+                    .with_ttl(LONG_TTL)
+                    .with_wait(Duration::from_secs(10));
                 let r = tokio::time::timeout(cut, locks.lock_with(&blocker_name, waiting)).await;
                 assert!(r.is_err(), "the blocker holds it: {r:?}");
                 dropped += 1;
             }
             Op::Extend => {
                 let guard = locks
-                    .try_lock_with(&name, LockOptions::new().ttl(Duration::from_secs(2)))
+                    .try_lock_with(&name, LockOptions::new().with_ttl(Duration::from_secs(2)))
                     .await
                     .unwrap();
                 let r = tokio::time::timeout(cut, guard.extend(LONG_TTL)).await;

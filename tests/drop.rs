@@ -39,7 +39,7 @@ async fn dropping_a_guard_releases_the_key_in_the_background() {
     let name = unique_key("drop");
 
     let guard = locks
-        .lock_with(&name, LockOptions::new().ttl(Duration::from_secs(30)))
+        .lock_with(&name, LockOptions::new().with_ttl(Duration::from_secs(30)))
         .await
         .unwrap();
     drop(guard);
@@ -86,7 +86,10 @@ fn dropping_a_guard_after_its_runtime_is_gone_does_not_panic_and_the_ttl_ends_it
         let guard = rt.block_on(async {
             let locks = LockManager::connect(&url).await.unwrap();
             locks
-                .lock_with(&name, LockOptions::new().ttl(Duration::from_millis(500)))
+                .lock_with(
+                    &name,
+                    LockOptions::new().with_ttl(Duration::from_millis(500)),
+                )
                 .await
                 .unwrap()
         });
@@ -118,7 +121,10 @@ async fn released_guard_is_not_released_again_on_drop() {
     let locks = LockManager::connect(&node.url()).await.unwrap();
     let name = unique_key("no-double");
     let stale = locks
-        .lock_with(&name, LockOptions::new().ttl(Duration::from_millis(50)))
+        .lock_with(
+            &name,
+            LockOptions::new().with_ttl(Duration::from_millis(50)),
+        )
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_millis(120)).await;
@@ -137,7 +143,7 @@ async fn abandoned_acquires_leave_no_lease_behind() {
     let locks = LockManager::connect(&node.url()).await.unwrap();
     let mut raw = node.conn().await;
     let name = unique_key("abandon");
-    let opts = LockOptions::new().ttl(Duration::from_secs(60));
+    let opts = LockOptions::new().with_ttl(Duration::from_secs(60));
 
     // Drop the acquire at many points in its round trip.
     let mut timed_out = 0;

@@ -25,7 +25,7 @@ async fn redis_down_gives_a_redis_error_not_a_timeout_or_contention() {
     // A waiting call retries connection errors within its budget, then reports the last
     // one: a Redis error, never a timeout "held by another owner".
     let budget = Duration::from_millis(800);
-    let opts = LockOptions::new().wait(budget);
+    let opts = LockOptions::new().with_wait(budget);
     for _ in 0..3 {
         let started = Instant::now();
         match locks.lock_with(&name, opts).await {
@@ -63,7 +63,7 @@ async fn redis_down_gives_a_redis_error_not_a_timeout_or_contention() {
 async fn paused_server_gives_a_redis_timeout_within_the_command_timeout() {
     let node = RedisNode::start().await;
     let locks = LockManager::builder()
-        .command_timeout(Duration::from_millis(300))
+        .with_command_timeout(Duration::from_millis(300))
         .connect(&node.url())
         .await
         .unwrap();
@@ -93,7 +93,7 @@ async fn connecting_to_a_closed_port_fails_with_a_redis_error_in_bounded_time() 
     let url = format!("redis://127.0.0.1:{}", free_port());
     let started = Instant::now();
     let result = LockManager::builder()
-        .connect_timeout(Duration::from_secs(2))
+        .with_connect_timeout(Duration::from_secs(2))
         .connect(&url)
         .await;
     assert!(matches!(result, Err(Error::Redis(_))), "got {result:?}");
@@ -109,7 +109,7 @@ async fn connecting_to_a_server_that_never_answers_times_out_as_a_redis_error() 
     proxy.set(Fault::Blackhole);
     let started = Instant::now();
     let result = LockManager::builder()
-        .connect_timeout(Duration::from_millis(500))
+        .with_connect_timeout(Duration::from_millis(500))
         .connect(&proxy.url())
         .await;
     match result {

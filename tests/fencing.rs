@@ -24,9 +24,9 @@ async fn tokens_strictly_increase_across_ten_thousand_acquisitions_by_many_tasks
     // Tokens in the order the leases were held: pushed while holding the lock.
     let order = Arc::new(Mutex::new(Vec::with_capacity(TASKS * EACH)));
     let opts = LockOptions::new()
-        .ttl(Duration::from_secs(10))
-        .wait(Duration::from_secs(120))
-        .backoff(
+        .with_ttl(Duration::from_secs(10))
+        .with_wait(Duration::from_secs(120))
+        .with_backoff(
             Backoff::new()
                 .with_base(Duration::from_micros(200))
                 .with_cap(Duration::from_millis(5)),
@@ -141,7 +141,10 @@ async fn a_holder_that_stalls_past_its_lease_has_its_late_write_rejected() {
 
     // A takes the lock with a short lease and then stalls, like a long GC pause.
     let a = locks
-        .lock_with(&name, LockOptions::new().ttl(Duration::from_millis(200)))
+        .lock_with(
+            &name,
+            LockOptions::new().with_ttl(Duration::from_millis(200)),
+        )
         .await
         .unwrap();
     let a_token = a.fencing_token().unwrap();

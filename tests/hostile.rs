@@ -190,15 +190,15 @@ fn any_key_and_option_values_give_a_typed_error_or_a_working_lease() {
                     backoff = backoff.with_max_attempts(n);
                 }
                 let mut opts = LockOptions::new()
-                    .ttl(input.ttl)
-                    .wait(input.wait)
-                    .backoff(backoff)
-                    .auto_extend(input.auto_extend);
+                    .with_ttl(input.ttl)
+                    .with_wait(input.wait)
+                    .with_backoff(backoff)
+                    .with_auto_extend(input.auto_extend);
                 if let Some(hold) = input.max_hold {
-                    opts = opts.max_hold(hold);
+                    opts = opts.with_max_hold(hold);
                 }
                 let locks = match LockManager::builder()
-                    .prefix(&input.prefix)
+                    .with_prefix(&input.prefix)
                     .connect(&url)
                     .await
                 {
@@ -236,7 +236,7 @@ fn any_key_and_option_values_give_a_typed_error_or_a_working_lease() {
                                 assert!(!ttl_valid(input.extend_ttl));
                             }
                             // A lease of a few ms may be gone by now, or (auto-extended) have
-                            // passed its deadline before a renewal could run.
+                            // passed its deadline before an auto-extension could run.
                             Err(Error::Lost { .. }) => {}
                             Err(other) => panic!("extend: {other:?}"),
                         }
@@ -270,7 +270,7 @@ async fn a_lock_key_holding_a_hash_is_a_typed_error_not_contention() {
     for result in [
         locks.try_lock(&name).await,
         locks
-            .lock_with(&name, LockOptions::new().wait(Duration::from_secs(5)))
+            .lock_with(&name, LockOptions::new().with_wait(Duration::from_secs(5)))
             .await,
     ] {
         match result {
@@ -348,25 +348,28 @@ async fn script_flush_in_the_middle_of_traffic_is_transparent() {
             cycles
         }));
     }
-    // Auto-extension's batched renewals go through the same reload.
-    let renewed = locks
+    // Auto-extension's batched auto-extensions go through the same reload.
+    let auto_extended = locks
         .lock_with(
             format!("{prefix}:auto"),
             LockOptions::new()
-                .ttl(Duration::from_millis(300))
-                .auto_extend(true),
+                .with_ttl(Duration::from_millis(300))
+                .with_auto_extend(true),
         )
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert!(renewed.is_held(), "renewals went on across SCRIPT FLUSH");
+    assert!(
+        auto_extended.is_held(),
+        "auto-extensions went on across SCRIPT FLUSH"
+    );
     stop.store(true, Ordering::Relaxed);
     let mut cycles = 0;
     for task in tasks {
         cycles += task.await.unwrap();
     }
     let flushes = flushes.await.unwrap();
-    renewed.release().await.unwrap();
+    auto_extended.release().await.unwrap();
     assert!(
         flushes > 10 && cycles > 10,
         "{flushes} flushes, {cycles} cycles"

@@ -19,7 +19,7 @@ async fn acquire_extend_release_round_trip() {
     let mut raw = node.conn().await;
     let name = unique_key("round-trip");
 
-    let opts = LockOptions::new().ttl(Duration::from_secs(2));
+    let opts = LockOptions::new().with_ttl(Duration::from_secs(2));
     let before = Instant::now();
     let guard = locks.lock_with(&name, opts).await.unwrap();
     let after = Instant::now();
@@ -54,7 +54,7 @@ async fn try_lock_on_a_held_key_is_contended() {
     let name = unique_key("contended");
 
     let held = locks
-        .lock_with(&name, LockOptions::new().ttl(Duration::from_secs(5)))
+        .lock_with(&name, LockOptions::new().with_ttl(Duration::from_secs(5)))
         .await
         .unwrap();
     match locks.try_lock(&name).await {
@@ -82,8 +82,8 @@ async fn lock_waits_and_gets_the_key_once_it_is_released() {
         let name = name.clone();
         tokio::spawn(async move {
             let opts = LockOptions::new()
-                .wait(Duration::from_secs(5))
-                .backoff(Backoff::new().with_cap(Duration::from_millis(20)));
+                .with_wait(Duration::from_secs(5))
+                .with_backoff(Backoff::new().with_cap(Duration::from_millis(20)));
             let started = Instant::now();
             let guard = locks.lock_with(&name, opts).await;
             (guard, started.elapsed())
@@ -115,7 +115,7 @@ async fn wait_budget_is_honoured() {
 
     let budget = Duration::from_millis(400);
     let step = Duration::from_millis(50);
-    let opts = LockOptions::new().wait(budget).backoff(
+    let opts = LockOptions::new().with_wait(budget).with_backoff(
         Backoff::new()
             .with_base(Duration::from_millis(5))
             .with_cap(step),
@@ -147,12 +147,14 @@ async fn backoff_attempt_limit_ends_the_wait() {
     let name = unique_key("attempts");
     let _held = locks.lock(&name).await.unwrap();
 
-    let opts = LockOptions::new().wait(Duration::from_secs(10)).backoff(
-        Backoff::new()
-            .with_base(Duration::from_millis(1))
-            .with_cap(Duration::from_millis(2))
-            .with_max_attempts(4),
-    );
+    let opts = LockOptions::new()
+        .with_wait(Duration::from_secs(10))
+        .with_backoff(
+            Backoff::new()
+                .with_base(Duration::from_millis(1))
+                .with_cap(Duration::from_millis(2))
+                .with_max_attempts(4),
+        );
     match locks.lock_with(&name, opts).await {
         Err(Error::Timeout {
             attempts, waited, ..
@@ -171,7 +173,7 @@ async fn release_after_expiry_does_not_delete_the_next_holders_lease() {
     let mut raw = node.conn().await;
     let name = unique_key("stale-release");
 
-    let short = LockOptions::new().ttl(Duration::from_millis(100));
+    let short = LockOptions::new().with_ttl(Duration::from_millis(100));
     let stale = locks.lock_with(&name, short).await.unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(
@@ -202,7 +204,10 @@ async fn release_after_expiry_reports_expired() {
     let locks = LockManager::connect(&node.url()).await.unwrap();
     let name = unique_key("expired-release");
     let guard = locks
-        .lock_with(&name, LockOptions::new().ttl(Duration::from_millis(50)))
+        .lock_with(
+            &name,
+            LockOptions::new().with_ttl(Duration::from_millis(50)),
+        )
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_millis(150)).await;
@@ -220,7 +225,10 @@ async fn extend_after_expiry_fails_with_lost() {
     let name = unique_key("stale-extend");
 
     let guard = locks
-        .lock_with(&name, LockOptions::new().ttl(Duration::from_millis(50)))
+        .lock_with(
+            &name,
+            LockOptions::new().with_ttl(Duration::from_millis(50)),
+        )
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_millis(150)).await;
@@ -249,7 +257,7 @@ async fn extend_of_a_lease_taken_behind_its_back_fails_with_taken_and_leaves_the
     let name = unique_key("taken-extend");
 
     let guard = locks
-        .lock_with(&name, LockOptions::new().ttl(Duration::from_secs(10)))
+        .lock_with(&name, LockOptions::new().with_ttl(Duration::from_secs(10)))
         .await
         .unwrap();
     // Another owner's token replaces ours while our local deadline is still ahead.
@@ -319,7 +327,10 @@ async fn manager_works_on_a_multiplexed_connection_and_a_custom_prefix() {
     let node = RedisNode::start().await;
     let client = redis::Client::open(node.url()).unwrap();
     let conn = client.get_multiplexed_async_connection().await.unwrap();
-    let locks = LockManager::builder().prefix("app:").build(conn).unwrap();
+    let locks = LockManager::builder()
+        .with_prefix("app:")
+        .build(conn)
+        .unwrap();
     let mut raw = node.conn().await;
     let name = unique_key("custom");
 

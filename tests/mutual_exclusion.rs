@@ -19,9 +19,9 @@ async fn concurrent_increments_under_the_lock_are_exact() {
     let name = unique_key("counter");
     let counter = Arc::new(format!("{name}:value"));
     let opts = LockOptions::new()
-        .ttl(Duration::from_secs(10))
-        .wait(Duration::from_secs(60))
-        .backoff(
+        .with_ttl(Duration::from_secs(10))
+        .with_wait(Duration::from_secs(60))
+        .with_backoff(
             Backoff::new()
                 .with_base(Duration::from_millis(1))
                 .with_cap(Duration::from_millis(20)),

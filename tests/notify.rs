@@ -11,7 +11,7 @@ use support::{RedisNode, unique_key};
 
 /// A wait that polling cannot explain: a fixed 5 s between attempts.
 fn slow_polling(wait: Duration) -> LockOptions {
-    LockOptions::new().wait(wait).backoff(
+    LockOptions::new().with_wait(wait).with_backoff(
         Backoff::new()
             .with_base(Duration::from_secs(5))
             .with_cap(Duration::from_secs(5))
@@ -64,12 +64,12 @@ async fn a_waiter_is_woken_by_the_release_not_by_polling() {
 async fn with_notifications_off_waiters_poll() {
     let node = RedisNode::start().await;
     let holder = LockManager::builder()
-        .notify(false)
+        .with_notify(false)
         .connect(&node.url())
         .await
         .unwrap();
     let waiters = LockManager::builder()
-        .notify(false)
+        .with_notify(false)
         .connect(&node.url())
         .await
         .unwrap();
@@ -100,7 +100,10 @@ async fn an_expired_lease_is_picked_up_without_any_release() {
     let name = unique_key("expiry");
 
     let guard = holder
-        .lock_with(&name, LockOptions::new().ttl(Duration::from_millis(400)))
+        .lock_with(
+            &name,
+            LockOptions::new().with_ttl(Duration::from_millis(400)),
+        )
         .await
         .unwrap();
     // The holder vanishes without releasing: no message will ever come.

@@ -181,7 +181,7 @@ fn slow_polling(wait: Duration) -> LockOptions {
 }
 
 fn fixed_backoff(wait: Duration, step: Duration) -> LockOptions {
-    LockOptions::new().wait(wait).backoff(
+    LockOptions::new().with_wait(wait).with_backoff(
         Backoff::new()
             .with_base(step)
             .with_cap(step)
@@ -453,7 +453,7 @@ async fn with_all_channels_permitted_releases_succeed_and_wake_the_waiter() {
 async fn manager_notified_via(node: &RedisNode, proxy: &FaultProxy) -> LockManager {
     let notify = redis::Client::open(proxy.url()).unwrap();
     LockManager::builder()
-        .notify_via(notify)
+        .with_notify_via(notify)
         .build(node.conn().await)
         .unwrap()
 }
@@ -467,7 +467,7 @@ fn one_second_waiter(
     tokio::spawn(async move {
         let started = Instant::now();
         let got = locks
-            .lock_with(&name, LockOptions::new().wait(Duration::from_secs(1)))
+            .lock_with(&name, LockOptions::new().with_wait(Duration::from_secs(1)))
             .await;
         (got, started.elapsed())
     })
@@ -568,12 +568,12 @@ async fn a_single_attempt_call_attempts_even_while_another_task_of_the_manager_w
 
     let mut wrong = Vec::new();
     for (what, options) in [
-        ("wait 0", LockOptions::new().wait(Duration::ZERO)),
+        ("wait 0", LockOptions::new().with_wait(Duration::ZERO)),
         (
             "max_attempts(1)",
             LockOptions::new()
-                .wait(Duration::from_secs(5))
-                .backoff(Backoff::new().with_max_attempts(1)),
+                .with_wait(Duration::from_secs(5))
+                .with_backoff(Backoff::new().with_max_attempts(1)),
         ),
     ] {
         let calls_before = acquire_calls(&mut admin).await;
@@ -601,10 +601,10 @@ async fn a_single_attempt_call_attempts_even_while_another_task_of_the_manager_w
     // the lock is free, and a single attempt takes it. A fresh lock per case, so the
     // release of one case cannot wake the queued task of the next.
     for (what, options) in [
-        ("wait 0", LockOptions::new().wait(Duration::ZERO)),
+        ("wait 0", LockOptions::new().with_wait(Duration::ZERO)),
         (
             "max_attempts(1)",
-            LockOptions::new().backoff(Backoff::new().with_max_attempts(1)),
+            LockOptions::new().with_backoff(Backoff::new().with_max_attempts(1)),
         ),
     ] {
         let name = unique_key("one-attempt-free");
@@ -664,7 +664,7 @@ async fn waits_cancelled_at_random_points_leave_no_channel_subscribed() {
 
     let mut cut = 0;
     for (name, after) in names.iter().zip(&cuts) {
-        let call = locks.lock_with(name, LockOptions::new().wait(Duration::from_secs(10)));
+        let call = locks.lock_with(name, LockOptions::new().with_wait(Duration::from_secs(10)));
         match tokio::time::timeout(*after, call).await {
             Err(_) => cut += 1,
             Ok(other) => panic!("a held lock answered {other:?} within {after:?}"),
@@ -750,7 +750,7 @@ async fn a_wait_survives_its_connections_being_killed_and_acquires_after_the_rel
     let holder = LockManager::connect(&node.url()).await.unwrap();
     let name = unique_key("killed");
     let guard = holder
-        .lock_with(&name, LockOptions::new().ttl(Duration::from_secs(10)))
+        .lock_with(&name, LockOptions::new().with_ttl(Duration::from_secs(10)))
         .await
         .unwrap();
     // Everything connected so far survives: the admin and the holder.
@@ -762,7 +762,7 @@ async fn a_wait_survives_its_connections_being_killed_and_acquires_after_the_rel
         tokio::spawn(async move {
             let started = Instant::now();
             let got = locks
-                .lock_with(&name, LockOptions::new().wait(Duration::from_secs(5)))
+                .lock_with(&name, LockOptions::new().with_wait(Duration::from_secs(5)))
                 .await;
             (got, started.elapsed())
         })
@@ -824,7 +824,7 @@ async fn a_server_answered_error_inside_a_wait_returns_at_once() {
         .unwrap();
     let started = Instant::now();
     let got = locks
-        .lock_with(&name, LockOptions::new().wait(Duration::from_secs(5)))
+        .lock_with(&name, LockOptions::new().with_wait(Duration::from_secs(5)))
         .await;
     let took = started.elapsed();
     match &got {
@@ -841,7 +841,7 @@ async fn a_server_answered_error_inside_a_wait_returns_at_once() {
     let got = restricted
         .lock_with(
             unique_key("noperm"),
-            LockOptions::new().wait(Duration::from_secs(5)),
+            LockOptions::new().with_wait(Duration::from_secs(5)),
         )
         .await;
     let took = started.elapsed();

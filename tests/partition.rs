@@ -1,5 +1,5 @@
 //! A paused server, a blackholed or slow network, a reply lost on the way back: every call
-//! ends within its documented bound with a typed error, a lease that cannot be renewed is
+//! ends within its documented bound with a typed error, a lease that cannot be auto-extended is
 //! reported lost by its deadline, and no late or repeated request hurts a later holder.
 
 mod support;
@@ -24,8 +24,8 @@ const SETTLE: Duration = Duration::from_secs(8);
 
 async fn manager(url: &str) -> LockManager {
     LockManager::builder()
-        .command_timeout(COMMAND_TIMEOUT)
-        .connect_timeout(CONNECT_TIMEOUT)
+        .with_command_timeout(COMMAND_TIMEOUT)
+        .with_connect_timeout(CONNECT_TIMEOUT)
         .connect(url)
         .await
         .unwrap()
@@ -82,7 +82,7 @@ async fn every_call_is_bounded(outage: Outage) {
     // Connection errors are retried within the wait budget (a restart or failover of a
     // second should not fail every waiter); when it runs out, the last one is returned.
     let budget = Duration::from_secs(1);
-    let opts = LockOptions::new().wait(budget);
+    let opts = LockOptions::new().with_wait(budget);
     let (r, took) = timed(locks.lock_with(format!("{name}:d"), opts)).await;
     assert_redis_error("lock_with", r, took, budget + COMMAND_TIMEOUT);
     let (r, took) = timed(extended.extend(Duration::from_secs(30))).await;
@@ -103,7 +103,7 @@ async fn every_call_is_bounded(outage: Outage) {
     );
     let (r, took) = timed(
         LockManager::builder()
-            .connect_timeout(CONNECT_TIMEOUT)
+            .with_connect_timeout(CONNECT_TIMEOUT)
             .connect(&proxy.url()),
     )
     .await;
@@ -140,19 +140,19 @@ async fn every_call_returns_within_its_bound_while_the_network_is_blackholed() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_lease_whose_renewals_are_blackholed_is_reported_lost_by_its_deadline() {
+async fn a_lease_whose_auto_extensions_are_blackholed_is_reported_lost_by_its_deadline() {
     let node = RedisNode::start().await;
     let proxy = FaultProxy::start(node.port()).await;
     let baseline = Baseline::take(&node).await;
     let locks = manager(&proxy.url()).await;
     let name = unique_key("cut-off");
     let opts = LockOptions::new()
-        .ttl(Duration::from_millis(1200))
-        .auto_extend(true);
+        .with_ttl(Duration::from_millis(1200))
+        .with_auto_extend(true);
     let guard = locks.lock_with(&name, opts).await.unwrap();
-    // Renewals work while the network does.
+    // Auto-extensions work while the network does.
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert!(guard.is_held(), "renewed past its first TTL");
+    assert!(guard.is_held(), "auto-extended past its first TTL");
 
     proxy.set(Fault::Blackhole);
     let deadline = guard.valid_until();
@@ -222,7 +222,7 @@ async fn a_reply_slower_than_the_command_timeout_is_an_error_and_its_lease_is_cl
 
     // 200 ms each way: the acquire lands on the server, its reply misses the 300 ms timeout.
     proxy.set(Fault::Latency(Duration::from_millis(200)));
-    let opts = LockOptions::new().ttl(Duration::from_secs(60));
+    let opts = LockOptions::new().with_ttl(Duration::from_secs(60));
     let (r, took) = timed(locks.try_lock_with(&name, opts)).await;
     assert_redis_error("slow try_lock", r, took, COMMAND_TIMEOUT);
     // The lease the server granted is released in the background, long before its 60 s.
@@ -239,13 +239,13 @@ async fn a_reply_slower_than_the_command_timeout_is_an_error_and_its_lease_is_cl
 
     // Slow but within the timeout: the lease holds, and its validity counts the latency.
     let patient = LockManager::builder()
-        .command_timeout(Duration::from_secs(5))
+        .with_command_timeout(Duration::from_secs(5))
         .connect(&proxy.url())
         .await
         .unwrap();
     let before = Instant::now();
     let guard = patient
-        .try_lock_with(&name, LockOptions::new().ttl(Duration::from_secs(2)))
+        .try_lock_with(&name, LockOptions::new().with_ttl(Duration::from_secs(2)))
         .await
         .unwrap();
     assert!(guard.valid_until() <= before + Duration::from_secs(2));
@@ -270,7 +270,7 @@ async fn a_release_whose_reply_is_lost_reports_no_false_hold_and_its_retry_spare
     let mut raw = node.conn().await;
     let baseline = Baseline::take(&node).await;
     let locks = LockManager::builder()
-        .command_timeout(Duration::from_secs(5))
+        .with_command_timeout(Duration::from_secs(5))
         .connect(&proxy.url())
         .await
         .unwrap();
@@ -341,7 +341,10 @@ async fn a_delayed_duplicate_release_never_deletes_a_later_holders_lease() {
     let direct = LockManager::connect(&node.url()).await.unwrap();
     let name = unique_key("late-release");
     let guard = locks
-        .try_lock_with(&name, LockOptions::new().ttl(Duration::from_millis(500)))
+        .try_lock_with(
+            &name,
+            LockOptions::new().with_ttl(Duration::from_millis(500)),
+        )
         .await
         .unwrap();
 

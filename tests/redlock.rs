@@ -25,7 +25,7 @@ fn lease_key(name: &str) -> String {
 }
 
 fn ttl(secs: u64) -> LockOptions {
-    LockOptions::new().ttl(Duration::from_secs(secs))
+    LockOptions::new().with_ttl(Duration::from_secs(secs))
 }
 
 async fn five_nodes() -> Vec<RedisNode> {
@@ -49,7 +49,7 @@ async fn redlock(nodes: &[RedisNode]) -> LockManager {
 
 async fn redlock_at(urls: impl IntoIterator<Item = String>) -> LockManager {
     LockManager::builder()
-        .node_timeout(NODE_TIMEOUT)
+        .with_node_timeout(NODE_TIMEOUT)
         .connect_redlock(urls)
         .await
         .unwrap()
@@ -237,7 +237,7 @@ async fn with_three_nodes_down_acquire_is_a_quorum_error_within_the_budget_leavi
 
     let budget = Duration::from_secs(10);
     let started = Instant::now();
-    let result = locks.lock_with(&name, ttl(60).wait(budget)).await;
+    let result = locks.lock_with(&name, ttl(60).with_wait(budget)).await;
     let elapsed = started.elapsed();
     let err = match result {
         Err(e @ Error::Quorum(_)) => e,
@@ -336,7 +336,7 @@ async fn held_by_another_on_a_majority_is_contention_but_too_few_answers_is_a_qu
     nodes[3].stop().await;
     nodes[4].stop().await;
     let waited = second
-        .lock_with(&name, ttl(20).wait(Duration::from_millis(300)))
+        .lock_with(&name, ttl(20).with_wait(Duration::from_millis(300)))
         .await;
     assert!(
         matches!(waited, Err(Error::Timeout { .. })),
@@ -473,9 +473,9 @@ async fn auto_extension_and_with_lock_work_on_a_redlock_lease() {
     let nodes = Arc::new(five_nodes().await);
     let locks = redlock(&nodes).await;
     let name = unique_key("with-lock");
-    let opts = LockOptions::new().ttl(Duration::from_secs(2));
+    let opts = LockOptions::new().with_ttl(Duration::from_secs(2));
 
-    // Renewed past its TTL while the work runs, with a minority down.
+    // Auto-extended past its TTL while the work runs, with a minority down.
     nodes[4].stop().await;
     let out = {
         let nodes = Arc::clone(&nodes);
@@ -541,7 +541,7 @@ async fn a_node_restarting_empty_under_a_bare_majority_lets_a_second_owner_in() 
         "two owners at once: the hazard the docs warn about"
     );
 
-    // The first owner finds out at its next extend (or renewal).
+    // The first owner finds out at its next extend (or auto-extension).
     until_every_node_answers(&first, &nodes).await;
     match guard.extend(Duration::from_secs(60)).await {
         Err(Error::Lost { reason, .. }) => assert_eq!(reason, LostReason::Taken),
@@ -616,9 +616,9 @@ async fn contention_across_five_nodes_keeps_a_non_atomic_counter_exact() {
     let name = unique_key("counter");
     let counter = Arc::new(format!("{name}:value"));
     let opts = LockOptions::new()
-        .ttl(Duration::from_secs(10))
-        .wait(Duration::from_secs(120))
-        .backoff(
+        .with_ttl(Duration::from_secs(10))
+        .with_wait(Duration::from_secs(120))
+        .with_backoff(
             Backoff::new()
                 .with_base(Duration::from_millis(1))
                 .with_cap(Duration::from_millis(20)),
@@ -662,7 +662,7 @@ async fn dropping_an_acquire_mid_flight_leaves_no_key_on_any_node() {
     let nodes = five_nodes().await;
     // A long node timeout keeps the acquire in flight while one node is paused.
     let locks = LockManager::builder()
-        .node_timeout(Duration::from_secs(3))
+        .with_node_timeout(Duration::from_secs(3))
         .connect_redlock(nodes.iter().map(RedisNode::url))
         .await
         .unwrap();
@@ -710,8 +710,8 @@ async fn a_ttl_with_no_validity_left_is_rejected_before_anything_is_sent() {
     let name = unique_key("short");
     // 2 ms minus the 2 ms drift allowance: no validity can ever remain.
     let opts = LockOptions::new()
-        .ttl(Duration::from_millis(2))
-        .wait(Duration::from_secs(30));
+        .with_ttl(Duration::from_millis(2))
+        .with_wait(Duration::from_secs(30));
     let started = Instant::now();
     match locks.lock_with(&name, opts).await {
         Err(Error::InvalidArgument(arg)) => assert_eq!(arg.what(), "ttl"),
@@ -733,7 +733,7 @@ async fn connect_needs_a_majority_of_distinct_nodes() {
         node.stop().await;
     }
     let result = LockManager::builder()
-        .node_timeout(NODE_TIMEOUT)
+        .with_node_timeout(NODE_TIMEOUT)
         .connect_redlock(nodes.iter().map(RedisNode::url))
         .await;
     match result {

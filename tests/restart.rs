@@ -45,8 +45,8 @@ async fn holders_never_overlap_across_redis_restarts() {
     // could overlap legitimately (see the test below for that case).
     let node = RedisNode::start_opts(NodeOptions::default().persistent()).await;
     let locks = LockManager::builder()
-        .command_timeout(Duration::from_millis(500))
-        .connect_timeout(Duration::from_secs(2))
+        .with_command_timeout(Duration::from_millis(500))
+        .with_connect_timeout(Duration::from_secs(2))
         .connect(&node.url())
         .await
         .unwrap();
@@ -55,9 +55,9 @@ async fn holders_never_overlap_across_redis_restarts() {
     let tally = Arc::new(Tally::default());
     let stop = Arc::new(AtomicBool::new(false));
     let opts = LockOptions::new()
-        .ttl(Duration::from_secs(3))
-        .wait(Duration::from_secs(1))
-        .backoff(
+        .with_ttl(Duration::from_secs(3))
+        .with_wait(Duration::from_secs(1))
+        .with_backoff(
             Backoff::new()
                 .with_base(Duration::from_millis(2))
                 .with_cap(Duration::from_millis(50)),
@@ -188,12 +188,12 @@ async fn holders_never_overlap_across_redis_restarts() {
 async fn fencing_tokens_keep_increasing_across_a_restart_that_loses_data() {
     let node = RedisNode::start().await;
     let locks = LockManager::builder()
-        .command_timeout(Duration::from_millis(500))
+        .with_command_timeout(Duration::from_millis(500))
         .connect(&node.url())
         .await
         .unwrap();
     let name = unique_key("amnesia");
-    let opts = LockOptions::new().ttl(Duration::from_secs(30));
+    let opts = LockOptions::new().with_ttl(Duration::from_secs(30));
     let before = locks.lock_with(&name, opts).await.unwrap();
 
     // The server forgets every lease and the fencing counter.

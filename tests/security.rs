@@ -18,7 +18,7 @@ async fn tokens_are_distinct_random_128_bit_values_across_100_000_acquisitions()
     let node = RedisNode::start().await;
     let locks = LockManager::connect(&node.url()).await.unwrap();
     let prefix = unique_key("tokens");
-    let opts = LockOptions::new().ttl(Duration::from_secs(120));
+    let opts = LockOptions::new().with_ttl(Duration::from_secs(120));
     let mut tasks = Vec::new();
     for t in 0..TASKS {
         let locks = locks.clone();
@@ -108,7 +108,10 @@ async fn a_client_without_the_token_can_neither_release_nor_extend() {
     let owner = LockManager::connect(&node.url()).await.unwrap();
 
     let stale = attacker
-        .try_lock_with(&name, LockOptions::new().ttl(Duration::from_millis(100)))
+        .try_lock_with(
+            &name,
+            LockOptions::new().with_ttl(Duration::from_millis(100)),
+        )
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -129,7 +132,10 @@ async fn a_client_without_the_token_can_neither_release_nor_extend() {
     }
     // Nor can it take the lock, wait as it may.
     let taken = attacker
-        .lock_with(&name, LockOptions::new().wait(Duration::from_millis(300)))
+        .lock_with(
+            &name,
+            LockOptions::new().with_wait(Duration::from_millis(300)),
+        )
         .await;
     assert!(matches!(taken, Err(Error::Timeout { .. })), "{taken:?}");
 

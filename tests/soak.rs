@@ -52,8 +52,8 @@ async fn soak() {
     let node = RedisNode::start_opts(NodeOptions::default().persistent()).await;
     let proxy = Arc::new(FaultProxy::start(node.port()).await);
     let locks = LockManager::builder()
-        .command_timeout(Duration::from_millis(400))
-        .connect_timeout(Duration::from_secs(1))
+        .with_command_timeout(Duration::from_millis(400))
+        .with_connect_timeout(Duration::from_secs(1))
         .connect(&proxy.url())
         .await
         .unwrap();
@@ -74,9 +74,9 @@ async fn soak() {
         let mut rng = SmallRng::seed_from_u64(seed ^ (w as u64 + 1));
         workers.push(tokio::spawn(async move {
             let opts = LockOptions::new()
-                .ttl(TTL)
-                .wait(Duration::from_millis(500))
-                .backoff(
+                .with_ttl(TTL)
+                .with_wait(Duration::from_millis(500))
+                .with_backoff(
                     Backoff::new()
                         .with_base(Duration::from_millis(2))
                         .with_cap(Duration::from_millis(50)),
@@ -87,9 +87,9 @@ async fn soak() {
                 let auto = rng.random_bool(0.3);
                 let attempt = tokio::time::timeout(CALL_BOUND, async {
                     if rng.random_bool(0.5) {
-                        locks.lock_with(&name, opts.auto_extend(auto)).await
+                        locks.lock_with(&name, opts.with_auto_extend(auto)).await
                     } else {
-                        locks.try_lock_with(&name, opts.auto_extend(auto)).await
+                        locks.try_lock_with(&name, opts.with_auto_extend(auto)).await
                     }
                 })
                 .await

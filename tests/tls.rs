@@ -36,7 +36,7 @@ async fn an_untrusted_certificate_or_a_plain_client_is_refused_in_bounded_time()
     for url in [node.url(), plain] {
         let started = Instant::now();
         let result = LockManager::builder()
-            .connect_timeout(limit)
+            .with_connect_timeout(limit)
             .connect(&url)
             .await;
         assert!(matches!(result, Err(Error::Redis(_))), "{url}: {result:?}");

@@ -26,7 +26,7 @@ async fn each_invalid_input_gives_its_typed_error() {
     assert_eq!(rejected(locks.lock(&long).await), "key");
     assert_eq!(rejected(locks.try_lock(&long).await), "key");
 
-    let ttl = |d| LockOptions::new().ttl(d);
+    let ttl = |d| LockOptions::new().with_ttl(d);
     assert_eq!(
         rejected(locks.lock_with(&key, ttl(Duration::ZERO)).await),
         "ttl"
@@ -52,9 +52,9 @@ async fn each_invalid_input_gives_its_typed_error() {
         "ttl"
     );
 
-    let wait = LockOptions::new().wait(Duration::MAX);
+    let wait = LockOptions::new().with_wait(Duration::MAX);
     assert_eq!(rejected(locks.lock_with(&key, wait).await), "wait");
-    let backoff = LockOptions::new().backoff(Backoff::new().with_factor(f64::NAN));
+    let backoff = LockOptions::new().with_backoff(Backoff::new().with_factor(f64::NAN));
     assert_eq!(rejected(locks.lock_with(&key, backoff).await), "backoff");
 
     // Nothing was left behind by any of the rejected calls: the key is free.
@@ -87,17 +87,20 @@ async fn bad_manager_settings_are_rejected() {
     let b = LockManager::builder;
     let url = "redis://127.0.0.1:1";
     assert_eq!(
-        rejected(b().prefix(vec![b'p'; 257]).connect(url).await),
+        rejected(b().with_prefix(vec![b'p'; 257]).connect(url).await),
         "prefix"
     );
     assert_eq!(
-        rejected(b().command_timeout(Duration::ZERO).connect(url).await),
+        rejected(b().with_command_timeout(Duration::ZERO).connect(url).await),
         "timeout"
     );
     assert_eq!(
-        rejected(b().connect_timeout(Duration::ZERO).connect(url).await),
+        rejected(b().with_connect_timeout(Duration::ZERO).connect(url).await),
         "timeout"
     );
-    let bad = LockOptions::new().ttl(Duration::ZERO);
-    assert_eq!(rejected(b().default_options(bad).connect(url).await), "ttl");
+    let bad = LockOptions::new().with_ttl(Duration::ZERO);
+    assert_eq!(
+        rejected(b().with_default_options(bad).connect(url).await),
+        "ttl"
+    );
 }

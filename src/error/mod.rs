@@ -181,10 +181,10 @@ pub enum LostReason {
     Expired,
     /// The key holds another owner's token: the lease expired and somebody else took it.
     Taken,
-    /// Renewals could not reach Redis until the lease's validity deadline passed.
+    /// Auto-extensions could not reach Redis until the lease's validity deadline passed.
     Unreachable,
     /// Auto-extension stopped at the hold-time cap
-    /// ([`LockOptions::max_hold`](crate::LockOptions::max_hold)) and the lease ran out.
+    /// ([`LockOptions::with_max_hold`](crate::LockOptions::with_max_hold)) and the lease ran out.
     MaxHoldReached,
     /// The holder released the lease.
     Released,
@@ -198,7 +198,7 @@ impl fmt::Display for LostReason {
         f.write_str(match self {
             LostReason::Expired => "the lease expired",
             LostReason::Taken => "another owner holds the lock",
-            LostReason::Unreachable => "Redis could not be reached to renew the lease",
+            LostReason::Unreachable => "Redis could not be reached to extend the lease",
             LostReason::MaxHoldReached => "the hold-time cap was reached",
             LostReason::Released => "the lease was released",
             LostReason::NoQuorum => "a majority of the lock's nodes did not confirm the lease",

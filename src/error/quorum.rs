@@ -54,7 +54,7 @@ pub enum NodeOutcome {
     /// it in a restart).
     Expired,
     /// The node failed or did not answer within the per-node timeout
-    /// ([`LockManagerBuilder::node_timeout`](crate::LockManagerBuilder::node_timeout)); a
+    /// ([`LockManagerBuilder::with_node_timeout`](crate::LockManagerBuilder::with_node_timeout)); a
     /// timeout is an [`Error::Redis`] whose [`is_timeout`](redis::RedisError::is_timeout)
     /// is `true`.
     Failed(Error),

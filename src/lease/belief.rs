@@ -13,7 +13,7 @@ use crate::options::Ttl;
 /// # Belief never exceeds truth
 ///
 /// The server keeps the TTL of whichever command that sets it (the acquire, an extend, a
-/// renewal) it *executed* last, and commands sent over pools, several connections or a
+/// auto-extension) it *executed* last, and commands sent over pools, several connections or a
 /// reconnect may execute in another order than they were sent. So the deadline believed
 /// here is the earliest expiry any still-possible last command can have left:
 ///
@@ -31,16 +31,16 @@ use crate::options::Ttl;
 pub(crate) struct LeaseState {
     /// When the lease is known to end at the latest, on the monotonic clock.
     pub(crate) valid_until: Instant,
-    /// The TTL the lease was last asked for; renewals reuse it.
+    /// The TTL the lease was last asked for; auto-extensions reuse it.
     pub(crate) ttl: Ttl,
     /// Once set, the lease is gone for good.
     pub(crate) lost: Option<LostReason>,
-    /// The renewal task keeps this lease alive: if its deadline passes, renewals did not
+    /// The auto-extension task keeps this lease alive: if its deadline passes, auto-extensions did not
     /// get through in time.
-    pub(crate) renewed: bool,
-    /// Renewal stopped because the hold-time cap was reached.
+    pub(crate) auto_extended: bool,
+    /// Auto-extension stopped because the hold-time cap was reached.
     pub(crate) hold_capped: bool,
-    /// The latest send time of a command the server confirmed (acquire, extend, renewal).
+    /// The latest send time of a command the server confirmed (acquire, extend, auto-extension).
     confirmed_sent: Instant,
     /// Commands that may be the last one the server ran (see the type's docs).
     candidates: Vec<Candidate>,
@@ -80,7 +80,7 @@ impl LeaseState {
             valid_until: sent,
             ttl,
             lost: None,
-            renewed: false,
+            auto_extended: false,
             hold_capped: false,
             confirmed_sent: sent,
             candidates: vec![Candidate {
@@ -112,9 +112,9 @@ impl LeaseState {
         }
     }
 
-    /// When the renewal task should next renew: a third of the way from the send time to
+    /// When the auto-extension task should next extend: a third of the way from the send time to
     /// the deadline of the candidate that bounds the lease.
-    pub(crate) fn renew_at(&self) -> Instant {
+    pub(crate) fn extend_due(&self) -> Instant {
         let mut best: Option<(Instant, Instant)> = None;
         for c in &self.candidates {
             let b = self.bound(c);
@@ -205,8 +205,8 @@ impl LeaseState {
     pub(crate) fn deadline_reason(&self) -> LostReason {
         if self.hold_capped {
             LostReason::MaxHoldReached
-        } else if self.renewed {
-            // No renewal got through before the deadline: failed, or stuck in flight.
+        } else if self.auto_extended {
+            // No auto-extension got through before the deadline: failed, or stuck in flight.
             LostReason::Unreachable
         } else {
             LostReason::Expired
@@ -284,7 +284,7 @@ mod tests {
         // It may still run after the later one: at the latest-confirmed send + its TTL.
         assert_eq!(state.valid_until, ttl(1_000).valid_until(ms(t0, 2_000)));
         assert_eq!(
-            state.renew_at(),
+            state.extend_due(),
             ms(t0, 2_000) + Duration::from_millis(1_000) / 3
         );
     }

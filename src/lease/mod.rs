@@ -1,4 +1,4 @@
-//! The state of one held lease, shared by its guard, its handles and the renewal task.
+//! The state of one held lease, shared by its guard, its handles and the auto-extension task.
 
 use std::fmt;
 use std::future::Future;
@@ -61,9 +61,9 @@ impl Lease {
         self.lock().valid_until
     }
 
-    /// When the renewal task should next renew this lease.
-    pub(crate) fn renew_at(&self) -> Instant {
-        self.lock().renew_at()
+    /// When the auto-extension task should next extend this lease.
+    pub(crate) fn extend_due(&self) -> Instant {
+        self.lock().extend_due()
     }
 
     /// Applies `change`; if it reports a change, wakes everyone waiting for one.
@@ -106,7 +106,7 @@ impl Lease {
     /// Records that a command setting the lease's TTL to `ttl` is about to be sent (now,
     /// at `sent`). From here until the command is confirmed, the lease is believed to last
     /// no longer than that command would leave it. `user` marks an explicit extend: its TTL
-    /// becomes the one renewals reuse.
+    /// becomes the one auto-extensions reuse.
     ///
     /// Returns `None` when the lease is already lost (nothing should be sent).
     pub(crate) fn begin_extend(&self, ttl: Ttl, sent: Instant, user: bool) -> Option<OpId> {
@@ -158,16 +158,16 @@ impl Lease {
         });
     }
 
-    /// Records whether the renewal task keeps this lease alive.
-    pub(crate) fn set_renewed(&self, renewed: bool) {
+    /// Records whether the auto-extension task keeps this lease alive.
+    pub(crate) fn set_auto_extended(&self, auto_extended: bool) {
         self.send_if_modified(|state| {
-            let changed = state.renewed != renewed;
-            state.renewed = renewed;
+            let changed = state.auto_extended != auto_extended;
+            state.auto_extended = auto_extended;
             (changed, ())
         });
     }
 
-    /// Records that renewal stopped at the hold-time cap.
+    /// Records that auto-extension stopped at the hold-time cap.
     pub(crate) fn hold_capped(&self) {
         self.send_if_modified(|state| {
             let changed = !state.hold_capped;
@@ -275,7 +275,7 @@ impl LeaseHandle {
 
     /// The instant, on the monotonic clock, until which the lease is known to be held.
     ///
-    /// Measured from just before the acquire (or the last successful extend or renewal)
+    /// Measured from just before the acquire (or the last successful extend or auto-extension)
     /// was sent, minus a clock-drift allowance of `ttl/100 + 2 ms`. Past it, the server may
     /// already have expired the key and handed it to someone else.
     pub fn valid_until(&self) -> Instant {
@@ -289,7 +289,7 @@ impl LeaseHandle {
 
     /// Whether the lease is still held as far as this process knows, answered from local
     /// state without any I/O: not past [`valid_until`](Self::valid_until) and not found
-    /// lost by an extend or a renewal.
+    /// lost by an extend or an auto-extension.
     pub fn is_held(&self) -> bool {
         self.lease.lost().is_none()
     }
@@ -301,10 +301,10 @@ impl LeaseHandle {
 
     /// Resolves with the reason once the lease is gone:
     ///
-    /// - [`LostReason::Taken`]: an extend or renewal found another owner's token;
+    /// - [`LostReason::Taken`]: an extend or auto-extension found another owner's token;
     /// - [`LostReason::Expired`]: the key was gone, or the validity deadline passed without
     ///   an extension (without auto-extension that is simply the end of the TTL);
-    /// - [`LostReason::Unreachable`]: renewals failed to reach Redis until the deadline;
+    /// - [`LostReason::Unreachable`]: auto-extensions failed to reach Redis until the deadline;
     /// - [`LostReason::MaxHoldReached`]: auto-extension stopped at the hold-time cap;
     /// - [`LostReason::Released`]: the guard released it.
     ///

@@ -206,7 +206,7 @@ impl Waiter {
 
     /// Sleeps until a release notification or `until`, whichever comes first.
     /// Returns `true` if woken by a notification.
-    pub(crate) async fn wait(&self, until: Instant) -> bool {
+    pub(crate) async fn sleep(&self, until: Instant) -> bool {
         tokio::select! {
             _ = self.slot.wake.notified() => true,
             _ = tokio::time::sleep_until(until.into()) => false,

@@ -1,7 +1,7 @@
 //! One lock over several independent Redis primaries (Redlock).
 //!
 //! [`RedlockStore`] is a [`LeaseStore`] over N nodes, each an ordinary single-primary
-//! [`RedisStore`]. The manager, guard, waiting loop, drop-release and renewal work on it
+//! [`RedisStore`]. The manager, guard, waiting loop, drop-release and auto-extension work on it
 //! unchanged; what this module adds is the fan-out and the counting:
 //!
 //! - every call goes to all N nodes at once, each bounded by the per-node timeout, so a
@@ -32,7 +32,7 @@ use crate::error::{
 use crate::key::{LockKey, Token};
 use crate::options::Ttl;
 use crate::store::{
-    Acquire, BoxFuture, LeaseStore, NodeAnswer, RENEWALS_PER_CALL, RedisStore, Renewal, Verdict,
+    Acquire, BoxFuture, Extension, LeaseStore, NodeAnswer, RENEWALS_PER_CALL, RedisStore, Verdict,
 };
 
 use fanout::no_answer;
@@ -323,10 +323,10 @@ where
         })
     }
 
-    fn extend_many<'a>(&'a self, batch: &'a [Renewal]) -> BoxFuture<'a, Vec<Result<Verdict>>> {
+    fn extend_many<'a>(&'a self, batch: &'a [Extension]) -> BoxFuture<'a, Vec<Result<Verdict>>> {
         Box::pin(async move {
             let started = Instant::now();
-            // A node renews the batch in chunks, one round trip each; give it the node
+            // A node extends the batch in chunks, one round trip each; give it the node
             // timeout per chunk.
             let chunks =
                 u32::try_from(batch.len().div_ceil(RENEWALS_PER_CALL).max(1)).unwrap_or(u32::MAX);
@@ -356,13 +356,13 @@ where
             )
             .await;
             let now = Instant::now();
-            // No repair here, unlike `extend`: the renewal task runs beside the guard, and a
+            // No repair here, unlike `extend`: the auto-extension task runs beside the guard, and a
             // SET on a node that lost the lease could land after the guard's release and
             // leave a key nobody releases.
             batch
                 .iter()
                 .enumerate()
-                .map(|(i, renewal)| {
+                .map(|(i, extension)| {
                     let answers: Vec<Result<NodeAnswer>> = per_node
                         .iter()
                         .map(|node| {
@@ -371,10 +371,10 @@ where
                                 .unwrap_or_else(|| Err(Error::unexpected_reply("missing answer")))
                         })
                         .collect();
-                    let in_time = now < renewal.ttl.valid_until(started);
+                    let in_time = now < extension.ttl.valid_until(started);
                     let verdict = decide_verdict(&answers, self.quorum, in_time);
                     if verdict != Verdict::Done {
-                        self.log_unconfirmed("renewal", &renewal.key, &answers);
+                        self.log_unconfirmed("extension", &extension.key, &answers);
                     }
                     Ok(verdict)
                 })
