@@ -553,6 +553,88 @@ pub async fn command_calls(conn: &mut redis::aio::MultiplexedConnection, command
         .unwrap_or(0)
 }
 
+/// `EVALSHA` calls the server has run so far (distlock's acquire, extend, release).
+pub async fn evalsha_calls(conn: &mut redis::aio::MultiplexedConnection) -> u64 {
+    command_calls(conn, "evalsha").await
+}
+
+/// The distlock channels (default prefix) the server has subscribers for.
+pub async fn subscribed_channels(conn: &mut redis::aio::MultiplexedConnection) -> Vec<String> {
+    redis::cmd("PUBSUB")
+        .arg("CHANNELS")
+        .arg("distlock:*")
+        .query_async(conn)
+        .await
+        .expect("PUBSUB CHANNELS")
+}
+
+/// Waits until `key` is gone; panics after `within`. Returns how long it took.
+pub async fn wait_until_gone(
+    conn: &mut redis::aio::MultiplexedConnection,
+    key: &str,
+    within: Duration,
+) -> Duration {
+    let started = Instant::now();
+    loop {
+        let exists: bool = redis::cmd("EXISTS")
+            .arg(key)
+            .query_async(conn)
+            .await
+            .expect("EXISTS");
+        if !exists {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < within,
+            "{key} still exists after {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Options for many tasks contending for one lock: a long wait, a quick backoff.
+pub fn contended(wait: Duration) -> distlock::LockOptions {
+    distlock::LockOptions::new()
+        .with_ttl(Duration::from_secs(10))
+        .with_wait(wait)
+        .with_backoff(
+            distlock::Backoff::new()
+                .with_base(Duration::from_millis(1))
+                .with_cap(Duration::from_millis(20)),
+        )
+}
+
+/// Runs `cycles` non-atomic increments (GET, yield, SET) of the counter `counter` on
+/// `conn`'s server, each under the lock `name` of `locks`: only mutual exclusion keeps the
+/// counter exact. The returned task ends when they are done and panics on any error.
+pub fn racy_increments(
+    locks: distlock::LockManager,
+    name: String,
+    counter: String,
+    mut conn: redis::aio::MultiplexedConnection,
+    cycles: usize,
+    options: distlock::LockOptions,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        for _ in 0..cycles {
+            let guard = locks.lock_with(&name, options).await.expect("lock");
+            let value: Option<u64> = redis::cmd("GET")
+                .arg(&counter)
+                .query_async(&mut conn)
+                .await
+                .expect("GET");
+            tokio::task::yield_now().await;
+            let _: () = redis::cmd("SET")
+                .arg(&counter)
+                .arg(value.unwrap_or(0) + 1)
+                .query_async(&mut conn)
+                .await
+                .expect("SET");
+            guard.release().await.expect("release");
+        }
+    })
+}
+
 /// The Redis key of the lease on lock `name` under the default prefix.
 pub fn lease_key(name: &str) -> String {
     format!("{}{{{name}}}", distlock::DEFAULT_PREFIX)

@@ -1,7 +1,7 @@
 //! Release notifications: waiters wake on a release, in arrival order, and never depend
 //! on a message arriving.
 
-mod support;
+use crate::support;
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -20,13 +20,7 @@ fn slow_polling(wait: Duration) -> LockOptions {
 }
 
 async fn subscribed_channels(node: &RedisNode) -> Vec<String> {
-    let mut raw = node.conn().await;
-    redis::cmd("PUBSUB")
-        .arg("CHANNELS")
-        .arg("distlock:*")
-        .query_async(&mut raw)
-        .await
-        .unwrap()
+    support::subscribed_channels(&mut node.conn().await).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,7 +6,7 @@
 //! Every scenario counts what the server sees (`CLIENT LIST`, `PUBSUB CHANNELS`) on one
 //! admin connection opened at the start, so the counting itself adds nothing.
 
-mod support;
+use crate::support;
 
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
@@ -15,7 +15,10 @@ use distlock::{Backoff, Error, LockManager, LockOptions};
 use rand::RngExt;
 use redis::aio::MultiplexedConnection;
 use support::proxy::{Fault, FaultProxy};
-use support::{Baseline, RedisNode, command_calls, eventually, free_port, lease_key, unique_key};
+use support::{
+    Baseline, RedisNode, command_calls, eventually, free_port, lease_key, subscribed_channels,
+    unique_key,
+};
 
 /// The slack the contract allows a wait past its budget (item 4).
 const BUDGET_SLACK: Duration = Duration::from_millis(250);
@@ -64,15 +67,6 @@ async fn clients_of(admin: &mut MultiplexedConnection, user: &str) -> usize {
         .iter()
         .filter(|c| c.user == user)
         .count()
-}
-
-async fn subscribed_channels(admin: &mut MultiplexedConnection) -> Vec<String> {
-    redis::cmd("PUBSUB")
-        .arg("CHANNELS")
-        .arg("distlock:*")
-        .query_async(admin)
-        .await
-        .expect("PUBSUB CHANNELS")
 }
 
 async fn key_exists(admin: &mut MultiplexedConnection, name: &str) -> bool {

@@ -1,7 +1,7 @@
 //! The fault tools themselves do what the fault tests rely on: the proxy's modes and the
 //! node's stop, kill, pause and restart, on whichever backend runs.
 
-mod support;
+use crate::support;
 
 use std::time::{Duration, Instant};
 

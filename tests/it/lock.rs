@@ -1,16 +1,12 @@
 //! Acquire, wait, extend and release against a real Redis.
 
-mod support;
+use crate::support;
 
 use std::time::{Duration, Instant};
 
 use distlock::{Backoff, Error, LockManager, LockOptions, LostReason};
 use redis::AsyncCommands;
-use support::{RedisNode, unique_key};
-
-fn lease_key(name: &str) -> String {
-    format!("{}{{{name}}}", distlock::DEFAULT_PREFIX)
-}
+use support::{RedisNode, lease_key, unique_key};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acquire_extend_release_round_trip() {

@@ -1,17 +1,15 @@
 //! One lock over five independent Redis primaries (Redlock), with nodes stopped, paused,
 //! slowed and restarted empty.
 
-mod support;
+use crate::support;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use distlock::{
-    Backoff, Error, LockManager, LockOptions, LostReason, NodeOutcome, QuorumOperation,
-};
+use distlock::{Error, LockManager, LockOptions, LostReason, NodeOutcome, QuorumOperation};
 use redis::AsyncCommands;
 use support::proxy::{Fault, FaultProxy};
-use support::{Data, NodeOptions, RedisNode, unique_key};
+use support::{Data, NodeOptions, RedisNode, lease_key, unique_key};
 
 /// Generous next to a loopback round trip, so a loaded machine does not fail a node by
 /// accident; tests that want a node to time out make it slower than this on purpose.
@@ -19,10 +17,6 @@ const NODE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// How long a test waits for something that should happen at once (bounds every wait).
 const PROMPTLY: Duration = Duration::from_secs(10);
-
-fn lease_key(name: &str) -> String {
-    format!("{}{{{name}}}", distlock::DEFAULT_PREFIX)
-}
 
 fn ttl(secs: u64) -> LockOptions {
     LockOptions::new().with_ttl(Duration::from_secs(secs))
@@ -118,18 +112,7 @@ async fn warm_up(locks: &LockManager, nodes: &[RedisNode]) {
 
 /// Successful `EVALSHA` calls `node` has run so far (distlock's acquire and release).
 async fn evalsha_calls(node: &RedisNode) -> u64 {
-    let mut raw = node.conn().await;
-    let info: String = redis::cmd("INFO")
-        .arg("commandstats")
-        .query_async(&mut raw)
-        .await
-        .unwrap();
-    info.lines()
-        .find(|l| l.starts_with("cmdstat_evalsha:"))
-        .and_then(|l| l.split("calls=").nth(1))
-        .and_then(|rest| rest.split(',').next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0)
+    support::evalsha_calls(&mut node.conn().await).await
 }
 
 /// Waits until `node` has run `calls` `EVALSHA`s in all: requests that reached it late
@@ -614,45 +597,28 @@ async fn contention_across_five_nodes_keeps_a_non_atomic_counter_exact() {
 
     let nodes = five_nodes().await;
     let name = unique_key("counter");
-    let counter = Arc::new(format!("{name}:value"));
-    let opts = LockOptions::new()
-        .with_ttl(Duration::from_secs(10))
-        .with_wait(Duration::from_secs(120))
-        .with_backoff(
-            Backoff::new()
-                .with_base(Duration::from_millis(1))
-                .with_cap(Duration::from_millis(20)),
-        );
-
+    let counter = format!("{name}:value");
+    let opts = support::contended(Duration::from_secs(120));
     let mut tasks = Vec::new();
     for _ in 0..MANAGERS {
         // Separate managers: separate connections to every node, like separate processes.
         let locks = redlock(&nodes).await;
         for _ in 0..TASKS_PER_MANAGER {
-            let locks = locks.clone();
-            let name = name.clone();
-            let counter = Arc::clone(&counter);
-            let mut raw = nodes[0].conn().await;
-            tasks.push(tokio::spawn(async move {
-                for _ in 0..CYCLES {
-                    let guard = locks.lock_with(&name, opts).await.unwrap();
-                    // Deliberately not atomic: GET, yield, SET. Only the lock keeps it exact.
-                    let value: Option<u64> = raw.get(counter.as_str()).await.unwrap();
-                    tokio::task::yield_now().await;
-                    let _: () = raw
-                        .set(counter.as_str(), value.unwrap_or(0) + 1)
-                        .await
-                        .unwrap();
-                    guard.release().await.unwrap();
-                }
-            }));
+            tasks.push(support::racy_increments(
+                locks.clone(),
+                name.clone(),
+                counter.clone(),
+                nodes[0].conn().await,
+                CYCLES,
+                opts,
+            ));
         }
     }
     for task in tasks {
         task.await.unwrap();
     }
     let mut raw = nodes[0].conn().await;
-    let total: u64 = raw.get(counter.as_str()).await.unwrap();
+    let total: u64 = raw.get(&counter).await.unwrap();
     assert_eq!(total, (MANAGERS * TASKS_PER_MANAGER * CYCLES) as u64);
     assert_eq!(tokens_on(&nodes, &name).await, vec![None; 5]);
 }

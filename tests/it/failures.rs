@@ -1,6 +1,6 @@
 //! Redis down, unreachable or refusing: typed errors, bounded in time, never "contended".
 
-mod support;
+use crate::support;
 
 use std::time::{Duration, Instant};
 

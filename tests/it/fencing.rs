@@ -1,7 +1,7 @@
 //! Fencing tokens: strictly increasing per lock, across flushes and restarts, and what a
 //! resource does with them.
 
-mod support;
+use crate::support;
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

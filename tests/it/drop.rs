@@ -1,35 +1,12 @@
 //! Dropping guards and abandoning acquires: background release, no panic, no leftovers.
 
-mod support;
+use crate::support;
 
 use std::time::{Duration, Instant};
 
 use distlock::{LockManager, LockOptions};
 use redis::AsyncCommands;
-use support::{RedisNode, unique_key};
-
-fn lease_key(name: &str) -> String {
-    format!("{}{{{name}}}", distlock::DEFAULT_PREFIX)
-}
-
-async fn wait_until_gone(
-    raw: &mut redis::aio::MultiplexedConnection,
-    key: &str,
-    within: Duration,
-) -> Duration {
-    let started = Instant::now();
-    loop {
-        let exists: bool = raw.exists(key).await.unwrap();
-        if !exists {
-            return started.elapsed();
-        }
-        assert!(
-            started.elapsed() < within,
-            "{key} still exists after {within:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
+use support::{RedisNode, lease_key, unique_key, wait_until_gone};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dropping_a_guard_releases_the_key_in_the_background() {

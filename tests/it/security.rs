@@ -1,7 +1,7 @@
 //! Tokens: 128-bit random values, never repeated, never leaked in logs; knowing a key
 //! without its token buys nothing.
 
-mod support;
+use crate::support;
 
 use std::collections::HashSet;
 use std::time::Duration;

@@ -2,7 +2,7 @@
 //! ends within its documented bound with a typed error, a lease that cannot be auto-extended is
 //! reported lost by its deadline, and no late or repeated request hurts a later holder.
 
-mod support;
+use crate::support;
 
 use std::time::{Duration, Instant};
 

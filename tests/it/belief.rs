@@ -2,7 +2,7 @@
 //! real server, with replies delayed, reordered and lost by a hostile connection
 //! (tests/support/hostile.rs). Regression tests for issue 9, and the property test.
 
-mod support;
+use crate::support;
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};

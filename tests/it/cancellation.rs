@@ -1,7 +1,7 @@
 //! Futures dropped at random points: no lease outlives its holder, no guard claims a lease
 //! the server does not have, and an abandoned acquire cleans up after itself.
 
-mod support;
+use crate::support;
 
 use std::time::{Duration, Instant};
 

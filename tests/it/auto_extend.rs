@@ -1,6 +1,6 @@
 //! Auto-extension, the lost-lock signal and `with_lock`, against a real Redis.
 
-mod support;
+use crate::support;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -8,31 +8,12 @@ use std::time::{Duration, Instant};
 
 use distlock::{Error, LockManager, LockOptions, LostReason};
 use redis::AsyncCommands;
-use support::{RedisNode, unique_key};
-
-fn lease_key(name: &str) -> String {
-    format!("{}{{{name}}}", distlock::DEFAULT_PREFIX)
-}
+use support::{RedisNode, evalsha_calls, lease_key, unique_key};
 
 fn auto(ttl_ms: u64) -> LockOptions {
     LockOptions::new()
         .with_ttl(Duration::from_millis(ttl_ms))
         .with_auto_extend(true)
-}
-
-/// `EVALSHA` calls the server has counted so far (acquire, release, auto-extensions).
-async fn evalsha_calls(raw: &mut redis::aio::MultiplexedConnection) -> u64 {
-    let info: String = redis::cmd("INFO")
-        .arg("commandstats")
-        .query_async(raw)
-        .await
-        .unwrap();
-    info.lines()
-        .find(|l| l.starts_with("cmdstat_evalsha:"))
-        .and_then(|l| l.split("calls=").nth(1))
-        .and_then(|rest| rest.split(',').next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

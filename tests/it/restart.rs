@@ -1,7 +1,7 @@
 //! Redis restarts under load: typed errors while it is gone, reconnection by itself, no
 //! overlapping holders across the restart, fencing tokens that keep increasing.
 
-mod support;
+use crate::support;
 
 use std::sync::Arc;
 use std::sync::Mutex;

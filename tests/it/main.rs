@@ -1,0 +1,25 @@
+//! The integration suite in one binary: every module runs against real Redis servers
+//! started by `support` (Docker containers or `redis-server` processes; see
+//! `tests/support/mod.rs`). The binaries that must stay separate are beside it: the
+//! multi-process tests (`processes`, which re-run their own binary as child processes), the
+//! soak (`soak`, ignored unless asked for) and TLS (`tls`, behind the `tls` feature).
+
+#[path = "../support/mod.rs"]
+mod support;
+
+mod auto_extend;
+mod belief;
+mod cancellation;
+mod drop;
+mod failures;
+mod fault_tools;
+mod fencing;
+mod hostile;
+mod lock;
+mod mutual_exclusion;
+mod notify;
+mod notify_faults;
+mod partition;
+mod redlock;
+mod restart;
+mod security;
