@@ -173,7 +173,7 @@ impl LockManagerBuilder {
     /// # Errors
     ///
     /// [`Error::InvalidArgument`] for a URL that does not parse, a `rediss://` URL without
-    /// the `tls` feature, a server older than [`MIN_REDIS_VERSION`], or a bad option;
+    /// the `tls` feature, a server older than [`MIN_REDIS_VERSION`](crate::MIN_REDIS_VERSION), or a bad option;
     /// [`Error::Redis`] when the server cannot be reached (refused, wrong password, or no
     /// answer within the connect timeout).
     ///

@@ -22,7 +22,7 @@ use crate::wait::Wait;
 /// Takes and hands out leases on one Redis server.
 ///
 /// Cheap to clone (an `Arc` inside); clones share the connection. Build it from a URL
-/// with [`connect`](Self::connect) (a reconnecting [`ConnectionManager`] inside), from a
+/// with [`connect`](Self::connect) (a reconnecting [`ConnectionManager`](redis::aio::ConnectionManager) inside), from a
 /// connection you already have with [`new`](Self::new), or with options through
 /// [`builder`](Self::builder).
 ///

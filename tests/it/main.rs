@@ -15,6 +15,7 @@ mod failures;
 mod fault_tools;
 mod fencing;
 mod hostile;
+mod layers;
 mod lock;
 mod mutual_exclusion;
 mod notify;
