@@ -15,11 +15,6 @@
 #[path = "../tests/support/mod.rs"]
 mod support;
 
-// The very scripts distlock sends, so the baseline sends the same commands by hand.
-#[allow(dead_code)]
-#[path = "../src/scripts.rs"]
-mod scripts;
-
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -159,42 +154,40 @@ async fn run_baseline(
     });
     let stop = Arc::new(AtomicBool::new(false));
     let mutex = Arc::new(tokio::sync::Mutex::new(()));
-    let lua = Arc::new((scripts::ACQUIRE.clone(), scripts::RELEASE.clone()));
+    // The commands distlock sends (its published protocol), by hand.
+    let release = Arc::new(redis::Script::new(distlock::protocol::RELEASE));
     let lease = format!("distlock:{{{key}}}");
-    let fence = format!("{lease}:fence");
     let channel = format!("{lease}:released");
     let mut handles = Vec::new();
     for _ in 0..tasks {
-        let (clock, stop, mutex, lua) = (
+        let (clock, stop, mutex, release) = (
             Arc::clone(&clock),
             Arc::clone(&stop),
             Arc::clone(&mutex),
-            Arc::clone(&lua),
+            Arc::clone(&release),
         );
-        let (lease, fence, channel, mut conn) =
-            (lease.clone(), fence.clone(), channel.clone(), conn.clone());
+        let (lease, channel, mut conn) = (lease.clone(), channel.clone(), conn.clone());
         handles.push(tokio::spawn(async move {
             let mut samples = Samples::default();
             let token = uuid::Uuid::new_v4().simple().to_string();
             while !stop.load(Ordering::Relaxed) {
                 let asked = clock.now();
                 let held = mutex.lock().await;
-                let (ok, _): (i64, i64) = lua
-                    .0
-                    .key(&lease)
-                    .key(&fence)
+                let previous: Option<String> = redis::cmd("SET")
+                    .arg(&lease)
                     .arg(&token)
+                    .arg("NX")
+                    .arg("PX")
                     .arg(5000)
-                    .arg(86_400_000)
-                    .invoke_async(&mut conn)
+                    .arg("GET")
+                    .query_async(&mut conn)
                     .await
                     .expect("acquire");
-                assert_eq!(ok, 1, "the mutex hands over a free key");
+                assert_eq!(previous, None, "the mutex hands over a free key");
                 acquired(&clock, &mut samples, asked);
                 tokio::time::sleep(HOLD).await;
                 clock.last_release.store(clock.now(), Ordering::Release);
-                let _: i64 = lua
-                    .1
+                let _: i64 = release
                     .key(&lease)
                     .arg(&token)
                     .arg(&channel)

@@ -1,114 +1,177 @@
-//! Uncontended acquire + release cycles: distlock against the floor of the same two
-//! commands issued directly with redis-rs on the same connection, for one task and for
-//! 64 concurrent tasks on distinct keys.
+//! Uncontended acquire + release cycles against the floor a user compares with: the design
+//! card's protocol sent by hand (`SET key token NX PX ttl` and a Lua compare-and-delete).
 //!
 //! ```sh
 //! cargo bench --bench cycle                               # Redis from the test support
 //! DISTLOCK_TEST_BACKEND=process cargo bench --bench cycle # a local redis-server, no Docker
 //! ```
 //!
-//! Besides criterion's own report, a bench run ends with a ratio table: floor and distlock
-//! measured in alternating rounds in this one process, median of the per-round ratios.
+//! Four ways to run a cycle, each on its own reconnecting connection (`ConnectionManager`,
+//! what `LockManager::connect` uses) to the same server, measured in alternating rounds in
+//! this one process (so drift in machine load hits every side of a ratio alike):
+//!
+//! - **card floor**: `SET NX PX` + `EVALSHA` of the card's compare-and-delete, by hand;
+//! - **distlock's protocol by hand**: `SET NX PX GET` + `EVALSHA` of distlock's release
+//!   script (compare-and-delete, then the release announcement), from
+//!   [`distlock::protocol`];
+//! - **distlock**: `try_lock` + `release`;
+//! - **distlock fenced**: the same with `LockOptions::with_fencing(true)`.
+//!
+//! For 1 task and for 64 tasks on distinct keys. A last pass per variant reads the server's
+//! own time per cycle from `INFO commandstats`. Under `cargo test` it runs a few cycles of
+//! each, as a smoke test.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
 
-// The very scripts distlock sends, so the baseline sends the same commands by hand.
-#[allow(dead_code)]
-#[path = "../src/scripts.rs"]
-mod scripts;
-
-use std::hint::black_box;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use criterion::Criterion;
-use distlock::LockManager;
-use redis::aio::MultiplexedConnection;
+use distlock::{LockManager, LockOptions};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
-const TOKEN: &str = "0123456789abcdef0123456789abcdef";
 const TTL_MS: u64 = 30_000;
-const FENCE_TTL_MS: u64 = 86_400_000;
 const TASKS: usize = 64;
 
-/// The Redis keys of one lock, spelled out for the floor.
-struct Keys {
-    name: String,
-    lease: String,
-    fence: String,
-    channel: String,
+/// The card's release: compare-and-delete, nothing else.
+const CARD_RELEASE: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"#;
+
+type Cycle = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// One way to run an acquire + release cycle on a lock name.
+#[derive(Clone)]
+enum Variant {
+    Card {
+        conn: ConnectionManager,
+        release: Arc<redis::Script>,
+    },
+    ByHand {
+        conn: ConnectionManager,
+        release: Arc<redis::Script>,
+    },
+    Distlock(LockManager),
+    Fenced(LockManager),
 }
 
-impl Keys {
-    fn new(name: &str) -> Self {
-        let lease = format!("distlock:{{{name}}}");
-        Keys {
-            name: name.to_owned(),
-            fence: format!("{lease}:fence"),
-            channel: format!("{lease}:released"),
-            lease,
+impl Variant {
+    fn label(&self) -> &'static str {
+        match self {
+            Variant::Card { .. } => "card floor: SET NX PX + Lua compare-and-delete, by hand",
+            Variant::ByHand { .. } => {
+                "distlock's protocol by hand: SET NX PX GET + its release script"
+            }
+            Variant::Distlock(_) => "distlock: try_lock + release",
+            Variant::Fenced(_) => "distlock fenced: with_fencing(true)",
+        }
+    }
+
+    fn cycle(&self, name: Arc<String>) -> Cycle {
+        let token = uuid::Uuid::new_v4().simple().to_string();
+        match self.clone() {
+            Variant::Card { mut conn, release } => Box::pin(async move {
+                let key = format!("distlock:{{{name}}}");
+                let ok: Option<String> = redis::cmd("SET")
+                    .arg(&key)
+                    .arg(&token)
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(TTL_MS)
+                    .query_async(&mut conn)
+                    .await
+                    .expect("SET");
+                assert!(ok.is_some(), "uncontended");
+                let deleted: i64 = release
+                    .key(&key)
+                    .arg(&token)
+                    .invoke_async(&mut conn)
+                    .await
+                    .expect("release");
+                assert_eq!(deleted, 1);
+            }),
+            Variant::ByHand { mut conn, release } => Box::pin(async move {
+                let key = format!("distlock:{{{name}}}");
+                let previous: Option<String> = redis::cmd("SET")
+                    .arg(&key)
+                    .arg(&token)
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(TTL_MS)
+                    .arg("GET")
+                    .query_async(&mut conn)
+                    .await
+                    .expect("SET");
+                assert!(previous.is_none(), "uncontended");
+                let released: i64 = release
+                    .key(&key)
+                    .arg(&token)
+                    .arg(format!("{key}:released"))
+                    .invoke_async(&mut conn)
+                    .await
+                    .expect("release");
+                assert_eq!(released, 1);
+            }),
+            Variant::Distlock(locks) => Box::pin(async move {
+                let guard = locks.try_lock(name.as_str()).await.expect("acquire");
+                guard.release().await.expect("release");
+            }),
+            Variant::Fenced(locks) => Box::pin(async move {
+                let fenced = LockOptions::new().with_fencing(true);
+                let guard = locks
+                    .try_lock_with(name.as_str(), fenced)
+                    .await
+                    .expect("acquire");
+                assert!(guard.fencing_token().is_some());
+                guard.release().await.expect("release");
+            }),
         }
     }
 }
 
-#[derive(Clone)]
-struct Floor {
-    conn: MultiplexedConnection,
-    acquire: redis::Script,
-    release: redis::Script,
+/// Seconds per cycle: `cycles` cycles on each of `tasks` concurrent tasks, distinct keys.
+async fn run(variant: &Variant, tasks: usize, cycles: u32, prefix: &str) -> f64 {
+    let started = Instant::now();
+    let mut set = tokio::task::JoinSet::new();
+    for t in 0..tasks {
+        let name = Arc::new(format!("{prefix}:{t}"));
+        let variant = variant.clone();
+        set.spawn(async move {
+            for _ in 0..cycles {
+                variant.cycle(Arc::clone(&name)).await;
+            }
+        });
+    }
+    while let Some(done) = set.join_next().await {
+        done.expect("task");
+    }
+    started.elapsed().as_secs_f64() / f64::from(cycles * tasks as u32)
 }
 
-impl Floor {
-    /// The protocol by hand: EVALSHA acquire (with fencing), EVALSHA release (announced).
-    async fn cycle(&self, keys: &Keys) {
-        let mut conn = self.conn.clone();
-        let (taken, _fence): (i64, i64) = self
-            .acquire
-            .key(&keys.lease)
-            .key(&keys.fence)
-            .arg(TOKEN)
-            .arg(TTL_MS)
-            .arg(FENCE_TTL_MS)
-            .invoke_async(&mut conn)
-            .await
-            .expect("acquire");
-        assert_eq!(taken, 1);
-        self.release(&mut conn, keys).await;
-    }
-
-    /// Without fencing: SET NX PX, EVALSHA release.
-    async fn plain_cycle(&self, keys: &Keys) {
-        let mut conn = self.conn.clone();
-        let ok: Option<String> = redis::cmd("SET")
-            .arg(&keys.lease)
-            .arg(TOKEN)
-            .arg("NX")
-            .arg("PX")
-            .arg(TTL_MS)
-            .query_async(&mut conn)
-            .await
-            .expect("set");
-        assert!(ok.is_some());
-        self.release(&mut conn, keys).await;
-    }
-
-    async fn release(&self, conn: &mut MultiplexedConnection, keys: &Keys) {
-        let released: i64 = self
-            .release
-            .key(&keys.lease)
-            .arg(TOKEN)
-            .arg(&keys.channel)
-            .invoke_async(conn)
-            .await
-            .expect("release");
-        assert_eq!(released, 1);
-    }
-}
-
-async fn distlock_cycle(locks: &LockManager, keys: &Keys) {
-    let guard = locks.try_lock(&keys.name).await.expect("acquire");
-    black_box(guard.fencing_token());
-    guard.release().await.expect("release");
+/// The server's own time in lease commands since the last reset, in µs.
+async fn server_usec(admin: &mut redis::aio::MultiplexedConnection) -> f64 {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(admin)
+        .await
+        .expect("INFO");
+    info.lines()
+        .filter(|l| l.starts_with("cmdstat_") && !l.starts_with("cmdstat_info:"))
+        .filter(|l| !l.starts_with("cmdstat_config"))
+        .filter_map(|l| {
+            l.split("usec=")
+                .nth(1)?
+                .split(',')
+                .next()?
+                .parse::<f64>()
+                .ok()
+        })
+        .sum()
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -116,163 +179,120 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// Runs `cycles` cycles on each of `TASKS` concurrent tasks with distinct keys; returns
-/// seconds per cycle overall.
-async fn concurrent<F, Fut>(cycles: u32, prefix: &str, cycle: F) -> f64
-where
-    F: Fn(Arc<Keys>) -> Fut,
-    Fut: std::future::Future<Output = ()> + Send + 'static,
-{
-    let keys: Vec<Arc<Keys>> = (0..TASKS)
-        .map(|i| Arc::new(Keys::new(&format!("{prefix}:{i}"))))
-        .collect();
-    let started = Instant::now();
-    let mut tasks = tokio::task::JoinSet::new();
-    for k in keys {
-        let runs: Vec<Fut> = (0..cycles).map(|_| cycle(Arc::clone(&k))).collect();
-        tasks.spawn(async move {
-            for run in runs {
-                run.await;
-            }
-        });
-    }
-    while let Some(done) = tasks.join_next().await {
-        done.expect("task");
-    }
-    started.elapsed().as_secs_f64() / f64::from(cycles * TASKS as u32)
+async fn connection(node: &support::RedisNode) -> ConnectionManager {
+    let config = ConnectionManagerConfig::new()
+        .set_response_timeout(Some(distlock::DEFAULT_COMMAND_TIMEOUT));
+    ConnectionManager::new_with_config(node.client(), config)
+        .await
+        .expect("connection manager")
 }
 
 fn main() {
     let bench_mode = std::env::args().any(|a| a == "--bench");
-    let rt = tokio::runtime::Builder::new_current_thread()
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
         .enable_all()
         .build()
         .expect("runtime");
     let node = rt.block_on(support::RedisNode::start());
-    let one = Keys::new("bench:one");
-    let (floor, locks) = rt.block_on(async {
-        let conn = node.conn().await;
-        let floor = Floor {
-            conn: conn.clone(),
-            acquire: scripts::ACQUIRE.clone(),
-            release: scripts::RELEASE.clone(),
-        };
-        // Same connection for both sides; it bounds replies itself (500 ms by default).
-        let locks = LockManager::builder()
-            .connection_enforces_timeout()
-            .build(conn)
-            .expect("manager");
-        // Warm up: load scripts, open sockets.
-        for _ in 0..200 {
-            floor.cycle(&one).await;
-            floor.plain_cycle(&one).await;
-            distlock_cycle(&locks, &one).await;
+    let variants = rt.block_on(async {
+        let card = Arc::new(redis::Script::new(CARD_RELEASE));
+        let ours = Arc::new(redis::Script::new(distlock::protocol::RELEASE));
+        vec![
+            Variant::Card {
+                conn: connection(&node).await,
+                release: card,
+            },
+            Variant::ByHand {
+                conn: connection(&node).await,
+                release: ours,
+            },
+            Variant::Distlock(LockManager::connect(&node.url()).await.expect("connect")),
+            Variant::Fenced(LockManager::connect(&node.url()).await.expect("connect")),
+        ]
+    });
+    // Warm up (scripts loaded, sockets open) and, under `cargo test`, the smoke test.
+    rt.block_on(async {
+        for v in &variants {
+            run(v, 4, 20, "bench:warm").await;
         }
-        (floor, locks)
     });
-
-    let mut c = Criterion::default()
-        .measurement_time(Duration::from_secs(5))
-        .configure_from_args();
-    let mut group = c.benchmark_group("acquire_release_cycle");
-    group.bench_function("floor_raw_redis_rs", |b| {
-        b.to_async(&rt).iter(|| floor.cycle(&one))
-    });
-    group.bench_function("distlock", |b| {
-        b.to_async(&rt).iter(|| distlock_cycle(&locks, &one))
-    });
-    group.bench_function("raw_set_nx_without_fencing", |b| {
-        b.to_async(&rt).iter(|| floor.plain_cycle(&one))
-    });
-    group.finish();
-    c.final_summary();
-
     if !bench_mode {
+        println!("cycle: smoke run of {} variants passed", variants.len());
         return;
     }
-    // Paired, alternating rounds: each round times a batch of floor cycles, then a batch of
-    // distlock cycles, so drift in machine load hits both sides of one ratio alike; the
-    // reported ratio is the median of the per-round ratios.
-    const ROUNDS: usize = 101;
-    const CYCLES: u32 = 500;
-    let per_cycle = |t: Instant| t.elapsed().as_secs_f64() / f64::from(CYCLES);
-    let (mut raw, mut ours, mut plain) = (Vec::new(), Vec::new(), Vec::new());
-    let (mut ratio, mut plain_ratio) = (Vec::new(), Vec::new());
-    let (mut raw64, mut ours64, mut ratio64) = (Vec::new(), Vec::new(), Vec::new());
-    rt.block_on(async {
-        for round in 0..ROUNDS {
-            let t = Instant::now();
-            for _ in 0..CYCLES {
-                floor.cycle(&one).await;
-            }
-            let r = per_cycle(t);
-            let t = Instant::now();
-            for _ in 0..CYCLES {
-                distlock_cycle(&locks, &one).await;
-            }
-            let o = per_cycle(t);
-            let t = Instant::now();
-            for _ in 0..CYCLES {
-                floor.plain_cycle(&one).await;
-            }
-            let p = per_cycle(t);
-            raw.push(r);
-            ours.push(o);
-            plain.push(p);
-            ratio.push(o / r);
-            plain_ratio.push(p / r);
 
-            // 64 tasks on distinct keys, same connection, a third of the rounds.
-            if round % 3 == 0 {
-                let f = floor.clone();
-                let r = concurrent(20, "bench:floor64", move |k| {
-                    let f = f.clone();
-                    async move { f.cycle(&k).await }
-                })
-                .await;
-                let l = locks.clone();
-                let o = concurrent(20, "bench:ours64", move |k| {
-                    let l = l.clone();
-                    async move { distlock_cycle(&l, &k).await }
-                })
-                .await;
-                raw64.push(r);
-                ours64.push(o);
-                ratio64.push(r / o);
+    let (rounds, cycles_one, cycles_many): (usize, u32, u32) = (31, 400, 10);
+    let mut one: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
+    let mut many: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
+    rt.block_on(async {
+        for round in 0..rounds {
+            // Rotate who goes first, so no variant always runs on a warmer server.
+            for i in 0..variants.len() {
+                let k = (i + round) % variants.len();
+                one[k].push(run(&variants[k], 1, cycles_one, "bench:one").await);
+                many[k].push(run(&variants[k], TASKS, cycles_many, "bench:many").await);
             }
         }
     });
+    // Server time per cycle, each variant alone, 64 tasks.
+    let usec: Vec<f64> = rt.block_on(async {
+        let mut admin = node.conn().await;
+        let mut out = Vec::new();
+        for v in &variants {
+            let _: () = redis::cmd("CONFIG")
+                .arg("RESETSTAT")
+                .query_async(&mut admin)
+                .await
+                .expect("CONFIG RESETSTAT");
+            run(v, TASKS, 50, "bench:usec").await;
+            out.push(server_usec(&mut admin).await / f64::from(TASKS as u32 * 50));
+        }
+        out
+    });
+
+    // Ratios per round against the card floor (variant 0), then the median.
+    let ratio = |samples: &Vec<Vec<f64>>, k: usize| {
+        median(
+            samples[0]
+                .iter()
+                .zip(&samples[k])
+                .map(|(floor, v)| floor / v)
+                .collect(),
+        )
+    };
     println!();
     println!(
-        "uncontended cycles: {ROUNDS} paired rounds x {CYCLES} cycles (64 tasks: {} rounds x 64 x 20 cycles), backend {:?}",
-        ratio64.len(),
+        "acquire + release cycles, {rounds} alternating rounds (1 task: {cycles_one} cycles; {TASKS} tasks: {cycles_many} cycles each), backend {:?}",
         support::backend()
     );
-    println!("| variant | median µs/cycle | median ratio to the floor |");
-    println!("|---|---|---|");
     println!(
-        "| floor, 1 task: EVALSHA acquire + EVALSHA release, raw redis-rs | {:.1} | 1.000 |",
-        median(raw) * 1e6
+        "| variant | 1 task: cycles/s | ratio | {TASKS} tasks: cycles/s | ratio | server µs/cycle |"
     );
+    println!("|---|---|---|---|---|---|");
+    for (k, v) in variants.iter().enumerate() {
+        println!(
+            "| {} | {:.0} | {:.2} | {:.0} | {:.2} | {:.1} |",
+            v.label(),
+            1.0 / median(one[k].clone()),
+            ratio(&one, k),
+            1.0 / median(many[k].clone()),
+            ratio(&many, k),
+            usec[k]
+        );
+    }
+    let own = |samples: &Vec<Vec<f64>>| {
+        median(
+            samples[1]
+                .iter()
+                .zip(&samples[2])
+                .map(|(by_hand, ours)| ours / by_hand)
+                .collect(),
+        )
+    };
     println!(
-        "| distlock, 1 task: try_lock + release | {:.1} | {:.3} (time) |",
-        median(ours) * 1e6,
-        median(ratio)
-    );
-    println!(
-        "| raw SET NX PX + EVALSHA release (no fencing token), 1 task | {:.1} | {:.3} (time) |",
-        median(plain) * 1e6,
-        median(plain_ratio)
-    );
-    println!(
-        "| floor, 64 tasks on distinct keys | {:.1} ({:.0} cycles/s) | 1.000 |",
-        median(raw64.clone()) * 1e6,
-        1.0 / median(raw64)
-    );
-    println!(
-        "| distlock, 64 tasks on distinct keys | {:.1} ({:.0} cycles/s) | {:.3} (throughput) |",
-        median(ours64.clone()) * 1e6,
-        1.0 / median(ours64),
-        median(ratio64)
+        "client overhead (distlock time / its protocol by hand): 1 task {:.3}x, {TASKS} tasks {:.3}x",
+        own(&one),
+        own(&many)
     );
 }

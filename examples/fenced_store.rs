@@ -54,7 +54,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         conn: client.get_multiplexed_async_connection().await?,
         write: Script::new(FENCED_WRITE),
     };
-    let locks = LockManager::connect(&url).await?;
+    // Fencing tokens are off by default (they cost a Lua acquire): this manager's locks
+    // carry them.
+    let locks = LockManager::builder()
+        .with_default_options(LockOptions::new().with_fencing(true))
+        .connect(&url)
+        .await?;
     let id = uuid::Uuid::new_v4().simple().to_string();
     let (lock, record) = (
         format!("example:fenced:{id}"),
@@ -65,12 +70,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let a = locks
         .lock_with(
             &lock,
-            LockOptions::new().with_ttl(Duration::from_millis(300)),
+            LockOptions::new()
+                .with_fencing(true)
+                .with_ttl(Duration::from_millis(300)),
         )
         .await?;
     let a_token = a
         .fencing_token()
-        .ok_or("single-primary leases carry a token")?;
+        .ok_or("fenced single-primary leases carry a token")?;
     println!("A holds the lock with fencing token {a_token}, then stalls for 600 ms");
     tokio::time::sleep(Duration::from_millis(600)).await;
 
@@ -78,7 +85,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let b = locks.try_lock(&lock).await?;
     let b_token = b
         .fencing_token()
-        .ok_or("single-primary leases carry a token")?;
+        .ok_or("fenced single-primary leases carry a token")?;
     println!("B took over with fencing token {b_token}");
     if !store.write(&record, b_token, "written by B").await? {
         return Err("B's write was rejected".into());

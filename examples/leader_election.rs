@@ -36,6 +36,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         tasks.push(tokio::spawn(async move {
             let opts = LockOptions::new()
                 .with_ttl(TTL)
+                .with_fencing(true)
                 .with_wait(Duration::from_secs(10))
                 .with_backoff(Backoff::new().with_cap(Duration::from_millis(100)));
             loop {

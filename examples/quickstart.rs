@@ -16,7 +16,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let alice = LockManager::connect(&url).await?;
     let bob = LockManager::connect(&url).await?;
 
-    let opts = LockOptions::new().with_ttl(Duration::from_secs(10));
+    // Fencing tokens (off by default) let the protected resource reject a stale holder.
+    let opts = LockOptions::new()
+        .with_ttl(Duration::from_secs(10))
+        .with_fencing(true);
     let guard = alice.lock_with("quickstart:report", opts).await?;
     let guard_token = guard.fencing_token();
     println!(
@@ -35,7 +38,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // Bob waits (with backoff, up to 5 s) while alice finishes her work.
     let waiter = tokio::spawn(async move {
-        let opts = LockOptions::new().with_wait(Duration::from_secs(5));
+        let opts = LockOptions::new()
+            .with_wait(Duration::from_secs(5))
+            .with_fencing(true);
         bob.lock_with("quickstart:report", opts).await
     });
     tokio::time::sleep(Duration::from_millis(200)).await; // the "work"

@@ -350,7 +350,7 @@ pub(crate) fn release_in_background(
             let mut pause = RELEASE_RETRY_MIN;
             let give_up = Instant::now() + ttl.min(RELEASE_RETRY_FOR);
             loop {
-                match store.release(&key, &token).await {
+                match store.release_in_background(&key, &token).await {
                     Ok(Verdict::Done) => return tracing::debug!("released in the background"),
                     Ok(other) => return tracing::debug!(?other, "nothing to release"),
                     Err(e) if retryable(&e) && Instant::now() < give_up => {

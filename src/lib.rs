@@ -163,8 +163,8 @@ mod lease;
 mod manager;
 mod notify;
 mod options;
+pub mod protocol;
 mod redlock;
-mod scripts;
 mod store;
 mod wait;
 

@@ -339,6 +339,13 @@ impl LockManager {
         let ttl = request.ttl;
         let token = Token::generate();
         let runtime = Handle::try_current().ok();
+        if request.fencing && !self.shared.store.fences() {
+            return Err(Error::invalid(
+                "fencing",
+                "fencing tokens need a single primary: over several primaries no token has \
+                 the guarantee (see the crate docs on Redlock)",
+            ));
+        }
         if request.auto_extend && runtime.is_none() {
             return Err(Error::invalid(
                 "auto_extend",
@@ -354,7 +361,11 @@ impl LockManager {
             armed: true,
         };
         let sent = Instant::now();
-        let outcome = self.shared.store.acquire(key, &token, ttl).await;
+        let outcome = self
+            .shared
+            .store
+            .acquire(key, &token, ttl, request.fencing)
+            .await;
         // From here on the outcome is known (or an error is returned): on error the
         // armed `pending` cleans up, since the SET may have landed before the failure.
         let outcome = outcome?;

@@ -14,7 +14,7 @@ use redis::aio::ConnectionLike;
 use crate::error::{Error, LostReason, Result};
 use crate::key::{LockKey, Token};
 use crate::options::Ttl;
-use crate::scripts;
+use crate::protocol::script;
 
 /// A boxed, `Send` future borrowed for `'a`.
 pub(crate) type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -62,13 +62,19 @@ impl From<NodeAnswer> for Verdict {
 
 /// Acquire, extend and release one lease. Implementations bound every call in time.
 pub(crate) trait LeaseStore: Send + Sync + 'static {
-    /// `SET key token NX PX ttl`, plus a fencing token on success.
+    /// `SET key token NX PX ttl`; with `fenced`, also a fencing token on success (only
+    /// where [`fences`](Self::fences) says the store can give one).
     fn acquire<'a>(
         &'a self,
         key: &'a LockKey,
         token: &'a Token,
         ttl: Ttl,
+        fenced: bool,
     ) -> BoxFuture<'a, Result<Acquire>>;
+
+    /// Whether this store can hand out fencing tokens with the guarantee they promise
+    /// (strictly increasing per lock).
+    fn fences(&self) -> bool;
 
     /// Compare-and-`PEXPIRE`.
     fn extend<'a>(
@@ -80,6 +86,15 @@ pub(crate) trait LeaseStore: Send + Sync + 'static {
 
     /// Compare-and-delete.
     fn release<'a>(&'a self, key: &'a LockKey, token: &'a Token) -> BoxFuture<'a, Result<Verdict>>;
+
+    /// Compare-and-delete in the background, after a failure or for an abandoned acquire:
+    /// sent so that it needs no script cache on the server (see
+    /// [`RedisStore::release_by_body`]).
+    fn release_in_background<'a>(
+        &'a self,
+        key: &'a LockKey,
+        token: &'a Token,
+    ) -> BoxFuture<'a, Result<Verdict>>;
 
     /// Compare-and-`PEXPIRE` for many leases at once, in as few round trips as the store
     /// allows: one verdict (or error) per lease, in order.
@@ -112,10 +127,9 @@ pub(crate) struct RedisStore<C> {
     command_timeout: Option<Duration>,
     /// Publish each release on the lock's channel for waiters.
     announce_releases: bool,
-    /// Whether acquire also hands out a fencing token. A node of a Redlock set has no use
-    /// for one (a per-node counter is no token for the lock as a whole), so it skips the
-    /// counter write.
-    fenced: bool,
+    /// Whether acquire may hand out fencing tokens. A node of a Redlock set may not: a
+    /// per-node counter is no token for the lock as a whole.
+    fences: bool,
 }
 
 impl<C> RedisStore<C>
@@ -127,7 +141,7 @@ where
             conn,
             command_timeout,
             announce_releases,
-            fenced: true,
+            fences: true,
         }
     }
 
@@ -138,7 +152,7 @@ where
             conn,
             command_timeout,
             announce_releases: false,
-            fenced: false,
+            fences: false,
         }
     }
 
@@ -196,42 +210,65 @@ impl<C> RedisStore<C>
 where
     C: ConnectionLike + Clone + Send + Sync + 'static,
 {
-    /// `SET key token NX PX ttl` on this server, with a fencing token if the store hands
-    /// them out.
+    /// Takes the lease on this server if the key is free: the card's `SET key token NX PX
+    /// ttl` (with `GET`, so one reply tells "ours", "another holder's" and "not a lease");
+    /// with `fenced`, the fenced acquire script instead, which also hands out a token.
     pub(crate) async fn acquire_here(
         &self,
         key: &LockKey,
         token: &Token,
         ttl: Ttl,
+        fenced: bool,
     ) -> Result<Acquire> {
-        {
-            let mut conn = self.conn.clone();
-            let call = if self.fenced {
-                let mut call = scripts::ACQUIRE.key(key.lease());
-                call.key(key.fence())
-                    .arg(token.as_bytes())
-                    .arg(ttl.as_millis())
-                    .arg(fence_ttl_ms(ttl));
-                call
-            } else {
-                let mut call = scripts::ACQUIRE_UNFENCED.key(key.lease());
-                call.arg(token.as_bytes()).arg(ttl.as_millis());
-                call
-            };
-            let (taken, value): (i64, i64) = self.invoke(&call, &mut conn).await?;
-            match taken {
-                1 if !self.fenced => Ok(Acquire::Taken { fence: None }),
-                1 => u64::try_from(value)
-                    .map(|fence| Acquire::Taken { fence: Some(fence) })
-                    .map_err(|_| {
-                        Error::unexpected_reply(format!("negative fencing token {value}"))
-                    }),
-                // PTTL is -1 for a key without expiry (set by something else than distlock).
-                0 => Ok(Acquire::Held {
-                    pttl: u64::try_from(value).ok().map(Duration::from_millis),
-                }),
-                other => Err(Error::unexpected_reply(format!("acquire returned {other}"))),
-            }
+        let mut conn = self.conn.clone();
+        if fenced && self.fences {
+            return self.acquire_fenced(key, token, ttl, &mut conn).await;
+        }
+        let mut set = redis::cmd("SET");
+        set.arg(key.lease())
+            .arg(token.as_bytes())
+            .arg("NX")
+            .arg("PX")
+            .arg(ttl.as_millis())
+            .arg("GET");
+        // A key of another type answers `WRONGTYPE`: an error, not contention.
+        let held: Option<redis::Value> = self.bounded(set.query_async(&mut conn)).await?;
+        if held.is_none() {
+            return Ok(Acquire::Taken { fence: None });
+        }
+        // Held by another owner: how long it has left bounds the caller's wait. Only
+        // contended attempts pay for this second command.
+        let pttl: i64 = self
+            .bounded(redis::cmd("PTTL").arg(key.lease()).query_async(&mut conn))
+            .await?;
+        // -1: a key without expiry (set by something else than distlock); -2: gone since.
+        Ok(Acquire::Held {
+            pttl: u64::try_from(pttl).ok().map(Duration::from_millis),
+        })
+    }
+
+    async fn acquire_fenced(
+        &self,
+        key: &LockKey,
+        token: &Token,
+        ttl: Ttl,
+        conn: &mut C,
+    ) -> Result<Acquire> {
+        let mut call = script::ACQUIRE_FENCED.key(key.lease());
+        call.key(key.fence())
+            .arg(token.as_bytes())
+            .arg(ttl.as_millis())
+            .arg(fence_ttl_ms(ttl));
+        let (taken, value): (i64, i64) = self.invoke(&call, conn).await?;
+        match taken {
+            1 => u64::try_from(value)
+                .map(|fence| Acquire::Taken { fence: Some(fence) })
+                .map_err(|_| Error::unexpected_reply(format!("negative fencing token {value}"))),
+            // PTTL is -1 for a key without expiry (set by something else than distlock).
+            0 => Ok(Acquire::Held {
+                pttl: u64::try_from(value).ok().map(Duration::from_millis),
+            }),
+            other => Err(Error::unexpected_reply(format!("acquire returned {other}"))),
         }
     }
 
@@ -244,7 +281,7 @@ where
     ) -> Result<NodeAnswer> {
         {
             let mut conn = self.conn.clone();
-            let mut call = scripts::EXTEND.key(key.lease());
+            let mut call = script::EXTEND.key(key.lease());
             call.arg(token.as_bytes()).arg(ttl.as_millis());
             let code: i64 = self.invoke(&call, &mut conn).await?;
             answer(code)
@@ -253,16 +290,32 @@ where
 
     /// Compare-and-delete on this server, announced to waiters if the store does.
     pub(crate) async fn release_here(&self, key: &LockKey, token: &Token) -> Result<NodeAnswer> {
-        {
-            let mut conn = self.conn.clone();
-            let mut call = scripts::RELEASE.key(key.lease());
-            call.arg(token.as_bytes());
-            if self.announce_releases {
-                call.arg(key.released_channel());
-            }
-            let code: i64 = self.invoke(&call, &mut conn).await?;
-            answer(code)
+        let mut conn = self.conn.clone();
+        let mut call = script::RELEASE.key(key.lease());
+        call.arg(token.as_bytes());
+        if self.announce_releases {
+            call.arg(key.released_channel());
         }
+        let code: i64 = self.invoke(&call, &mut conn).await?;
+        answer(code)
+    }
+
+    /// [`release_here`](Self::release_here) with the script's body (`EVAL`), for a release
+    /// tried in the background after a failure: a server that lost its script cache runs
+    /// it in one round trip, where `EVALSHA` would need a `NOSCRIPT` answer first, an
+    /// answer a slow link may never deliver within the command timeout.
+    pub(crate) async fn release_by_body(&self, key: &LockKey, token: &Token) -> Result<NodeAnswer> {
+        let mut conn = self.conn.clone();
+        let mut eval = redis::cmd("EVAL");
+        eval.arg(crate::protocol::RELEASE)
+            .arg(1)
+            .arg(key.lease())
+            .arg(token.as_bytes());
+        if self.announce_releases {
+            eval.arg(key.released_channel());
+        }
+        let code: i64 = self.bounded(eval.query_async(&mut conn)).await?;
+        answer(code)
     }
 
     /// Compare-and-`PEXPIRE` of many leases on this server, one script call per
@@ -272,7 +325,7 @@ where
             let mut out = Vec::with_capacity(batch.len());
             for chunk in batch.chunks(RENEWALS_PER_CALL) {
                 let mut conn = self.conn.clone();
-                let mut call = scripts::EXTEND_MANY.prepare_invoke();
+                let mut call = script::EXTEND_MANY.prepare_invoke();
                 for extension in chunk {
                     call.key(extension.key.lease())
                         .arg(extension.token.as_bytes())
@@ -310,8 +363,13 @@ where
         key: &'a LockKey,
         token: &'a Token,
         ttl: Ttl,
+        fenced: bool,
     ) -> BoxFuture<'a, Result<Acquire>> {
-        Box::pin(self.acquire_here(key, token, ttl))
+        Box::pin(self.acquire_here(key, token, ttl, fenced))
+    }
+
+    fn fences(&self) -> bool {
+        self.fences
     }
 
     fn extend<'a>(
@@ -325,6 +383,14 @@ where
 
     fn release<'a>(&'a self, key: &'a LockKey, token: &'a Token) -> BoxFuture<'a, Result<Verdict>> {
         Box::pin(async move { self.release_here(key, token).await.map(Verdict::from) })
+    }
+
+    fn release_in_background<'a>(
+        &'a self,
+        key: &'a LockKey,
+        token: &'a Token,
+    ) -> BoxFuture<'a, Result<Verdict>> {
+        Box::pin(async move { self.release_by_body(key, token).await.map(Verdict::from) })
     }
 
     fn extend_many<'a>(&'a self, batch: &'a [Extension]) -> BoxFuture<'a, Vec<Result<Verdict>>> {

@@ -123,6 +123,7 @@ async fn contend() {
     let prefix = Arc::new(child::param("PREFIX"));
     let locks = LockManager::connect(&url).await.expect("connect");
     let opts = LockOptions::new()
+        .with_fencing(true)
         .with_ttl(Duration::from_secs(30))
         .with_wait(Duration::from_secs(120))
         .with_backoff(
@@ -215,6 +216,7 @@ async fn a_crashed_holders_lease_passes_on_after_its_ttl_and_not_before() {
         other => panic!("the dead holder's lease is still there, got {other:?}"),
     }
     let opts = LockOptions::new()
+        .with_fencing(true)
         .with_ttl(Duration::from_secs(5))
         .with_wait(Duration::from_secs(10))
         .with_backoff(
@@ -261,7 +263,7 @@ async fn hold_until_killed() {
     let locks = LockManager::connect(&child::param("URL"))
         .await
         .expect("connect");
-    let opts = LockOptions::new().with_ttl(CRASH_TTL);
+    let opts = LockOptions::new().with_fencing(true).with_ttl(CRASH_TTL);
     let sent = monotonic_ns();
     let guard = locks
         .lock_with(child::param("NAME"), opts)

@@ -74,6 +74,7 @@ async fn soak() {
         let mut rng = SmallRng::seed_from_u64(seed ^ (w as u64 + 1));
         workers.push(tokio::spawn(async move {
             let opts = LockOptions::new()
+                .with_fencing(true)
                 .with_ttl(TTL)
                 .with_wait(Duration::from_millis(500))
                 .with_backoff(

@@ -20,7 +20,10 @@ async fn locks_work_over_tls_with_a_trusted_certificate() {
         .expect("a TLS connection trusting the test CA");
     let locks = LockManager::new(conn).unwrap();
     let name = unique_key("tls");
-    let guard = locks.try_lock(&name).await.unwrap();
+    let guard = locks
+        .try_lock_with(&name, distlock::LockOptions::new().with_fencing(true))
+        .await
+        .unwrap();
     assert!(guard.fencing_token().is_some());
     assert!(locks.try_lock(&name).await.unwrap_err().is_held_by_other());
     guard.extend(Duration::from_secs(10)).await.unwrap();

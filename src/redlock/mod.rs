@@ -139,7 +139,7 @@ where
             .map(|node| async move {
                 (
                     node,
-                    bounded(limit, node.store.acquire_here(key, token, ttl)).await,
+                    bounded(limit, node.store.acquire_here(key, token, ttl, false)).await,
                 )
             })
             .collect();
@@ -161,6 +161,42 @@ where
                     error = %e,
                     "could not set the lease again on a node that had lost it"
                 ),
+            }
+        }
+    }
+
+    /// Compare-and-delete on every node; `by_body` sends the script's body (a background
+    /// release, see [`RedisStore::release_by_body`]).
+    async fn release_all(&self, key: &LockKey, token: &Token, by_body: bool) -> Result<Verdict> {
+        let started = Instant::now();
+        let answers = if by_body {
+            self.ask(|node| node.release_by_body(key, token)).await
+        } else {
+            self.ask(|node| node.release_here(key, token)).await
+        };
+        let elapsed = started.elapsed();
+        match decide_verdict(&answers, self.quorum, true) {
+            Verdict::Lost(LostReason::NoQuorum) => {
+                let error = QuorumError {
+                    operation: QuorumOperation::Release,
+                    key: key.display(),
+                    needed: self.quorum,
+                    nodes: self.reports(answers, |v| match v {
+                        NodeAnswer::Done => NodeOutcome::Confirmed,
+                        NodeAnswer::Expired => NodeOutcome::Expired,
+                        NodeAnswer::Taken => NodeOutcome::HeldByOther { retry_after: None },
+                    }),
+                    elapsed,
+                    validity_ran_out: false,
+                };
+                tracing::warn!(error = %error, "release without quorum");
+                Err(Error::Quorum(Box::new(error)))
+            }
+            verdict => {
+                if answers.iter().any(|a| a.is_err()) {
+                    self.log_unconfirmed("release", key, &answers);
+                }
+                Ok(verdict)
             }
         }
     }
@@ -205,18 +241,26 @@ impl<C> LeaseStore for RedlockStore<C>
 where
     C: ConnectionLike + Clone + Send + Sync + 'static,
 {
+    fn fences(&self) -> bool {
+        // A per-node counter is no token for the lock as a whole.
+        false
+    }
+
     fn acquire<'a>(
         &'a self,
         key: &'a LockKey,
         token: &'a Token,
         ttl: Ttl,
+        _fenced: bool,
     ) -> BoxFuture<'a, Result<Acquire>> {
         Box::pin(async move {
             // Validity counts from here, before the first node is asked: the manager's
             // `valid_until` is measured from a moment earlier still, so it never claims
             // more than this check allowed.
             let started = Instant::now();
-            let answers = self.ask(|node| node.acquire_here(key, token, ttl)).await;
+            let answers = self
+                .ask(|node| node.acquire_here(key, token, ttl, false))
+                .await;
             let elapsed = started.elapsed();
             let in_time = Instant::now() < ttl.valid_until(started);
             let decision = decide_acquire(&answers, self.quorum, in_time);
@@ -292,35 +336,15 @@ where
     }
 
     fn release<'a>(&'a self, key: &'a LockKey, token: &'a Token) -> BoxFuture<'a, Result<Verdict>> {
-        Box::pin(async move {
-            let started = Instant::now();
-            let answers = self.ask(|node| node.release_here(key, token)).await;
-            let elapsed = started.elapsed();
-            match decide_verdict(&answers, self.quorum, true) {
-                Verdict::Lost(LostReason::NoQuorum) => {
-                    let error = QuorumError {
-                        operation: QuorumOperation::Release,
-                        key: key.display(),
-                        needed: self.quorum,
-                        nodes: self.reports(answers, |v| match v {
-                            NodeAnswer::Done => NodeOutcome::Confirmed,
-                            NodeAnswer::Expired => NodeOutcome::Expired,
-                            NodeAnswer::Taken => NodeOutcome::HeldByOther { retry_after: None },
-                        }),
-                        elapsed,
-                        validity_ran_out: false,
-                    };
-                    tracing::warn!(error = %error, "release without quorum");
-                    Err(Error::Quorum(Box::new(error)))
-                }
-                verdict => {
-                    if answers.iter().any(|a| a.is_err()) {
-                        self.log_unconfirmed("release", key, &answers);
-                    }
-                    Ok(verdict)
-                }
-            }
-        })
+        Box::pin(self.release_all(key, token, false))
+    }
+
+    fn release_in_background<'a>(
+        &'a self,
+        key: &'a LockKey,
+        token: &'a Token,
+    ) -> BoxFuture<'a, Result<Verdict>> {
+        Box::pin(self.release_all(key, token, true))
     }
 
     fn extend_many<'a>(&'a self, batch: &'a [Extension]) -> BoxFuture<'a, Vec<Result<Verdict>>> {

@@ -179,7 +179,9 @@ async fn with_lock_returns_the_output_keeps_the_lease_alive_and_releases() {
     let key = lease_key(&name);
 
     // The work outlives the 1 s TTL two and a half times: auto-extension is on.
-    let opts = LockOptions::new().with_ttl(Duration::from_millis(1000));
+    let opts = LockOptions::new()
+        .with_ttl(Duration::from_millis(1000))
+        .with_fencing(true);
     let output = locks
         .with_lock_with(&name, opts, |lease| async move {
             tokio::time::sleep(Duration::from_millis(2500)).await;

@@ -147,8 +147,25 @@ async fn key_holding_another_type_is_a_redis_error() {
         .query_async(&mut raw)
         .await
         .unwrap();
-    match locks.try_lock(&name).await {
+    // The fence counter is only read by a fenced acquire.
+    let fenced = distlock::LockOptions::new().with_fencing(true);
+    match locks.try_lock_with(&name, fenced).await {
         Err(Error::Redis(e)) => assert!(e.to_string().contains("WRONGTYPE"), "{e}"),
         other => panic!("expected a Redis error, got {other:?}"),
+    }
+    // A hash at the lease key itself: a Redis error with or without fencing.
+    let other = unique_key("wrongtype-lease");
+    let _: () = redis::cmd("HSET")
+        .arg(format!("{}{{{other}}}", distlock::DEFAULT_PREFIX))
+        .arg("f")
+        .arg("v")
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    for options in [distlock::LockOptions::new(), fenced] {
+        match locks.try_lock_with(&other, options).await {
+            Err(Error::Redis(e)) => assert!(e.to_string().contains("WRONGTYPE"), "{e}"),
+            other => panic!("expected a Redis error, got {other:?}"),
+        }
     }
 }

@@ -19,11 +19,12 @@ async fn tokens_strictly_increase_across_ten_thousand_acquisitions_by_many_tasks
     const TASKS: usize = 16;
     const EACH: usize = 625;
     let node = RedisNode::start().await;
-    let locks = LockManager::connect(&node.url()).await.unwrap();
+    let locks = support::fenced_manager(&node.url()).await;
     let name = unique_key("fence-many");
     // Tokens in the order the leases were held: pushed while holding the lock.
     let order = Arc::new(Mutex::new(Vec::with_capacity(TASKS * EACH)));
     let opts = LockOptions::new()
+        .with_fencing(true)
         .with_ttl(Duration::from_secs(10))
         .with_wait(Duration::from_secs(120))
         .with_backoff(
@@ -62,7 +63,7 @@ async fn tokens_strictly_increase_across_ten_thousand_acquisitions_by_many_tasks
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokens_keep_increasing_after_flushall_and_after_a_restart_without_data() {
     let node = RedisNode::start().await;
-    let locks = LockManager::connect(&node.url()).await.unwrap();
+    let locks = support::fenced_manager(&node.url()).await;
     let mut raw = node.conn().await;
     let name = unique_key("fence-flush");
 
@@ -88,7 +89,7 @@ async fn tokens_keep_increasing_after_flushall_and_after_a_restart_without_data(
 
     node.stop().await;
     node.start_again().await;
-    let locks = LockManager::connect(&node.url()).await.unwrap();
+    let locks = support::fenced_manager(&node.url()).await;
     let after_restart = take(&locks).await;
     assert!(
         after_restart > after_flush,
@@ -99,7 +100,7 @@ async fn tokens_keep_increasing_after_flushall_and_after_a_restart_without_data(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_fencing_counter_expires_instead_of_living_forever() {
     let node = RedisNode::start().await;
-    let locks = LockManager::connect(&node.url()).await.unwrap();
+    let locks = support::fenced_manager(&node.url()).await;
     let mut raw = node.conn().await;
     let name = unique_key("fence-ttl");
     locks
@@ -135,7 +136,7 @@ impl FencedRecord {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_holder_that_stalls_past_its_lease_has_its_late_write_rejected() {
     let node = RedisNode::start().await;
-    let locks = LockManager::connect(&node.url()).await.unwrap();
+    let locks = support::fenced_manager(&node.url()).await;
     let name = unique_key("gc-pause");
     let record = Arc::new(Mutex::new(FencedRecord::default()));
 
@@ -143,7 +144,9 @@ async fn a_holder_that_stalls_past_its_lease_has_its_late_write_rejected() {
     let a = locks
         .lock_with(
             &name,
-            LockOptions::new().with_ttl(Duration::from_millis(200)),
+            LockOptions::new()
+                .with_fencing(true)
+                .with_ttl(Duration::from_millis(200)),
         )
         .await
         .unwrap();

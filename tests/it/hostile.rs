@@ -424,13 +424,37 @@ async fn a_user_without_permission_gets_a_clear_error() {
         let locks = LockManager::connect(&url)
             .await
             .expect("the user may connect");
-        match locks.try_lock(unique_key("acl")).await {
+        // A fenced acquire is a script on two keys: refused to both users.
+        let fenced = LockOptions::new().with_fencing(true);
+        match locks.try_lock_with(unique_key("acl"), fenced).await {
             Err(Error::Redis(e)) => {
                 assert_eq!(e.code(), Some("NOPERM"), "{user}: {e}");
                 assert!(e.to_string().contains("permission"), "{user}: {e}");
             }
             other => panic!("{user}: expected a NOPERM Redis error, got {other:?}"),
         }
+    }
+    // The plain acquire is a SET: a user without scripts may take the lease, and learns
+    // at release that it may not run the compare-and-delete.
+    let url = format!("redis://noscripts:pw@127.0.0.1:{}", node.port());
+    let locks = LockManager::connect(&url).await.unwrap();
+    let name = unique_key("acl-plain");
+    let guard = locks.try_lock(&name).await.expect("SET is allowed");
+    match guard.release().await {
+        Err(Error::Redis(e)) => assert_eq!(e.code(), Some("NOPERM"), "{e}"),
+        other => panic!("expected a NOPERM release, got {other:?}"),
+    }
+    let _: () = redis::cmd("DEL")
+        .arg(lease_key(&name))
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    // A user with no access to the keys is refused at acquire.
+    let url = format!("redis://otherkeys:pw@127.0.0.1:{}", node.port());
+    let locks = LockManager::connect(&url).await.unwrap();
+    match locks.try_lock(unique_key("acl")).await {
+        Err(Error::Redis(e)) => assert_eq!(e.code(), Some("NOPERM"), "{e}"),
+        other => panic!("expected a NOPERM Redis error, got {other:?}"),
     }
     let wrong = format!("redis://noscripts:not-pw@127.0.0.1:{}", node.port());
     match LockManager::connect(&wrong).await {

@@ -10,7 +10,7 @@ const LAYERS: &[&str] = &[
     "key",
     "backoff",
     "connect",
-    "scripts",
+    "protocol",
     "options",
     "store",
     "lease",

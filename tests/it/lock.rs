@@ -289,7 +289,7 @@ async fn extend_of_a_lease_taken_behind_its_back_fails_with_taken_and_leaves_the
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fencing_tokens_increase_from_one_lease_to_the_next() {
     let node = RedisNode::start().await;
-    let locks = LockManager::connect(&node.url()).await.unwrap();
+    let locks = support::fenced_manager(&node.url()).await;
     let name = unique_key("fence");
     let mut last = 0;
     for _ in 0..50 {

@@ -110,9 +110,13 @@ async fn warm_up(locks: &LockManager, nodes: &[RedisNode]) {
     guard.release().await.unwrap();
 }
 
-/// Successful `EVALSHA` calls `node` has run so far (distlock's acquire and release).
+/// Lease commands `node` has run so far: acquires (`SET … NX`) and scripts (releases, by
+/// SHA or, in the background, by body).
 async fn evalsha_calls(node: &RedisNode) -> u64 {
-    support::evalsha_calls(&mut node.conn().await).await
+    let mut raw = node.conn().await;
+    support::evalsha_calls(&mut raw).await
+        + support::command_calls(&mut raw, "eval").await
+        + support::command_calls(&mut raw, "set").await
 }
 
 /// Waits until `node` has run `calls` `EVALSHA`s in all: requests that reached it late

@@ -55,6 +55,7 @@ async fn holders_never_overlap_across_redis_restarts() {
     let tally = Arc::new(Tally::default());
     let stop = Arc::new(AtomicBool::new(false));
     let opts = LockOptions::new()
+        .with_fencing(true)
         .with_ttl(Duration::from_secs(3))
         .with_wait(Duration::from_secs(1))
         .with_backoff(
@@ -193,7 +194,9 @@ async fn fencing_tokens_keep_increasing_across_a_restart_that_loses_data() {
         .await
         .unwrap();
     let name = unique_key("amnesia");
-    let opts = LockOptions::new().with_ttl(Duration::from_secs(30));
+    let opts = LockOptions::new()
+        .with_fencing(true)
+        .with_ttl(Duration::from_secs(30));
     let before = locks.lock_with(&name, opts).await.unwrap();
 
     // The server forgets every lease and the fencing counter.

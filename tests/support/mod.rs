@@ -592,6 +592,15 @@ pub async fn wait_until_gone(
     }
 }
 
+/// A manager on `url` whose leases carry fencing tokens (off by default).
+pub async fn fenced_manager(url: &str) -> distlock::LockManager {
+    distlock::LockManager::builder()
+        .with_default_options(distlock::LockOptions::new().with_fencing(true))
+        .connect(url)
+        .await
+        .expect("connect a fenced manager")
+}
+
 /// Options for many tasks contending for one lock: a long wait, a quick backoff.
 pub fn contended(wait: Duration) -> distlock::LockOptions {
     distlock::LockOptions::new()

@@ -1,10 +1,41 @@
-//! Every Lua script distlock runs, in one place.
+//! The wire protocol: every command and Lua script distlock sends, so that a program in
+//! another language can take and release the same locks, and so that what distlock costs
+//! a server can be read here.
 //!
-//! Scripts are sent by SHA (`EVALSHA`) through [`redis::Script`], which loads the body only
-//! when the server answers `NOSCRIPT` (after a restart or `SCRIPT FLUSH`).
+//! # Keys
+//!
+//! Lock `<name>` under prefix `<prefix>` (default `distlock:`):
+//!
+//! | what | key or channel |
+//! |---|---|
+//! | the lease: a string holding the holder's token, with a TTL | `<prefix>{<name>}` |
+//! | the fencing counter (fenced locks only) | `<prefix>{<name>}:fence` |
+//! | the release channel | `<prefix>{<name>}:released` |
+//!
+//! The braces make `<name>` the Redis Cluster hash tag: all three share one slot.
+//!
+//! # Commands
+//!
+//! - **Acquire** (the default, no fencing token): `SET <lease> <token> NX PX <ttl-ms> GET`.
+//!   A nil reply means the lease is ours; a string reply is another holder's token (then
+//!   `PTTL <lease>` tells how long it has left); a `WRONGTYPE` error means the key holds
+//!   something that is not a lease. Needs Redis 7.0 (`NX` with `GET`).
+//! - **Acquire with a fencing token**: [`ACQUIRE_FENCED`] (`EVALSHA`), keys lease and fence
+//!   counter, arguments token, TTL in ms, counter TTL in ms.
+//! - **Release**: [`RELEASE`], key lease, arguments token and (optionally) the release
+//!   channel; compare-and-delete, then an announcement on the channel.
+//! - **Extend**: [`EXTEND`], key lease, arguments token and TTL in ms; compare-and-`PEXPIRE`.
+//! - **Extend many** (auto-extension): [`EXTEND_MANY`], keys the leases, arguments token and
+//!   TTL in ms per lease.
+//!
+//! Tokens are 32 lower-case hex digits (a UUID v4 from the operating system's CSPRNG),
+//! fresh for every acquisition. Scripts are sent by SHA (`EVALSHA`) through
+//! [`redis::Script`], which loads the body only when the server answers `NOSCRIPT` (after
+//! a restart or `SCRIPT FLUSH`).
 //!
 //! Result codes shared by the compare-and-act scripts:
-//! `1` done, `0` the key is gone (expired), `-1` the key holds another token.
+//! `1` done, `0` the key is gone (expired), `-1` the key holds another token (or a value
+//! of another type).
 
 use std::sync::LazyLock;
 
@@ -22,9 +53,7 @@ use redis::Script;
 /// the counter key is lost (flush, restart without persistence, failover to a replica that
 /// missed the last write), as long as the server clock does not step backwards. That is
 /// also why the counter may expire instead of living forever.
-pub(crate) static ACQUIRE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r#"
+pub const ACQUIRE_FENCED: &str = r#"
 -- The counter is read and checked before anything is written: a counter another program
 -- wrote (not an integer, negative, or too large for Lua's doubles to count exactly) is an
 -- error, and no lease is left behind by the failed call.
@@ -51,31 +80,7 @@ if kind ~= 'string' then
   return redis.error_reply('WRONGTYPE lock key holds a ' .. kind .. ', not a lease')
 end
 return {0, redis.call('PTTL', KEYS[1])}
-"#,
-    )
-});
-
-/// Take the lease if the key is free, without a fencing token: [`ACQUIRE`] for the nodes of
-/// a lock over several primaries, where a per-node counter would mean nothing.
-///
-/// KEYS[1] lease key. ARGV[1] token, ARGV[2] TTL in ms.
-///
-/// Returns `{1, 0}` when taken, `{0, pttl}` when held by another owner, and a `WRONGTYPE`
-/// error when the key holds something other than a string, as [`ACQUIRE`] does.
-pub(crate) static ACQUIRE_UNFENCED: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r#"
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  return {1, 0}
-end
-local kind = redis.call('TYPE', KEYS[1])['ok']
-if kind ~= 'string' then
-  return redis.error_reply('WRONGTYPE lock key holds a ' .. kind .. ', not a lease')
-end
-return {0, redis.call('PTTL', KEYS[1])}
-"#,
-    )
-});
+"#;
 
 /// Delete the lease only if it still holds our token, and announce it to waiters.
 ///
@@ -85,9 +90,7 @@ return {0, redis.call('PTTL', KEYS[1])}
 /// The announcement is a courtesy: it runs under `pcall`, so a user without permission on
 /// the channel (Redis 7's default `acl-pubsub-default resetchannels`) still gets a release
 /// that reports what it did. A script cannot roll back the `DEL` anyway.
-pub(crate) static RELEASE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r#"
+pub const RELEASE: &str = r#"
 local v = redis.call('GET', KEYS[1])
 if v == ARGV[1] then
   redis.call('DEL', KEYS[1])
@@ -97,16 +100,12 @@ elseif v then
   return -1
 end
 return 0
-"#,
-    )
-});
+"#;
 
 /// Set a new TTL on the lease only if it still holds our token.
 ///
 /// KEYS[1] lease key. ARGV[1] token, ARGV[2] new TTL in ms.
-pub(crate) static EXTEND: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r#"
+pub const EXTEND: &str = r#"
 local v = redis.call('GET', KEYS[1])
 if v == ARGV[1] then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
@@ -115,9 +114,7 @@ elseif v then
   return -1
 end
 return 0
-"#,
-    )
-});
+"#;
 
 /// [`EXTEND`] for many leases in one call: the auto-extension task's batch.
 ///
@@ -125,9 +122,7 @@ return 0
 /// Returns one result code per key, in order. Each key's outcome is its own: a key that
 /// another program replaced by a value of another type (`GET` fails with `WRONGTYPE`) is
 /// not our lease any more and answers `-1`, and the other leases are auto-extended as usual.
-pub(crate) static EXTEND_MANY: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r#"
+pub const EXTEND_MANY: &str = r#"
 local out = {}
 for i, key in ipairs(KEYS) do
   local v = redis.pcall('GET', key)
@@ -143,6 +138,23 @@ for i, key in ipairs(KEYS) do
   end
 end
 return out
-"#,
-    )
-});
+"#;
+
+/// The scripts, hashed once.
+pub(crate) mod script {
+    use super::*;
+
+    /// [`super::ACQUIRE_FENCED`], hashed once.
+    pub(crate) static ACQUIRE_FENCED: LazyLock<Script> =
+        LazyLock::new(|| Script::new(super::ACQUIRE_FENCED));
+
+    /// [`super::RELEASE`], hashed once.
+    pub(crate) static RELEASE: LazyLock<Script> = LazyLock::new(|| Script::new(super::RELEASE));
+
+    /// [`super::EXTEND`], hashed once.
+    pub(crate) static EXTEND: LazyLock<Script> = LazyLock::new(|| Script::new(super::EXTEND));
+
+    /// [`super::EXTEND_MANY`], hashed once.
+    pub(crate) static EXTEND_MANY: LazyLock<Script> =
+        LazyLock::new(|| Script::new(super::EXTEND_MANY));
+}
