@@ -134,8 +134,27 @@ impl Variant {
     }
 }
 
+/// CPU time this process has used so far (all threads, user and system), in seconds: the
+/// client's own cost, apart from the server's.
+fn cpu_seconds() -> f64 {
+    // SAFETY: `getrusage` fills the zeroed struct it is given; RUSAGE_SELF is always valid.
+    let usage = unsafe {
+        let mut usage: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_SELF, &mut usage);
+        usage
+    };
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    secs(usage.ru_utime) + secs(usage.ru_stime)
+}
+
 /// Seconds per cycle: `cycles` cycles on each of `tasks` concurrent tasks, distinct keys.
 async fn run(variant: &Variant, tasks: usize, cycles: u32, prefix: &str) -> f64 {
+    run_measured(variant, tasks, cycles, prefix).await.0
+}
+
+/// Seconds per cycle and client CPU seconds per cycle.
+async fn run_measured(variant: &Variant, tasks: usize, cycles: u32, prefix: &str) -> (f64, f64) {
+    let cpu = cpu_seconds();
     let started = Instant::now();
     let mut set = tokio::task::JoinSet::new();
     for t in 0..tasks {
@@ -150,7 +169,11 @@ async fn run(variant: &Variant, tasks: usize, cycles: u32, prefix: &str) -> f64 
     while let Some(done) = set.join_next().await {
         done.expect("task");
     }
-    started.elapsed().as_secs_f64() / f64::from(cycles * tasks as u32)
+    let n = f64::from(cycles * tasks as u32);
+    (
+        started.elapsed().as_secs_f64() / n,
+        (cpu_seconds() - cpu) / n,
+    )
 }
 
 /// The server's own time in lease commands since the last reset, in µs.
@@ -221,8 +244,29 @@ fn main() {
         println!("cycle: smoke run of {} variants passed", variants.len());
         return;
     }
+    // For profiling one variant alone: DISTLOCK_CYCLE_ONLY=<index> runs it at 64 tasks for
+    // about ten seconds and prints its throughput.
+    if let Some(k) = std::env::var("DISTLOCK_CYCLE_ONLY")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|k| *k < variants.len())
+    {
+        let per_cycle = rt.block_on(async {
+            let mut samples = Vec::new();
+            let rounds: usize = std::env::var("DISTLOCK_CYCLE_ROUNDS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(100);
+            for _ in 0..rounds {
+                samples.push(run(&variants[k], TASKS, 20, "bench:only").await);
+            }
+            median(samples)
+        });
+        println!("{}: {:.0} cycles/s", variants[k].label(), 1.0 / per_cycle);
+        return;
+    }
 
-    let (rounds, cycles_one, cycles_many): (usize, u32, u32) = (31, 400, 10);
+    let (rounds, cycles_one, cycles_many): (usize, u32, u32) = (31, 400, 40);
     let mut one: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
     let mut many: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
     rt.block_on(async {
@@ -235,20 +279,22 @@ fn main() {
             }
         }
     });
-    // Server time per cycle, each variant alone, 64 tasks.
-    let usec: Vec<f64> = rt.block_on(async {
+    // Server time and client CPU per cycle, each variant alone, 64 tasks. The client's
+    // CPU includes the redis-rs connection task: what the application process pays.
+    let (usec, client_usec): (Vec<f64>, Vec<f64>) = rt.block_on(async {
         let mut admin = node.conn().await;
-        let mut out = Vec::new();
+        let (mut server, mut client) = (Vec::new(), Vec::new());
         for v in &variants {
             let _: () = redis::cmd("CONFIG")
                 .arg("RESETSTAT")
                 .query_async(&mut admin)
                 .await
                 .expect("CONFIG RESETSTAT");
-            run(v, TASKS, 50, "bench:usec").await;
-            out.push(server_usec(&mut admin).await / f64::from(TASKS as u32 * 50));
+            let (_, cpu) = run_measured(v, TASKS, 100, "bench:usec").await;
+            server.push(server_usec(&mut admin).await / f64::from(TASKS as u32 * 100));
+            client.push(cpu * 1e6);
         }
-        out
+        (server, client)
     });
 
     // Ratios per round against the card floor (variant 0), then the median.
@@ -267,18 +313,19 @@ fn main() {
         support::backend()
     );
     println!(
-        "| variant | 1 task: cycles/s | ratio | {TASKS} tasks: cycles/s | ratio | server µs/cycle |"
+        "| variant | 1 task: cycles/s | ratio | {TASKS} tasks: cycles/s | ratio | server µs/cycle | client CPU µs/cycle |"
     );
-    println!("|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|");
     for (k, v) in variants.iter().enumerate() {
         println!(
-            "| {} | {:.0} | {:.2} | {:.0} | {:.2} | {:.1} |",
+            "| {} | {:.0} | {:.2} | {:.0} | {:.2} | {:.1} | {:.1} |",
             v.label(),
             1.0 / median(one[k].clone()),
             ratio(&one, k),
             1.0 / median(many[k].clone()),
             ratio(&many, k),
-            usec[k]
+            usec[k],
+            client_usec[k]
         );
     }
     let own = |samples: &Vec<Vec<f64>>| {

@@ -30,9 +30,10 @@ pub(crate) fn open_client(url: &str) -> Result<redis::Client> {
     redis::Client::open(url).map_err(|e| Error::invalid("url", e.to_string()))
 }
 
-/// The oldest Redis accepted by [`LockManagerBuilder::connect`](crate::LockManagerBuilder::connect): the acquire script writes
-/// after reading `TIME`, which needs script effects replication, the default from 5.0 on.
-pub const MIN_REDIS_VERSION: (u32, u32) = (5, 0);
+/// The oldest Redis accepted by [`LockManagerBuilder::connect`](crate::LockManagerBuilder::connect):
+/// the acquire is `SET key token NX PX ttl GET`, and `NX` with `GET` came in 7.0 (Valkey
+/// reports a compatible version too).
+pub const MIN_REDIS_VERSION: (u32, u32) = (7, 0);
 
 /// What `INFO` tells about a server that matters to leases: its version (rejected below
 /// [`MIN_REDIS_VERSION`]) and its eviction policy (warned about once when it may evict

@@ -19,12 +19,10 @@ pub const MAX_PREFIX_LEN: usize = 256;
 /// touches for one lock lives in one slot. A name that itself contains braces still maps
 /// all its keys to one slot: they share everything up to the suffix.
 #[derive(Clone)]
-pub(crate) struct LockKey(Arc<KeyParts>);
-
-/// All names of one lock in one allocation: `<lease>:fence<lease>:released`, where
-/// `<lease>` is `<prefix>{<name>}`.
-struct KeyParts {
-    buf: Box<[u8]>,
+pub(crate) struct LockKey {
+    /// `<lease>:fence<lease>:released`, where `<lease>` is `<prefix>{<name>}`: all names of
+    /// one lock in one allocation.
+    buf: Arc<[u8]>,
     prefix_len: usize,
     lease_len: usize,
 }
@@ -55,41 +53,60 @@ impl LockKey {
             ));
         }
         let lease_len = prefix.len() + name.len() + 2;
-        let mut buf =
-            Vec::with_capacity(2 * lease_len + FENCE_SUFFIX.len() + RELEASED_SUFFIX.len());
-        for suffix in [FENCE_SUFFIX, RELEASED_SUFFIX] {
-            buf.extend_from_slice(prefix);
-            buf.push(b'{');
-            buf.extend_from_slice(name);
-            buf.push(b'}');
-            buf.extend_from_slice(suffix);
+        // Written on the stack, then copied into the `Arc` at its final size: one
+        // allocation per lock name. The builder checks the prefix's length; a longer one is
+        // refused here too rather than overflowing the buffer.
+        const MAX: usize = 2 * (MAX_PREFIX_LEN + MAX_KEY_LEN + 2) + 16;
+        let len = 2 * lease_len + FENCE_SUFFIX.len() + RELEASED_SUFFIX.len();
+        if len > MAX {
+            return Err(Error::invalid(
+                "prefix",
+                format!("a key prefix is at most {MAX_PREFIX_LEN} bytes"),
+            ));
         }
-        Ok(LockKey(Arc::new(KeyParts {
-            buf: buf.into(),
+        let mut stack = [0u8; MAX];
+        let mut at = 0;
+        for part in [
+            prefix,
+            b"{",
+            name,
+            b"}",
+            FENCE_SUFFIX,
+            prefix,
+            b"{",
+            name,
+            b"}",
+            RELEASED_SUFFIX,
+        ] {
+            stack[at..at + part.len()].copy_from_slice(part);
+            at += part.len();
+        }
+        let buf: Arc<[u8]> = Arc::from(&stack[..at]);
+        Ok(LockKey {
+            buf,
             prefix_len: prefix.len(),
             lease_len,
-        })))
+        })
     }
 
     /// The name the caller gave.
     pub(crate) fn name(&self) -> &[u8] {
-        let parts = &self.0;
-        &parts.buf[parts.prefix_len + 1..parts.lease_len - 1]
+        &self.buf[self.prefix_len + 1..self.lease_len - 1]
     }
 
     /// The Redis key holding the lease.
     pub(crate) fn lease(&self) -> &[u8] {
-        &self.0.buf[..self.0.lease_len]
+        &self.buf[..self.lease_len]
     }
 
     /// The Redis key holding the fencing counter.
     pub(crate) fn fence(&self) -> &[u8] {
-        &self.0.buf[..self.0.lease_len + FENCE_SUFFIX.len()]
+        &self.buf[..self.lease_len + FENCE_SUFFIX.len()]
     }
 
     /// The pub/sub channel a release of this lock is announced on.
     pub(crate) fn released_channel(&self) -> &[u8] {
-        &self.0.buf[self.0.lease_len + FENCE_SUFFIX.len()..]
+        &self.buf[self.lease_len + FENCE_SUFFIX.len()..]
     }
 
     /// Printable, shortened name for errors.

@@ -29,17 +29,13 @@
 //!   TTL in ms per lease.
 //!
 //! Tokens are 32 lower-case hex digits (a UUID v4 from the operating system's CSPRNG),
-//! fresh for every acquisition. Scripts are sent by SHA (`EVALSHA`) through
-//! [`redis::Script`], which loads the body only when the server answers `NOSCRIPT` (after
-//! a restart or `SCRIPT FLUSH`).
+//! fresh for every acquisition. Scripts are sent by SHA (`EVALSHA`); when the server
+//! answers `NOSCRIPT` (after a restart or `SCRIPT FLUSH`), by body (`EVAL`), which also
+//! caches them again. A release retried in the background is always sent by body.
 //!
 //! Result codes shared by the compare-and-act scripts:
 //! `1` done, `0` the key is gone (expired), `-1` the key holds another token (or a value
 //! of another type).
-
-use std::sync::LazyLock;
-
-use redis::Script;
 
 /// Take the lease if the key is free and hand out a fencing token.
 ///
@@ -140,21 +136,45 @@ end
 return out
 "#;
 
+/// A script of the protocol: its body and its SHA1, computed once.
+pub(crate) struct Script {
+    body: &'static str,
+    sha: String,
+}
+
+impl Script {
+    fn new(body: &'static str) -> Self {
+        Script {
+            sha: redis::Script::new(body).get_hash().to_owned(),
+            body,
+        }
+    }
+
+    /// The Lua source, for `EVAL`.
+    pub(crate) fn body(&self) -> &'static str {
+        self.body
+    }
+
+    /// The SHA1 of the source, for `EVALSHA`.
+    pub(crate) fn sha(&self) -> &str {
+        &self.sha
+    }
+}
+
 /// The scripts, hashed once.
 pub(crate) mod script {
-    use super::*;
+    use std::sync::LazyLock;
 
-    /// [`super::ACQUIRE_FENCED`], hashed once.
+    use super::Script;
+
+    /// [`super::ACQUIRE_FENCED`].
     pub(crate) static ACQUIRE_FENCED: LazyLock<Script> =
         LazyLock::new(|| Script::new(super::ACQUIRE_FENCED));
-
-    /// [`super::RELEASE`], hashed once.
+    /// [`super::RELEASE`].
     pub(crate) static RELEASE: LazyLock<Script> = LazyLock::new(|| Script::new(super::RELEASE));
-
-    /// [`super::EXTEND`], hashed once.
+    /// [`super::EXTEND`].
     pub(crate) static EXTEND: LazyLock<Script> = LazyLock::new(|| Script::new(super::EXTEND));
-
-    /// [`super::EXTEND_MANY`], hashed once.
+    /// [`super::EXTEND_MANY`].
     pub(crate) static EXTEND_MANY: LazyLock<Script> =
         LazyLock::new(|| Script::new(super::EXTEND_MANY));
 }

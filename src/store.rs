@@ -14,7 +14,7 @@ use redis::aio::ConnectionLike;
 use crate::error::{Error, LostReason, Result};
 use crate::key::{LockKey, Token};
 use crate::options::Ttl;
-use crate::protocol::script;
+use crate::protocol::{Script, script};
 
 /// A boxed, `Send` future borrowed for `'a`.
 pub(crate) type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -156,27 +156,27 @@ where
         }
     }
 
-    /// Runs one script by SHA, loading it if the server lost it. redis-rs loads a missing
-    /// script once per call; if the script cache is flushed again between that load and
-    /// the retry, the call is made afresh (a `NOSCRIPT` reply means nothing ran).
+    /// Runs one script: `EVALSHA` first; if the server lost the script (`NOSCRIPT`, after a
+    /// restart or `SCRIPT FLUSH`; nothing ran), `EVAL` with its body, which runs it and
+    /// caches it again in the same round trip. `call` appends the key count, keys and
+    /// arguments; each command is sized up front (one allocation for its arguments).
     async fn invoke<T: redis::FromRedisValue>(
         &self,
-        call: &redis::ScriptInvocation<'_>,
+        script: &Script,
+        call: impl Fn(&mut redis::Cmd),
         conn: &mut C,
     ) -> redis::RedisResult<T> {
-        const TRIES: u32 = 3;
-        let mut tries = 1;
-        loop {
-            match self.bounded(call.invoke_async(conn)).await {
-                Err(e)
-                    if tries < TRIES
-                        && e.kind()
-                            == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
-                {
-                    tries += 1;
-                }
-                other => return other,
+        let mut evalsha = redis::Cmd::with_capacity(8, 160);
+        evalsha.arg("EVALSHA").arg(script.sha());
+        call(&mut evalsha);
+        match self.bounded(evalsha.query_async(conn)).await {
+            Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+                let mut eval = redis::Cmd::with_capacity(8, 160 + script.body().len());
+                eval.arg("EVAL").arg(script.body());
+                call(&mut eval);
+                self.bounded(eval.query_async(conn)).await
             }
+            other => other,
         }
     }
 
@@ -222,7 +222,9 @@ where
     ) -> Result<Acquire> {
         let mut conn = self.conn.clone();
         if fenced && self.fences {
-            return self.acquire_fenced(key, token, ttl, &mut conn).await;
+            // Boxed: the fenced path's larger future would otherwise make every acquire's
+            // future (moved on each call) that large.
+            return Box::pin(self.acquire_fenced(key, token, ttl, &mut conn)).await;
         }
         let mut set = redis::cmd("SET");
         set.arg(key.lease())
@@ -254,12 +256,15 @@ where
         ttl: Ttl,
         conn: &mut C,
     ) -> Result<Acquire> {
-        let mut call = script::ACQUIRE_FENCED.key(key.lease());
-        call.key(key.fence())
-            .arg(token.as_bytes())
-            .arg(ttl.as_millis())
-            .arg(fence_ttl_ms(ttl));
-        let (taken, value): (i64, i64) = self.invoke(&call, conn).await?;
+        let call = |cmd: &mut redis::Cmd| {
+            cmd.arg(2)
+                .arg(key.lease())
+                .arg(key.fence())
+                .arg(token.as_bytes())
+                .arg(ttl.as_millis())
+                .arg(fence_ttl_ms(ttl));
+        };
+        let (taken, value): (i64, i64) = self.invoke(&script::ACQUIRE_FENCED, call, conn).await?;
         match taken {
             1 => u64::try_from(value)
                 .map(|fence| Acquire::Taken { fence: Some(fence) })
@@ -281,9 +286,13 @@ where
     ) -> Result<NodeAnswer> {
         {
             let mut conn = self.conn.clone();
-            let mut call = script::EXTEND.key(key.lease());
-            call.arg(token.as_bytes()).arg(ttl.as_millis());
-            let code: i64 = self.invoke(&call, &mut conn).await?;
+            let call = |cmd: &mut redis::Cmd| {
+                cmd.arg(1)
+                    .arg(key.lease())
+                    .arg(token.as_bytes())
+                    .arg(ttl.as_millis());
+            };
+            let code: i64 = self.invoke(&script::EXTEND, call, &mut conn).await?;
             answer(code)
         }
     }
@@ -291,12 +300,13 @@ where
     /// Compare-and-delete on this server, announced to waiters if the store does.
     pub(crate) async fn release_here(&self, key: &LockKey, token: &Token) -> Result<NodeAnswer> {
         let mut conn = self.conn.clone();
-        let mut call = script::RELEASE.key(key.lease());
-        call.arg(token.as_bytes());
-        if self.announce_releases {
-            call.arg(key.released_channel());
-        }
-        let code: i64 = self.invoke(&call, &mut conn).await?;
+        let call = |cmd: &mut redis::Cmd| {
+            cmd.arg(1).arg(key.lease()).arg(token.as_bytes());
+            if self.announce_releases {
+                cmd.arg(key.released_channel());
+            }
+        };
+        let code: i64 = self.invoke(&script::RELEASE, call, &mut conn).await?;
         answer(code)
     }
 
@@ -306,8 +316,9 @@ where
     /// answer a slow link may never deliver within the command timeout.
     pub(crate) async fn release_by_body(&self, key: &LockKey, token: &Token) -> Result<NodeAnswer> {
         let mut conn = self.conn.clone();
-        let mut eval = redis::cmd("EVAL");
-        eval.arg(crate::protocol::RELEASE)
+        let mut eval = redis::Cmd::with_capacity(6, 160 + script::RELEASE.body().len());
+        eval.arg("EVAL")
+            .arg(script::RELEASE.body())
             .arg(1)
             .arg(key.lease())
             .arg(token.as_bytes());
@@ -325,13 +336,20 @@ where
             let mut out = Vec::with_capacity(batch.len());
             for chunk in batch.chunks(RENEWALS_PER_CALL) {
                 let mut conn = self.conn.clone();
-                let mut call = script::EXTEND_MANY.prepare_invoke();
-                for extension in chunk {
-                    call.key(extension.key.lease())
-                        .arg(extension.token.as_bytes())
-                        .arg(extension.ttl.as_millis());
-                }
-                match self.invoke::<Vec<i64>>(&call, &mut conn).await {
+                let call = |cmd: &mut redis::Cmd| {
+                    cmd.arg(chunk.len());
+                    for extension in chunk {
+                        cmd.arg(extension.key.lease());
+                    }
+                    for extension in chunk {
+                        cmd.arg(extension.token.as_bytes())
+                            .arg(extension.ttl.as_millis());
+                    }
+                };
+                match self
+                    .invoke::<Vec<i64>>(&script::EXTEND_MANY, call, &mut conn)
+                    .await
+                {
                     Ok(codes) if codes.len() == chunk.len() => {
                         out.extend(codes.into_iter().map(answer));
                     }

@@ -43,7 +43,7 @@ pub(crate) struct LeaseState {
     /// The latest send time of a command the server confirmed (acquire, extend, auto-extension).
     confirmed_sent: Instant,
     /// Commands that may be the last one the server ran (see the type's docs).
-    candidates: Vec<Candidate>,
+    candidates: Candidates,
     next_op: u64,
 }
 
@@ -66,6 +66,55 @@ enum Outcome {
     Unknown,
 }
 
+/// The candidates of one lease: a few inline (a lease has one or two at a time), more in a
+/// vector, so the common case allocates nothing.
+#[derive(Debug, Clone)]
+struct Candidates {
+    inline: [Option<Candidate>; 3],
+    spill: Vec<Candidate>,
+}
+
+impl Candidates {
+    fn one(first: Candidate) -> Self {
+        Candidates {
+            inline: [Some(first), None, None],
+            spill: Vec::new(),
+        }
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &Candidate> {
+        self.inline.iter().flatten().chain(self.spill.iter())
+    }
+
+    fn iter_mut(&mut self) -> impl Iterator<Item = &mut Candidate> {
+        self.inline
+            .iter_mut()
+            .flatten()
+            .chain(self.spill.iter_mut())
+    }
+
+    fn push(&mut self, c: Candidate) {
+        match self.inline.iter_mut().find(|slot| slot.is_none()) {
+            Some(slot) => *slot = Some(c),
+            None => self.spill.push(c),
+        }
+    }
+
+    fn retain(&mut self, keep: impl Fn(&Candidate) -> bool) {
+        for slot in &mut self.inline {
+            if slot.as_ref().is_some_and(|c| !keep(c)) {
+                *slot = None;
+            }
+        }
+        self.spill.retain(keep);
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.iter().count()
+    }
+}
+
 /// Names one begun command of a lease.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct OpId(u64);
@@ -83,12 +132,12 @@ impl LeaseState {
             auto_extended: false,
             hold_capped: false,
             confirmed_sent: sent,
-            candidates: vec![Candidate {
+            candidates: Candidates::one(Candidate {
                 op: OpId(0),
                 sent,
                 ttl,
                 outcome: Outcome::Confirmed(replied),
-            }],
+            }),
             next_op: 1,
         };
         state.recompute();
@@ -102,7 +151,7 @@ impl LeaseState {
 
     fn recompute(&mut self) {
         let mut until: Option<Instant> = None;
-        for c in &self.candidates {
+        for c in self.candidates.iter() {
             let b = self.bound(c);
             until = Some(until.map_or(b, |u| u.min(b)));
         }
@@ -116,7 +165,7 @@ impl LeaseState {
     /// the deadline of the candidate that bounds the lease.
     pub(crate) fn extend_due(&self) -> Instant {
         let mut best: Option<(Instant, Instant)> = None;
-        for c in &self.candidates {
+        for c in self.candidates.iter() {
             let b = self.bound(c);
             if best.is_none_or(|(until, _)| b < until) {
                 let base = c.sent.max(self.confirmed_sent);
@@ -142,11 +191,11 @@ impl LeaseState {
     }
 
     pub(crate) fn confirm(&mut self, op: OpId, replied: Instant) {
-        let Some(i) = self.candidates.iter().position(|c| c.op == op) else {
+        let Some(c) = self.candidates.iter_mut().find(|c| c.op == op) else {
             return;
         };
-        let sent = self.candidates[i].sent;
-        self.candidates[i].outcome = Outcome::Confirmed(replied);
+        let sent = c.sent;
+        c.outcome = Outcome::Confirmed(replied);
         self.confirmed_sent = self.confirmed_sent.max(sent);
         // Confirmed commands whose reply came back before this one was sent ran before it.
         self.candidates.retain(|c| match c.outcome {
@@ -192,7 +241,9 @@ impl LeaseState {
                 });
             }
             self.candidates.retain(|c| c.outcome != Outcome::Unknown);
-            self.candidates.extend(folded);
+            if let Some(folded) = folded {
+                self.candidates.push(folded);
+            }
         }
         let before = self.valid_until;
         self.recompute();
