@@ -90,3 +90,31 @@ fn catches(pid: u32, sig: i32) -> bool {
         .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
         .is_some_and(|mask| mask & (1 << (sig - 1)) != 0)
 }
+
+#[test]
+fn a_killed_distlock_takes_its_command_down_with_it() {
+    let redis = Redis::start();
+    let dir = Scratch::new();
+    let mut cmd = distlock(&redis);
+    cmd.args(["run", "job", "--", "sh", "-c"]).arg(format!(
+        "echo $$ > {pid}.tmp; mv {pid}.tmp {pid}; exec sleep 60",
+        pid = dir.file("pid")
+    ));
+    let (running, started) = start(cmd);
+    wait_until("the command runs", || dir.exists("pid"));
+    let pid = dir.read("pid").trim().to_owned();
+
+    signal(running.id(), libc::SIGKILL);
+    let done = running.finish(started);
+    assert_eq!(done.status.code(), None, "killed: {done:?}");
+    // Gone, or a zombie waiting for a reaper: either way no longer running.
+    wait_until("the command is stopped", || {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|stat| {
+                stat.rsplit(')')
+                    .next()
+                    .is_some_and(|rest| rest.trim_start().starts_with('Z'))
+            })
+            .unwrap_or(true)
+    });
+}
