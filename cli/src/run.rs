@@ -33,7 +33,7 @@ pub async fn run(args: RunArgs, global: &Global, signals: &mut Signals) -> u8 {
 
     let acquire = async {
         let manager = connect::manager(global, options).await?;
-        let guard = acquire(&manager, &args, options, &say).await?;
+        let guard = acquire(&manager, &args, options, &global.urls, &say).await?;
         Ok::<_, Error>((manager, guard))
     };
     let (_manager, guard) = tokio::select! {
@@ -136,6 +136,7 @@ async fn acquire(
     manager: &LockManager,
     args: &RunArgs,
     options: LockOptions,
+    urls: &[String],
     say: &Say,
 ) -> distlock::Result<LockGuard> {
     match manager.try_lock_with(&args.name, options).await {
@@ -147,6 +148,11 @@ async fn acquire(
                 "lock {} is held by another owner{ends}; waiting",
                 args.name
             ));
+        }
+        // A server that is restarting may answer in a moment: waiting allowed, keep trying
+        // within the budget (the waiting calls retry connection errors themselves).
+        Err(e) if e.is_transient() && !args.no_wait => {
+            say.notice(format!("{}; retrying", exit::describe(&e, urls)));
         }
         taken => return taken,
     }
