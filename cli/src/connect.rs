@@ -7,8 +7,8 @@ use crate::cli::Global;
 /// Connects to one primary, or to several (Redlock) when `--url` was repeated.
 pub async fn manager(global: &Global, defaults: LockOptions) -> distlock::Result<LockManager> {
     let builder = LockManager::builder()
-        .prefix(global.prefix.as_bytes())
-        .default_options(defaults);
+        .with_prefix(global.prefix.as_bytes())
+        .with_default_options(defaults);
     match global.urls.as_slice() {
         [one] => builder.connect(one).await,
         many => {

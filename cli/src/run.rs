@@ -26,9 +26,14 @@ const WAIT_ROUND: Duration = Duration::from_secs(24 * 60 * 60);
 /// Runs `distlock run` and returns its exit status.
 pub async fn run(args: RunArgs, global: &Global, signals: &mut Signals) -> u8 {
     let say = Say::new(global.quiet);
-    let mut options = LockOptions::new().ttl(args.ttl).auto_extend(true);
+    // A fencing token for the command's environment where one exists: on a single
+    // primary (over several, none has the guarantee, and asking is an error).
+    let mut options = LockOptions::new()
+        .with_ttl(args.ttl)
+        .with_auto_extend(true)
+        .with_fencing(global.urls.len() == 1);
     if let Some(cap) = args.max_hold {
-        options = options.max_hold(cap);
+        options = options.with_max_hold(cap);
     }
 
     let acquire = async {
@@ -157,10 +162,14 @@ async fn acquire(
         taken => return taken,
     }
     match args.wait {
-        Some(budget) => manager.lock_with(&args.name, options.wait(budget)).await,
+        Some(budget) => {
+            manager
+                .lock_with(&args.name, options.with_wait(budget))
+                .await
+        }
         None => loop {
             match manager
-                .lock_with(&args.name, options.wait(WAIT_ROUND))
+                .lock_with(&args.name, options.with_wait(WAIT_ROUND))
                 .await
             {
                 Err(Error::Timeout { .. }) => continue,
