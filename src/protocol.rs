@@ -39,8 +39,8 @@
 
 /// Take the lease if the key is free and hand out a fencing token.
 ///
-/// KEYS[1] lease key, KEYS[2] fence counter key (same hash tag).
-/// ARGV[1] token, ARGV[2] TTL in ms, ARGV[3] fence counter TTL in ms.
+/// `KEYS[1]` lease key, `KEYS[2]` fence counter key (same hash tag).
+/// `ARGV[1]` token, `ARGV[2]` TTL in ms, `ARGV[3]` fence counter TTL in ms.
 ///
 /// Returns `{1, fence}` when taken, `{0, pttl}` when held by another owner, and a
 /// `WRONGTYPE` error when the key holds something other than a string (not a lease).
@@ -80,7 +80,7 @@ return {0, redis.call('PTTL', KEYS[1])}
 
 /// Delete the lease only if it still holds our token, and announce it to waiters.
 ///
-/// KEYS[1] lease key. ARGV[1] token, ARGV[2] (optional) the channel to publish the release
+/// `KEYS[1]` lease key. `ARGV[1]` token, `ARGV[2]` (optional) the channel to publish the release
 /// on.
 ///
 /// The announcement is a courtesy: it runs under `pcall`, so a user without permission on
@@ -100,7 +100,7 @@ return 0
 
 /// Set a new TTL on the lease only if it still holds our token.
 ///
-/// KEYS[1] lease key. ARGV[1] token, ARGV[2] new TTL in ms.
+/// `KEYS[1]` lease key. `ARGV[1]` token, `ARGV[2]` new TTL in ms.
 pub const EXTEND: &str = r#"
 local v = redis.call('GET', KEYS[1])
 if v == ARGV[1] then
@@ -114,7 +114,7 @@ return 0
 
 /// [`EXTEND`] for many leases in one call: the auto-extension task's batch.
 ///
-/// KEYS[i] lease key i. ARGV[2i-1] token i, ARGV[2i] new TTL in ms for lease i.
+/// `KEYS[i]` lease key i. `ARGV[2i-1]` token i, `ARGV[2i]` new TTL in ms for lease i.
 /// Returns one result code per key, in order. Each key's outcome is its own: a key that
 /// another program replaced by a value of another type (`GET` fails with `WRONGTYPE`) is
 /// not our lease any more and answers `-1`, and the other leases are auto-extended as usual.
