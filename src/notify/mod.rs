@@ -61,7 +61,9 @@ struct State {
     /// subscription stops waiting and polls.
     failures: u64,
     /// A subscription task runs.
-    task: bool,
+    task: Option<u64>,
+    /// The id the next subscription task gets.
+    next_task: u64,
     /// The server refused the subscription (`NOPERM`): waiters of this manager poll.
     disabled: bool,
     /// The manager is gone.
@@ -116,9 +118,11 @@ impl Notifier {
             // Queued before the subscription is confirmed: a release confirmed after the
             // subscription finds this waiter in the queue.
             state.queues.enqueue(channel, Arc::clone(&slot));
-            if !state.task {
-                state.task = true;
-                runtime.spawn(task::run(Arc::clone(&self.inner)));
+            if state.task.is_none() {
+                let id = state.next_task;
+                state.next_task += 1;
+                state.task = Some(id);
+                runtime.spawn(task::run(Arc::clone(&self.inner), id));
             }
         }
         self.inner.kick.notify_one();

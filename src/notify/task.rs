@@ -23,7 +23,10 @@ const RETRY_MAX: Duration = Duration::from_secs(2);
 
 /// The subscription task of one manager: owns the connection, keeps the subscribed set
 /// equal to the set of channels somebody waits on, and hands each message to the queue.
-pub(super) async fn run(inner: Arc<Inner>) {
+pub(super) async fn run(inner: Arc<Inner>, id: u64) {
+    // However the task ends, even dropped unfinished with its runtime, the next waiter
+    // starts a new one.
+    let _running = Running(Arc::clone(&inner), id);
     let mut conn: Option<(PubSubSink, PubSubStream)> = None;
     let mut failures: u32 = 0;
     let mut idle_since: Option<Instant> = None;
@@ -51,7 +54,9 @@ pub(super) async fn run(inner: Arc<Inner>) {
                 let mut state = inner.state();
                 state.subscribed.clear();
                 if state.queues.wanted().is_empty() || state.closed {
-                    state.task = false;
+                    // Cleared under the same lock as the decision: a waiter registering
+                    // from now on starts a new task.
+                    state.task = None;
                     return;
                 }
                 continue;
@@ -124,13 +129,29 @@ pub(super) async fn run(inner: Arc<Inner>) {
     drop(conn);
     let mut state = inner.state();
     state.subscribed.clear();
-    state.task = false;
+    if state.task == Some(id) {
+        state.task = None;
+    }
     let slots = state.queues.wake_all();
     drop(state);
     for slot in slots {
         slot.wake.notify_one();
     }
     inner.changed.notify_waiters();
+}
+
+/// Clears the manager's "a task runs" mark when this task ends or is dropped, unless a
+/// newer task has taken it over already.
+struct Running(Arc<Inner>, u64);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let mut state = self.0.state();
+        if state.task == Some(self.1) {
+            state.task = None;
+            state.subscribed.clear();
+        }
+    }
 }
 
 async fn sleep_until_opt(at: Option<Instant>) {

@@ -228,3 +228,86 @@ async fn the_subscription_ends_when_nobody_waits() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+#[test]
+fn a_manager_whose_subscription_task_died_with_its_runtime_subscribes_again_on_the_next() {
+    let make = || {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap()
+    };
+    // The server lives on a runtime of its own for the whole test.
+    let base = make();
+    let node = base.block_on(RedisNode::start());
+    let first = make();
+    let (holder, waiters, name) = first.block_on(async {
+        let holder = LockManager::connect(&node.url()).await.unwrap();
+        let waiters = LockManager::connect(&node.url()).await.unwrap();
+        (holder, waiters, unique_key("runtime-gone"))
+    });
+    // A waiter on the first runtime starts the subscription task there, then that runtime
+    // shuts down with the task (and the waiter) still running.
+    first.block_on(async {
+        let guard = holder.lock(&name).await.unwrap();
+        let waiting = {
+            let (waiters, name) = (waiters.clone(), name.clone());
+            tokio::spawn(async move {
+                let _ = waiters
+                    .lock_with(&name, slow_polling(Duration::from_secs(20)))
+                    .await;
+            })
+        };
+        support::eventually(Duration::from_secs(5), "the waiter subscribed", || {
+            let node = &node;
+            async move { !subscribed_channels(node).await.is_empty() }
+        })
+        .await;
+        drop(waiting);
+        guard.release().await.unwrap();
+    });
+    drop(first);
+    // On a second runtime, a waiter of the same manager is woken by a release, not by its
+    // 5 s polling: a new subscription task runs.
+    let second = make();
+    second.block_on(async {
+        // Both managers' connections died with the first runtime: let them reconnect.
+        for locks in [&holder, &waiters] {
+            support::eventually(Duration::from_secs(10), "the manager reconnected", || {
+                let locks = locks.clone();
+                async move {
+                    match locks.try_lock(unique_key("probe")).await {
+                        Ok(guard) => guard.release().await.is_ok(),
+                        Err(_) => false,
+                    }
+                }
+            })
+            .await;
+        }
+        let other = unique_key("runtime-next");
+        let guard = holder.lock(&other).await.unwrap();
+        let waiter = {
+            let (waiters, other) = (waiters.clone(), other.clone());
+            tokio::spawn(async move {
+                let got = waiters
+                    .lock_with(&other, slow_polling(Duration::from_secs(20)))
+                    .await;
+                (got, Instant::now())
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let released = Instant::now();
+        guard.release().await.unwrap();
+        let (got, at) = waiter.await.unwrap();
+        got.unwrap().release().await.unwrap();
+        let handoff = at.duration_since(released);
+        assert!(
+            handoff < Duration::from_millis(1500),
+            "woken by polling, not by a notification: {handoff:?}"
+        );
+        drop((holder, waiters));
+    });
+    drop(second);
+    base.block_on(async move { drop(node) });
+}
