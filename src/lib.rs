@@ -67,9 +67,10 @@
 //!   [`LockGuard::valid_until`]. A process that pauses (GC, swap, a stopped VM) past that
 //!   deadline can wake up still believing it holds the lock while someone else does.
 //!   A lease lock alone cannot prevent that.
-//! - **For correctness, check the fencing token at the resource.** Every lease carries a
-//!   [`LockGuard::fencing_token`] that is strictly greater than the tokens of all earlier
-//!   leases on the same lock. A resource that remembers the highest token it has accepted
+//! - **For correctness, check the fencing token at the resource.** With
+//!   [`LockOptions::with_fencing`] (off by default: it costs a Lua acquire), every lease
+//!   carries a [`LockGuard::fencing_token`] that is strictly greater than the tokens of all
+//!   earlier fenced leases on the same lock. A resource that remembers the highest token it has accepted
 //!   and rejects writes with a lower one turns the lease into a safe lock, even across
 //!   pauses. distlock hands out the token; the check lives in your resource. The token is
 //!   `max(counter + 1, Redis server time in µs)`, so it keeps increasing even if the

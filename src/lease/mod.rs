@@ -267,8 +267,10 @@ impl LeaseHandle {
     /// lease on the same lock. Hand it to the protected resource with every write, and have
     /// the resource reject writes that carry a token lower than the highest it has seen.
     ///
-    /// `Some` for every lease on a single Redis primary. `None` where no token with that
-    /// guarantee exists (leases spread over several independent primaries).
+    /// `Some` for a lease taken with [`LockOptions::with_fencing`](crate::LockOptions::with_fencing)
+    /// on a single Redis primary. `None` without fencing (the default: the acquire is then
+    /// a plain `SET NX PX`), and where no token with that guarantee exists (leases spread
+    /// over several independent primaries).
     pub fn fencing_token(&self) -> Option<u64> {
         self.lease.fence
     }
