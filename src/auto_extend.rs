@@ -54,6 +54,8 @@ struct Entry {
     not_before: Option<Instant>,
     /// The end of the hold-time cap, if any: auto-extensions never extend the lease past it.
     hold_until: Option<Instant>,
+    /// When the lease was taken: how long it was held, for the log line of a loss.
+    acquired_at: Instant,
 }
 
 /// Registration of one lease with the auto-extension task; dropping it stops the auto-extension.
@@ -115,6 +117,7 @@ impl AutoExtender {
         let entry = Entry {
             not_before: None,
             hold_until: max_hold.and_then(|hold| acquired_at.checked_add(hold)),
+            acquired_at,
             lease,
         };
         let mut registry = self.inner.registry();
@@ -129,7 +132,11 @@ impl AutoExtender {
             registry.running = Some(task);
             let inner = Arc::clone(&self.inner);
             runtime
-                .spawn(run(inner, task).instrument(tracing::debug_span!("distlock.auto_extend")));
+                // A span of its own, not a child of whichever call started the task.
+                .spawn(
+                    run(inner, task)
+                        .instrument(tracing::debug_span!(parent: None, "distlock.auto_extend")),
+                );
         }
         AutoExtension {
             inner: Arc::downgrade(&self.inner),
@@ -214,8 +221,21 @@ fn plan(inner: &Inner) -> Plan {
 /// What to do at `now`, given the registered leases: the task's whole decision, without
 /// I/O (unit-tested below).
 fn plan_at(registry: &mut Registry, now: Instant) -> Plan {
-    // Leases that are gone need no auto-extension.
-    registry.entries.retain(|_, e| e.lease.lost().is_none());
+    // Leases that are gone need no auto-extension. One found gone here ran out without a
+    // successful extension (a release or drop is the guard's business, not logged).
+    registry.entries.retain(|_, e| match e.lease.lost() {
+        None => true,
+        Some(LostReason::Released) => false,
+        Some(reason) => {
+            tracing::warn!(
+                key = %e.lease.key,
+                %reason,
+                held_for = ?now.saturating_duration_since(e.acquired_at),
+                "lease lost in the background"
+            );
+            false
+        }
+    });
     if registry.entries.is_empty() {
         // Cleared here, under the lock, so a concurrent `register` starts a new task.
         registry.running = None;
@@ -306,6 +326,7 @@ async fn extend_batch(inner: &Inner, mut batch: Vec<Item>) {
     let done = Instant::now();
     let mut registry = inner.registry();
     let mut failed = 0usize;
+    let mut first_error: Option<String> = None;
     for (item, result) in batch.into_iter().zip(results) {
         let Item {
             id,
@@ -332,12 +353,25 @@ async fn extend_batch(inner: &Inner, mut batch: Vec<Item>) {
             }
             Ok(Verdict::Lost(reason)) if reason != LostReason::NoQuorum => {
                 lease.mark_lost(reason);
-                registry.entries.remove(&id);
+                if let Some(entry) = registry.entries.remove(&id) {
+                    tracing::warn!(
+                        key = %lease.key,
+                        %reason,
+                        held_for = ?done.saturating_duration_since(entry.acquired_at),
+                        "lease lost in the background"
+                    );
+                }
             }
             // Too few nodes of a multi-primary lease confirmed this round: like an
             // unreachable server, retried until the lease's own deadline decides.
             Ok(Verdict::Lost(_)) | Err(_) => {
                 failed += 1;
+                if first_error.is_none() {
+                    first_error = Some(match &result {
+                        Err(e) => e.to_string(),
+                        Ok(_) => "no majority of the nodes confirmed".to_owned(),
+                    });
+                }
                 lease.abandon_extend(op);
                 if let Some(entry) = entry {
                     entry.not_before = Some(
@@ -349,7 +383,11 @@ async fn extend_batch(inner: &Inner, mut batch: Vec<Item>) {
     }
     tracing::trace!(leases = extensions.len(), failed, elapsed = ?done - sent, "extended");
     if failed > 0 {
-        tracing::warn!(failed, "lease extensions could not reach Redis; retrying");
+        tracing::warn!(
+            failed,
+            error = first_error.as_deref().unwrap_or_default(),
+            "lease extensions failed; retrying until each lease's deadline"
+        );
     }
 }
 
@@ -386,6 +424,7 @@ mod tests {
                     lease: Arc::clone(lease),
                     not_before: None,
                     hold_until: *hold_until,
+                    acquired_at: Instant::now(),
                 },
             );
         }

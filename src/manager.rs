@@ -180,7 +180,10 @@ impl LockManager {
             loop {
                 if wait.attempt_now() {
                     match self.attempt(&key, &request).await {
-                        Ok(Attempt::Taken(guard)) => return Ok(guard),
+                        Ok(Attempt::Taken(guard)) => {
+                            wait.acquired();
+                            return Ok(guard);
+                        }
                         Ok(Attempt::Held { pttl }) => wait.held(pttl),
                         Err(e) if e.is_transient() => wait.failed(e),
                         Err(e) => return Err(e),

@@ -99,6 +99,15 @@ impl<'a> Wait<'a> {
         true
     }
 
+    /// The attempt took the lock.
+    pub(crate) fn acquired(&self) {
+        tracing::debug!(
+            attempts = self.attempts,
+            waited = ?self.started.elapsed(),
+            "acquired"
+        );
+    }
+
     /// The attempt found the lock held; `pttl` is the holder's remaining TTL, if known.
     pub(crate) fn held(&mut self, pttl: Option<Duration>) {
         self.held_for = pttl;

@@ -356,3 +356,29 @@ async fn a_thousand_leases_stay_alive_on_batched_auto_extensions() {
         guard.release().await.unwrap();
     }
 }
+
+/// One thread, so the capturing subscriber (thread-local default) sees the auto-extension
+/// task's events too.
+#[tokio::test(flavor = "current_thread")]
+async fn a_lease_lost_in_the_background_is_logged_once_with_its_key_and_reason() {
+    let capture = support::logs::Capture::default();
+    let _default = tracing::subscriber::set_default(capture.clone());
+    let node = RedisNode::start().await;
+    let locks = LockManager::connect(&node.url()).await.unwrap();
+    let mut raw = node.conn().await;
+    let name = unique_key("logged-loss");
+    let guard = locks.lock_with(&name, auto(600)).await.unwrap();
+    // Another program overwrites the key: the next auto-extension finds it taken.
+    let _: () = raw.set(lease_key(&name), "someone-else").await.unwrap();
+    let reason = tokio::time::timeout(Duration::from_secs(5), guard.lost())
+        .await
+        .expect("lost within a period");
+    assert_eq!(reason, LostReason::Taken);
+    let lines = capture.find(tracing::Level::WARN, "lease lost in the background");
+    assert_eq!(lines.len(), 1, "{lines:#?}");
+    assert!(lines[0].text.contains(&name), "{lines:#?}");
+    assert!(lines[0].text.contains("another owner"), "{lines:#?}");
+    assert!(lines[0].text.contains("held_for"), "{lines:#?}");
+    drop(guard);
+    let _: () = raw.del(lease_key(&name)).await.unwrap();
+}

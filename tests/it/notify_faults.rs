@@ -851,3 +851,32 @@ async fn a_server_answered_error_inside_a_wait_returns_at_once() {
     delete_keys(&mut admin, &[name]).await;
     baseline.assert_settled(&node, SETTLE).await;
 }
+
+/// One thread, so the capturing subscriber (thread-local default) sees the subscription
+/// task's events too.
+#[tokio::test(flavor = "current_thread")]
+async fn without_channel_permission_notifications_turn_off_with_one_warning() {
+    let capture = support::logs::Capture::default();
+    let _default = tracing::subscriber::set_default(capture.clone());
+    let node = RedisNode::start().await;
+    let mut admin = node.conn().await;
+    let url = user_without_channels(&node, &mut admin).await;
+    let holder = LockManager::connect(&node.url()).await.unwrap();
+    let locks = LockManager::connect(&url).await.unwrap();
+    let quick = LockOptions::new()
+        .with_wait(Duration::from_millis(300))
+        .with_backoff(Backoff::new().with_cap(Duration::from_millis(50)));
+    // Three waits, one after the other, on a lock held elsewhere: each would subscribe.
+    let names: Vec<String> = (0..3).map(|_| unique_key("one-warning")).collect();
+    for name in &names {
+        let guard = holder.try_lock(name).await.unwrap();
+        match locks.lock_with(name, quick).await {
+            Err(Error::Timeout { .. }) => {}
+            other => panic!("expected a timeout, got {other:?}"),
+        }
+        guard.release().await.unwrap();
+    }
+    let warnings = capture.find(tracing::Level::WARN, "refuses release notifications");
+    assert_eq!(warnings.len(), 1, "{warnings:#?}");
+    drop((holder, locks));
+}

@@ -28,6 +28,7 @@
 
 pub mod child;
 pub mod hostile;
+pub mod logs;
 pub mod proxy;
 pub mod tls;
 
