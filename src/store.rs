@@ -166,14 +166,10 @@ where
         call: impl Fn(&mut redis::Cmd),
         conn: &mut C,
     ) -> redis::RedisResult<T> {
-        let mut evalsha = redis::Cmd::with_capacity(8, 160);
-        evalsha.arg("EVALSHA").arg(script.sha());
-        call(&mut evalsha);
+        let evalsha = script_cmd(script, false, &call);
         match self.bounded(evalsha.query_async(conn)).await {
             Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
-                let mut eval = redis::Cmd::with_capacity(8, 160 + script.body().len());
-                eval.arg("EVAL").arg(script.body());
-                call(&mut eval);
+                let eval = script_cmd(script, true, &call);
                 self.bounded(eval.query_async(conn)).await
             }
             other => other,
@@ -195,6 +191,19 @@ where
             },
         }
     }
+}
+
+/// `EVALSHA <sha> …` or, `by_body`, `EVAL <body> …`; `call` appends the key count, keys and
+/// arguments. Sized up front: one allocation for the arguments.
+fn script_cmd(script: &Script, by_body: bool, call: &dyn Fn(&mut redis::Cmd)) -> redis::Cmd {
+    let mut cmd = redis::Cmd::with_capacity(8, 160 + if by_body { script.body().len() } else { 0 });
+    if by_body {
+        cmd.arg("EVAL").arg(script.body());
+    } else {
+        cmd.arg("EVALSHA").arg(script.sha());
+    }
+    call(&mut cmd);
+    cmd
 }
 
 fn answer(code: i64) -> Result<NodeAnswer> {
@@ -300,12 +309,7 @@ where
     /// Compare-and-delete on this server, announced to waiters if the store does.
     pub(crate) async fn release_here(&self, key: &LockKey, token: &Token) -> Result<NodeAnswer> {
         let mut conn = self.conn.clone();
-        let call = |cmd: &mut redis::Cmd| {
-            cmd.arg(1).arg(key.lease()).arg(token.as_bytes());
-            if self.announce_releases {
-                cmd.arg(key.released_channel());
-            }
-        };
+        let call = |cmd: &mut redis::Cmd| self.release_args(cmd, key, token);
         let code: i64 = self.invoke(&script::RELEASE, call, &mut conn).await?;
         answer(code)
     }
@@ -316,17 +320,19 @@ where
     /// answer a slow link may never deliver within the command timeout.
     pub(crate) async fn release_by_body(&self, key: &LockKey, token: &Token) -> Result<NodeAnswer> {
         let mut conn = self.conn.clone();
-        let mut eval = redis::Cmd::with_capacity(6, 160 + script::RELEASE.body().len());
-        eval.arg("EVAL")
-            .arg(script::RELEASE.body())
-            .arg(1)
-            .arg(key.lease())
-            .arg(token.as_bytes());
-        if self.announce_releases {
-            eval.arg(key.released_channel());
-        }
+        let eval = script_cmd(&script::RELEASE, true, &|cmd| {
+            self.release_args(cmd, key, token)
+        });
         let code: i64 = self.bounded(eval.query_async(&mut conn)).await?;
         answer(code)
+    }
+
+    /// Key count, key and arguments of the release script.
+    fn release_args(&self, cmd: &mut redis::Cmd, key: &LockKey, token: &Token) {
+        cmd.arg(1).arg(key.lease()).arg(token.as_bytes());
+        if self.announce_releases {
+            cmd.arg(key.released_channel());
+        }
     }
 
     /// Compare-and-`PEXPIRE` of many leases on this server, one script call per

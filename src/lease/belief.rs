@@ -184,9 +184,8 @@ impl LeaseState {
             ttl,
             outcome: Outcome::InFlight,
         });
-        let before = self.valid_until;
+        // Only lowers the deadline: a new or folded candidate is never less cautious.
         self.recompute();
-        self.valid_until = self.valid_until.min(before);
         op
     }
 
@@ -245,9 +244,8 @@ impl LeaseState {
                 self.candidates.push(folded);
             }
         }
-        let before = self.valid_until;
+        // Only lowers the deadline: a new or folded candidate is never less cautious.
         self.recompute();
-        self.valid_until = self.valid_until.min(before);
     }
 }
 

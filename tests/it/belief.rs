@@ -318,16 +318,8 @@ async fn concurrent_extends_never_leave_belief_above_the_server_ttl() {
     assert_belief_within_truth(&guard, &mut check, &key, "after both extends returned").await;
     // Once the server let the key go, another owner can take it: the guard must not
     // still believe it holds the lease.
-    support::eventually(
-        Duration::from_secs(5),
-        "the key expires on the server",
-        || {
-            let mut check = check.clone();
-            let key = key.clone();
-            async move { pttl(&mut check, &key).await == -2 }
-        },
-    )
-    .await;
+    // the key expires on the server.
+    support::wait_until_gone(&mut check, &key, Duration::from_secs(5)).await;
     let other = plain_manager(&node).await;
     let second = other
         .try_lock(&name)
@@ -400,7 +392,7 @@ async fn auto_extension_racing_a_shorter_extend_never_leaves_belief_above_the_se
 #[tokio::test]
 async fn try_lock_answered_after_its_ttl_fails_and_leaves_no_lease() {
     let node = RedisNode::start().await;
-    let check = node.conn().await;
+    let mut check = node.conn().await;
     let baseline = Baseline::take(&node).await;
     let (locks, hostile, shas) = hostile_manager(&node).await;
     let name = unique_key("late-acquire");
@@ -429,16 +421,8 @@ async fn try_lock_answered_after_its_ttl_fails_and_leaves_no_lease() {
         ),
     }
     drop(result);
-    support::eventually(
-        Duration::from_secs(3),
-        "the attempt's lease is gone",
-        || {
-            let mut check = check.clone();
-            let key = key.clone();
-            async move { pttl(&mut check, &key).await == -2 }
-        },
-    )
-    .await;
+    // the attempt's lease is gone.
+    support::wait_until_gone(&mut check, &key, Duration::from_secs(3)).await;
     drop(locks);
     drop(hostile);
     baseline.assert_settled(&node, SETTLE).await;
@@ -654,16 +638,8 @@ async fn max_hold_below_the_ttl_caps_the_lease() {
             .await
             .expect("lost() resolves after max_hold");
         assert_eq!(reason, LostReason::MaxHoldReached);
-        support::eventually(
-            Duration::from_secs(2),
-            "the key is gone after max_hold",
-            || {
-                let mut check = check.clone();
-                let key = key.clone();
-                async move { pttl(&mut check, &key).await == -2 }
-            },
-        )
-        .await;
+        // the key is gone after max_hold.
+        support::wait_until_gone(&mut check, &key, Duration::from_secs(2)).await;
         drop(guard);
     }
     drop(locks);
