@@ -5,7 +5,7 @@
 //! each other's updates; with it, every update lands.
 //!
 //! ```sh
-//! docker compose up -d && cargo run --example db_update
+//! scripts/redis-up.sh && cargo run --example db_update
 //! ```
 
 use std::time::Duration;

@@ -7,7 +7,7 @@
 //! `UPDATE records SET value = $1, fence = $2 WHERE id = $3 AND fence <= $2` in SQL.
 //!
 //! ```sh
-//! docker compose up -d && cargo run --example fenced_store
+//! scripts/redis-up.sh && cargo run --example fenced_store
 //! ```
 
 use std::time::Duration;

@@ -6,7 +6,7 @@
 //! executes the job, and sets the marker before releasing.
 //!
 //! ```sh
-//! docker compose up -d && cargo run --example job_scheduler
+//! scripts/redis-up.sh && cargo run --example job_scheduler
 //! ```
 
 use std::time::Duration;

@@ -2,7 +2,7 @@
 //! without releasing, another candidate takes over within the TTL.
 //!
 //! ```sh
-//! docker compose up -d && cargo run --example leader_election
+//! scripts/redis-up.sh && cargo run --example leader_election
 //! ```
 
 use std::sync::Arc;

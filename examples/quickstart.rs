@@ -1,7 +1,7 @@
 //! Take a lock, show that a second client cannot take it meanwhile, release it.
 //!
 //! ```sh
-//! docker compose up -d            # a Redis on 127.0.0.1:6379
+//! scripts/redis-up.sh            # a Redis in Docker on 127.0.0.1:6379
 //! cargo run --example quickstart  # or REDIS_URL=redis://host:port cargo run --example quickstart
 //! ```
 
@@ -10,7 +10,17 @@ use std::time::Duration;
 use distlock::{Error, LockManager, LockOptions};
 
 #[tokio::main]
-async fn main() -> Result<(), Box<dyn std::error::Error>> {
+async fn main() -> std::process::ExitCode {
+    match run().await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("quickstart: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run() -> Result<(), Box<dyn std::error::Error>> {
     let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
     // Two managers stand for two processes that share only the Redis server.
     let alice = LockManager::connect(&url).await?;

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 
-use crate::connect::{check_server, open_client};
+use crate::connect::{check_server, connect_failed, open_client};
 use crate::error::{Error, NodeOutcome, QuorumError, QuorumOperation, Result};
 use crate::key::validate_prefix;
 use crate::manager::LockManager;
@@ -194,10 +194,11 @@ impl LockManagerBuilder {
         let config = self.connection_config();
         let connect = ConnectionManager::new_with_config(client, config);
         let mut conn = match tokio::time::timeout(self.connect_timeout, connect).await {
-            Ok(conn) => conn?,
+            Ok(conn) => conn.map_err(|e| connect_failed(url, e))?,
             Err(_) => {
                 return Err(Error::timed_out(format!(
-                    "could not connect to Redis at {} within {:?}",
+                    "could not connect to Redis at {} within {:?} (no answer in time: check the \
+                     host and port, a firewall, or a paused server)",
                     crate::connect::redacted(url),
                     self.connect_timeout
                 )));

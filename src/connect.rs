@@ -82,6 +82,58 @@ pub(crate) async fn check_server<C: ConnectionLike + Send>(conn: &mut C, url: &s
     Ok(())
 }
 
+/// The error of a failed connection to `url`: the server's or the system's error, with the
+/// URL (password redacted) and the likely cause. The error keeps its kind, so
+/// [`Error::is_transient`] and redis-rs' `is_connection_refusal()` still answer as before.
+pub(crate) fn connect_failed(url: &str, err: redis::RedisError) -> Error {
+    let detail = match likely_cause(&err) {
+        Some(hint) => format!(
+            "could not connect to Redis at {}: {err} ({hint})",
+            redacted(url)
+        ),
+        None => format!("could not connect to Redis at {}: {err}", redacted(url)),
+    };
+    let io_kind = if err.is_connection_refusal() {
+        Some(std::io::ErrorKind::ConnectionRefused)
+    } else if err.is_timeout() {
+        Some(std::io::ErrorKind::TimedOut)
+    } else if err.is_io_error() {
+        Some(
+            std::error::Error::source(&err)
+                .and_then(|s| s.downcast_ref::<std::io::Error>())
+                .map_or(std::io::ErrorKind::Other, std::io::Error::kind),
+        )
+    } else {
+        None
+    };
+    Error::Redis(match io_kind {
+        Some(kind) => std::io::Error::new(kind, detail).into(),
+        None => redis::RedisError::from((err.kind(), "could not connect to Redis", detail)),
+    })
+}
+
+/// What a failed connection most likely means, in words a user can act on.
+fn likely_cause(err: &redis::RedisError) -> Option<&'static str> {
+    let text = err.to_string();
+    if err.is_connection_refusal() {
+        Some("nothing listens at that address: is the Redis server running, on that host and port?")
+    } else if err.is_timeout() {
+        Some("no answer in time: check the host and port, a firewall, or a paused server")
+    } else if text.contains("lookup") || text.contains("resolve") {
+        Some("the host name does not resolve")
+    } else if err.kind() == redis::ErrorKind::AuthenticationFailed
+        || text.contains("WRONGPASS")
+        || text.contains("NOAUTH")
+        || text.contains("invalid username-password")
+    {
+        Some("the server refused the credentials: check the user and password in the URL")
+    } else if text.contains("tls") || text.contains("TLS") || text.contains("certificate") {
+        Some("the TLS handshake failed: check the certificate and that the server speaks TLS")
+    } else {
+        None
+    }
+}
+
 /// Whether a `maxmemory-policy` can evict a lease key (a key with a TTL).
 fn evicts_leases(policy: &str) -> bool {
     policy.starts_with("allkeys-") || policy.starts_with("volatile-")
@@ -112,6 +164,36 @@ mod tests {
         assert_eq!(redacted("redis://secret@h"), "redis://***@h");
         assert_eq!(redacted("redis://h:6379"), "redis://h:6379");
         assert_eq!(redacted("not a url"), "not a url");
+    }
+
+    #[test]
+    fn connect_errors_name_the_url_and_the_cause_and_keep_their_kind() {
+        let refused: redis::RedisError =
+            std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "Connection refused").into();
+        let err = connect_failed("redis://u:secret@127.0.0.1:1/0", refused);
+        let text = err.to_string();
+        assert!(text.contains("redis://u:***@127.0.0.1:1/0"), "{text}");
+        assert!(!text.contains("secret"), "{text}");
+        assert!(text.contains("is the Redis server running"), "{text}");
+        assert!(
+            err.is_transient(),
+            "a refused connection stays transient: {text}"
+        );
+        let Error::Redis(inner) = &err else {
+            panic!("not a Redis error: {err:?}")
+        };
+        assert!(inner.is_connection_refusal(), "{text}");
+
+        let auth = redis::RedisError::from((
+            redis::ErrorKind::AuthenticationFailed,
+            "Password authentication failed",
+        ));
+        let err = connect_failed("redis://h:1", auth);
+        assert!(
+            err.to_string().contains("check the user and password"),
+            "{err}"
+        );
+        assert!(!err.is_transient(), "{err}");
     }
 
     #[test]

@@ -150,6 +150,18 @@
 //! network failure ([`Error::Redis`]), too few of several primaries answered
 //! ([`Error::Quorum`]), bad input ([`Error::InvalidArgument`]). No input makes distlock
 //! panic.
+//!
+//! # Requirements and cargo features
+//!
+//! - **tokio**: every call is an `async fn` on tokio's timers; a dropped guard hands its
+//!   release to the runtime the lease was taken on.
+//! - **Redis 7.0 or later** ([`MIN_REDIS_VERSION`]): [`LockManager::connect`] reads the
+//!   version and rejects older servers.
+//! - **Deployments**: one primary, or several independent primaries (Redlock).
+//!
+//! | feature | default | adds |
+//! |---|---|---|
+//! | `tls` | off | `rediss://` URLs, through rustls |
 #![deny(missing_docs)]
 #![warn(rust_2018_idioms, unreachable_pub)]
 

@@ -89,15 +89,27 @@ async fn paused_server_gives_a_redis_timeout_within_the_command_timeout() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn connecting_to_a_closed_port_fails_with_a_redis_error_in_bounded_time() {
-    let url = format!("redis://127.0.0.1:{}", free_port());
+async fn connecting_to_a_closed_port_fails_with_a_redis_error_naming_the_url_and_cause() {
+    let port = free_port();
+    let url = format!("redis://app:hunter2@127.0.0.1:{port}");
     let started = Instant::now();
     let result = LockManager::builder()
         .with_connect_timeout(Duration::from_secs(2))
         .connect(&url)
         .await;
-    assert!(matches!(result, Err(Error::Redis(_))), "got {result:?}");
     assert!(started.elapsed() < Duration::from_millis(2500));
+    let err = match result {
+        Err(err @ Error::Redis(_)) => err,
+        other => panic!("expected a Redis error, got {other:?}"),
+    };
+    let text = err.to_string();
+    assert!(
+        text.contains(&format!("redis://app:***@127.0.0.1:{port}")),
+        "the URL, password redacted: {text}"
+    );
+    assert!(!text.contains("hunter2"), "no password: {text}");
+    assert!(text.contains("is the Redis server running"), "the likely cause: {text}");
+    assert!(err.is_transient(), "still a connection error: {text}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -2,7 +2,8 @@
 //!
 //! `RedisNode::start()` picks the backend once per test binary:
 //! - `DISTLOCK_TEST_BACKEND=docker`: containers through `testcontainers`, image from
-//!   `DISTLOCK_REDIS_IMAGE` (default `redis:7`);
+//!   `DISTLOCK_REDIS_IMAGE` (default `redis:7`, or `distlock-redis:local` when only that
+//!   one is here);
 //! - `DISTLOCK_TEST_BACKEND=process`: `redis-server` processes on free loopback ports;
 //! - unset: Docker when an engine answers, processes otherwise.
 //!
@@ -87,8 +88,31 @@ fn docker_answers() -> bool {
         .unwrap_or(false)
 }
 
+/// `DISTLOCK_REDIS_IMAGE`; else `redis:7` when it is here already; else the image
+/// `scripts/build-redis-image.sh` (or `scripts/redis-up.sh`) built from the local
+/// redis-server, when it is here; else `redis:7`, pulled.
 fn image_name() -> String {
-    std::env::var("DISTLOCK_REDIS_IMAGE").unwrap_or_else(|_| "redis:7".to_owned())
+    static IMAGE: OnceLock<String> = OnceLock::new();
+    IMAGE
+        .get_or_init(|| {
+            if let Ok(image) = std::env::var("DISTLOCK_REDIS_IMAGE") {
+                return image;
+            }
+            let present = |image: &str| {
+                std::process::Command::new("docker")
+                    .args(["image", "inspect", image])
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .status()
+                    .is_ok_and(|s| s.success())
+            };
+            ["redis:7", "distlock-redis:local"]
+                .into_iter()
+                .find(|image| present(image))
+                .unwrap_or("redis:7")
+                .to_owned()
+        })
+        .clone()
 }
 
 fn redis_server_bin() -> String {
