@@ -3,14 +3,18 @@
 # shared libraries `ldd` lists for it (`FROM scratch`), for machines where no image
 # can be pulled. Prints the image name on its last line of output.
 #
-# Usage: scripts/build-redis-image.sh [IMAGE]   (default: distlock-redis:local)
-# Needs: docker, redis-server (Debian: `apt-get install redis-server`).
+# Usage: scripts/build-redis-image.sh [IMAGE [SERVER]]
+#   IMAGE   default: distlock-redis:local
+#   SERVER  the server binary, default: redis-server on the PATH. A `valkey-server`
+#           (scripts/fetch-valkey.sh) gives a Valkey image; inside, it is /usr/bin/redis-server
+#           either way, so containers start the same.
+# Needs: docker, redis-server (Debian: `apt-get install redis-server`) or the SERVER given.
 set -euo pipefail
 
 image=${1:-distlock-redis:local}
-server=$(command -v redis-server || true)
-if [ -z "$server" ]; then
-  echo "build-redis-image: redis-server not found (apt-get install redis-server)" >&2
+server=${2:-$(command -v redis-server || true)}
+if [ -z "$server" ] || [ ! -x "$server" ]; then
+  echo "build-redis-image: ${2:-redis-server} not found (apt-get install redis-server)" >&2
   exit 1
 fi
 

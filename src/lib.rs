@@ -156,7 +156,7 @@
 //! - **tokio**: every call is an `async fn` on tokio's timers; a dropped guard hands its
 //!   release to the runtime the lease was taken on.
 //! - **Redis 7.0 or later** ([`MIN_REDIS_VERSION`]): [`LockManager::connect`] reads the
-//!   version and rejects older servers.
+//!   version and rejects older servers. Valkey works too (tested on Valkey 9.1).
 //! - **Deployments**: one primary, or several independent primaries (Redlock).
 //!
 //! | feature | default | adds |

@@ -108,7 +108,10 @@ async fn connecting_to_a_closed_port_fails_with_a_redis_error_naming_the_url_and
         "the URL, password redacted: {text}"
     );
     assert!(!text.contains("hunter2"), "no password: {text}");
-    assert!(text.contains("is the Redis server running"), "the likely cause: {text}");
+    assert!(
+        text.contains("is the Redis server running"),
+        "the likely cause: {text}"
+    );
     assert!(err.is_transient(), "still a connection error: {text}");
 }
 

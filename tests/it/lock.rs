@@ -354,3 +354,32 @@ async fn binary_and_unusual_names_lock_independently() {
         guard.release().await.unwrap();
     }
 }
+
+/// CI runs this suite on Redis and on Valkey; `DISTLOCK_EXPECT_SERVER` (`redis` or
+/// `valkey`) makes sure the servers started are the ones asked for, not a silent fallback.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_servers_are_the_kind_ci_asked_for() {
+    let node = RedisNode::start().await;
+    let mut raw = node.conn().await;
+    let info: String = redis::cmd("INFO")
+        .arg("server")
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    let kind = if info.contains("server_name:valkey") {
+        "valkey"
+    } else {
+        "redis"
+    };
+    let version = info
+        .lines()
+        .find_map(|l| l.strip_prefix("redis_version:"))
+        .unwrap_or_default()
+        .trim();
+    eprintln!("server under test: {kind}, redis_version {version}");
+    let major: u32 = version.split('.').next().unwrap().parse().unwrap();
+    assert!(major >= 7, "distlock needs Redis 7 or later, got {version}");
+    if let Ok(expected) = std::env::var("DISTLOCK_EXPECT_SERVER") {
+        assert_eq!(kind, expected, "INFO server: {info}");
+    }
+}
