@@ -157,11 +157,13 @@
 //!   release to the runtime the lease was taken on.
 //! - **Redis 7.0 or later** ([`MIN_REDIS_VERSION`]): [`LockManager::connect`] reads the
 //!   version and rejects older servers. Valkey works too (tested on Valkey 9.1).
-//! - **Deployments**: one primary, or several independent primaries (Redlock).
+//! - **Deployments**: one primary, a primary with replicas behind Redis Sentinel (feature
+//!   `sentinel`), or several independent primaries (Redlock).
 //!
 //! | feature | default | adds |
 //! |---|---|---|
 //! | `tls` | off | `rediss://` URLs, through rustls |
+//! | `sentinel` | off | `LockManagerBuilder::connect_sentinel`: the primary found through Redis Sentinel, followed across failovers |
 #![deny(missing_docs)]
 #![warn(rust_2018_idioms, unreachable_pub)]
 
@@ -178,6 +180,8 @@ mod notify;
 mod options;
 pub mod protocol;
 mod redlock;
+#[cfg(feature = "sentinel")]
+mod sentinel;
 mod store;
 mod wait;
 

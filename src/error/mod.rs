@@ -130,7 +130,8 @@ impl Error {
     }
 
     /// `true` for an [`Error::Redis`] of the connection rather than of the request: refused,
-    /// dropped or timed out, or a server still loading its data after a restart. Trying
+    /// dropped or timed out, a server still loading its data after a restart, or one that is
+    /// no longer the primary (`READONLY`, `MASTERDOWN`: a failover in progress). Trying
     /// again after a pause may succeed; the waiting calls
     /// ([`lock`](crate::LockManager::lock) and friends) do so within their budget. Errors the
     /// server answered to the request itself (`WRONGTYPE`, `NOPERM`, a script error) are
@@ -146,7 +147,10 @@ impl Error {
             || matches!(
                 e.kind(),
                 redis::ErrorKind::Server(
-                    redis::ServerErrorKind::BusyLoading | redis::ServerErrorKind::TryAgain
+                    redis::ServerErrorKind::BusyLoading
+                        | redis::ServerErrorKind::TryAgain
+                        | redis::ServerErrorKind::ReadOnly
+                        | redis::ServerErrorKind::MasterDown
                 )
             )
     }

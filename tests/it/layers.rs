@@ -10,6 +10,7 @@ const LAYERS: &[&str] = &[
     "key",
     "backoff",
     "connect",
+    "sentinel",
     "protocol",
     "options",
     "store",

@@ -24,3 +24,5 @@ mod partition;
 mod redlock;
 mod restart;
 mod security;
+#[cfg(feature = "sentinel")]
+mod sentinel;

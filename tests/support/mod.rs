@@ -31,6 +31,7 @@ pub mod child;
 pub mod hostile;
 pub mod logs;
 pub mod proxy;
+pub mod sentinel;
 pub mod tls;
 
 use std::io::Write;
@@ -115,7 +116,7 @@ fn image_name() -> String {
         .clone()
 }
 
-fn redis_server_bin() -> String {
+pub(crate) fn redis_server_bin() -> String {
     std::env::var("DISTLOCK_REDIS_SERVER").unwrap_or_else(|_| "redis-server".to_owned())
 }
 
@@ -508,7 +509,7 @@ fn wait_exit(child: &mut Child, limit: Duration) -> bool {
     }
 }
 
-fn fresh_data_dir(port: u16) -> PathBuf {
+pub(crate) fn fresh_data_dir(port: u16) -> PathBuf {
     let dir = std::env::temp_dir().join(format!(
         "distlock-redis-{port}-{}",
         uuid::Uuid::new_v4().simple()
