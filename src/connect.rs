@@ -36,9 +36,14 @@ pub(crate) fn open_client(url: &str) -> Result<redis::Client> {
 pub const MIN_REDIS_VERSION: (u32, u32) = (7, 0);
 
 /// What `INFO` tells about a server that matters to leases: its version (rejected below
-/// [`MIN_REDIS_VERSION`]) and its eviction policy (warned about once when it may evict
-/// lease keys). A server that does not allow `INFO` is taken as it is.
-pub(crate) async fn check_server<C: ConnectionLike + Send>(conn: &mut C, url: &str) -> Result<()> {
+/// [`MIN_REDIS_VERSION`]), whether it is a cluster node (rejected unless `cluster`: a
+/// single-primary manager would get `MOVED` for most keys) and its eviction policy (warned
+/// about once when it may evict lease keys). A server that does not allow `INFO` is taken as it is.
+pub(crate) async fn check_server<C: ConnectionLike + Send>(
+    conn: &mut C,
+    url: &str,
+    cluster: bool,
+) -> Result<()> {
     let info: String = match redis::cmd("INFO").query_async(conn).await {
         Ok(info) => info,
         Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoPerm) => {
@@ -68,6 +73,16 @@ pub(crate) async fn check_server<C: ConnectionLike + Send>(conn: &mut C, url: &s
                 ),
             ));
         }
+    }
+    if !cluster && field("cluster_enabled") == Some("1") {
+        return Err(Error::invalid(
+            "url",
+            format!(
+                "{} is a Redis Cluster node: connect with LockManager::builder().connect_cluster(..) \
+                 (cargo feature `cluster`), which sends each lock to the primary of its slot",
+                redacted(url)
+            ),
+        ));
     }
     if let Some(policy) = field("maxmemory_policy")
         && evicts_leases(policy)

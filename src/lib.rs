@@ -158,11 +158,13 @@
 //! - **Redis 7.0 or later** ([`MIN_REDIS_VERSION`]): [`LockManager::connect`] reads the
 //!   version and rejects older servers. Valkey works too (tested on Valkey 9.1).
 //! - **Deployments**: one primary, a primary with replicas behind Redis Sentinel (feature
-//!   `sentinel`), or several independent primaries (Redlock).
+//!   `sentinel`), a Redis Cluster (feature `cluster`), or several independent primaries
+//!   (Redlock).
 //!
 //! | feature | default | adds |
 //! |---|---|---|
 //! | `tls` | off | `rediss://` URLs, through rustls |
+//! | `cluster` | off | `LockManagerBuilder::connect_cluster`: locks on a Redis Cluster |
 //! | `sentinel` | off | `LockManagerBuilder::connect_sentinel`: the primary found through Redis Sentinel, followed across failovers |
 #![deny(missing_docs)]
 #![warn(rust_2018_idioms, unreachable_pub)]
@@ -170,6 +172,8 @@
 mod auto_extend;
 mod backoff;
 mod builder;
+#[cfg(feature = "cluster")]
+mod cluster;
 mod connect;
 mod error;
 mod guard;

@@ -16,6 +16,7 @@ const LAYERS: &[&str] = &[
     "store",
     "lease",
     "redlock",
+    "cluster",
     "auto_extend",
     "notify",
     "guard",

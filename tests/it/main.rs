@@ -10,6 +10,8 @@ mod support;
 mod auto_extend;
 mod belief;
 mod cancellation;
+#[cfg(feature = "cluster")]
+mod cluster;
 mod drop;
 mod failures;
 mod fault_tools;

@@ -28,6 +28,7 @@
 #![allow(dead_code, unreachable_pub)]
 
 pub mod child;
+pub mod cluster;
 pub mod hostile;
 pub mod logs;
 pub mod proxy;

@@ -23,6 +23,8 @@ use crate::options::LockOptions;
 use crate::redlock::{Node, RedlockStore};
 use crate::store::{LeaseStore, RedisStore};
 
+mod deployments;
+
 /// The default key prefix: lock `jobs:nightly` lives at `distlock:{jobs:nightly}`.
 pub const DEFAULT_PREFIX: &str = "distlock:";
 
@@ -204,7 +206,7 @@ impl LockManagerBuilder {
                 )));
             }
         };
-        check_server(&mut conn, url).await?;
+        check_server(&mut conn, url, false).await?;
         self.build(conn)
     }
 
@@ -257,70 +259,6 @@ impl LockManagerBuilder {
             return Err(Error::invalid("timeout", "timeouts must be above zero"));
         }
         self.defaults.check(false).map(drop)
-    }
-
-    /// Connects to the primary a set of Redis Sentinels name for `primary`, and follows it
-    /// across failovers (cargo feature `sentinel`).
-    ///
-    /// `primary` is the service name the Sentinels monitor (`"mymaster"`), or a URL whose
-    /// host is that name and which carries the primary's credentials and database
-    /// (`"redis://app:secret@mymaster/0"`); the Sentinels' own credentials go in their URLs.
-    /// Every command goes to the server the Sentinels named last; after a failure a failover
-    /// explains (broken or silent link, `READONLY` from a demoted primary, `MASTERDOWN`) the
-    /// next command asks them again. Such failures are transient
-    /// ([`Error::is_transient`]): a waiting `lock` retries them within its budget.
-    ///
-    /// **What a failover does to leases.** Replication is asynchronous: a lease written
-    /// just before the primary failed may be missing on the promoted replica, and then a
-    /// second owner can take the lock. A manual failover (`SENTINEL FAILOVER`) waits for
-    /// the replica to catch up and loses nothing. Use fencing tokens where that matters.
-    ///
-    /// Release notifications subscribe on the primary found at connect; a replica receives
-    /// every publish too, so they keep working while that server lives (as primary or
-    /// replica), and waiters poll otherwise.
-    ///
-    /// # Errors
-    ///
-    /// [`Error::InvalidArgument`] for no Sentinel URL, a bad URL or an empty name;
-    /// [`Error::Redis`] when no Sentinel names a reachable primary within the connect
-    /// timeout.
-    ///
-    /// ```no_run
-    /// async fn demo() -> distlock::Result<()> {
-    ///     let locks = distlock::LockManager::builder()
-    ///         .connect_sentinel(
-    ///             ["redis://10.0.0.1:26379", "redis://10.0.0.2:26379", "redis://10.0.0.3:26379"],
-    ///             "mymaster",
-    ///         )
-    ///         .await?;
-    ///     locks.lock("jobs:nightly").await?.release().await
-    /// }
-    /// ```
-    #[cfg(feature = "sentinel")]
-    pub async fn connect_sentinel<I>(mut self, sentinels: I, primary: &str) -> Result<LockManager>
-    where
-        I: IntoIterator,
-        I::Item: AsRef<str>,
-    {
-        self.check()?;
-        let sentinels: Vec<String> = sentinels
-            .into_iter()
-            .map(|u| u.as_ref().to_owned())
-            .collect();
-        let (service, auth) = crate::sentinel::service_and_auth(primary)?;
-        let conn = crate::sentinel::SentinelConnection::connect(
-            sentinels,
-            &service,
-            auth,
-            self.connect_timeout,
-            self.command_timeout,
-        )
-        .await?;
-        if self.pubsub.is_none() {
-            self.pubsub = conn.primary_client();
-        }
-        self.connection_times_out = true;
-        self.build(conn)
     }
 
     /// Connects to N independent Redis primaries and builds a manager whose locks hold on

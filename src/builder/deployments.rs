@@ -1,0 +1,153 @@
+//! Constructors for the deployments behind cargo features: Redis Sentinel and Redis
+//! Cluster. Same builder, same configuration, one file so the builder stays readable.
+
+#[cfg(feature = "cluster")]
+use std::sync::Arc;
+
+#[cfg(any(feature = "sentinel", feature = "cluster"))]
+use super::LockManagerBuilder;
+#[cfg(feature = "cluster")]
+use crate::connect::{check_server, connect_failed, open_client};
+#[cfg(feature = "cluster")]
+use crate::error::Error;
+#[cfg(any(feature = "sentinel", feature = "cluster"))]
+use crate::error::Result;
+#[cfg(any(feature = "sentinel", feature = "cluster"))]
+use crate::manager::LockManager;
+#[cfg(feature = "cluster")]
+use crate::store::RedisStore;
+
+#[cfg(any(feature = "sentinel", feature = "cluster"))]
+impl LockManagerBuilder {
+    /// Connects to the primary a set of Redis Sentinels name for `primary`, and follows it
+    /// across failovers (cargo feature `sentinel`).
+    ///
+    /// `primary` is the service name the Sentinels monitor (`"mymaster"`), or a URL whose
+    /// host is that name and which carries the primary's credentials and database
+    /// (`"redis://app:secret@mymaster/0"`); the Sentinels' own credentials go in their URLs.
+    /// Every command goes to the server the Sentinels named last; after a failure a failover
+    /// explains (broken or silent link, `READONLY` from a demoted primary, `MASTERDOWN`) the
+    /// next command asks them again. Such failures are transient
+    /// ([`Error::is_transient`]): a waiting `lock` retries them within its budget.
+    ///
+    /// **What a failover does to leases.** Replication is asynchronous: a lease written
+    /// just before the primary failed may be missing on the promoted replica, and then a
+    /// second owner can take the lock. A manual failover (`SENTINEL FAILOVER`) waits for
+    /// the replica to catch up and loses nothing. Use fencing tokens where that matters.
+    ///
+    /// Release notifications subscribe on the primary found at connect; a replica receives
+    /// every publish too, so they keep working while that server lives (as primary or
+    /// replica), and waiters poll otherwise.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidArgument`] for no Sentinel URL, a bad URL or an empty name;
+    /// [`Error::Redis`] when no Sentinel names a reachable primary within the connect
+    /// timeout.
+    ///
+    /// ```no_run
+    /// async fn demo() -> distlock::Result<()> {
+    ///     let locks = distlock::LockManager::builder()
+    ///         .connect_sentinel(
+    ///             ["redis://10.0.0.1:26379", "redis://10.0.0.2:26379", "redis://10.0.0.3:26379"],
+    ///             "mymaster",
+    ///         )
+    ///         .await?;
+    ///     locks.lock("jobs:nightly").await?.release().await
+    /// }
+    /// ```
+    #[cfg(feature = "sentinel")]
+    pub async fn connect_sentinel<I>(mut self, sentinels: I, primary: &str) -> Result<LockManager>
+    where
+        I: IntoIterator,
+        I::Item: AsRef<str>,
+    {
+        self.check()?;
+        let sentinels: Vec<String> = sentinels
+            .into_iter()
+            .map(|u| u.as_ref().to_owned())
+            .collect();
+        let (service, auth) = crate::sentinel::service_and_auth(primary)?;
+        let conn = crate::sentinel::SentinelConnection::connect(
+            sentinels,
+            &service,
+            auth,
+            self.connect_timeout,
+            self.command_timeout,
+        )
+        .await?;
+        if self.pubsub.is_none() {
+            self.pubsub = conn.primary_client();
+        }
+        self.connection_times_out = true;
+        self.build(conn)
+    }
+
+    /// Connects to a Redis Cluster through any of its nodes (cargo feature `cluster`).
+    ///
+    /// One lock's keys share a hash tag, so each lock lives in one slot, on the primary
+    /// that owns it; commands follow `MOVED`/`ASK` redirections (redis-rs' cluster
+    /// connection). Auto-extension sends one call per slot per tick, never a `CROSSSLOT`
+    /// batch. Release notifications use classic pub/sub, which a cluster carries to every
+    /// node: the manager subscribes on the first node that answers.
+    ///
+    /// A failover in a cluster is asynchronous like any Redis replication: a lease written
+    /// just before its primary failed may be missing on the promoted replica.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidArgument`] for no URL or a bad one; [`Error::Redis`] when no node
+    /// answers within the connect timeout.
+    ///
+    /// ```no_run
+    /// async fn demo() -> distlock::Result<()> {
+    ///     let locks = distlock::LockManager::builder()
+    ///         .connect_cluster(["redis://10.0.0.1:7000", "redis://10.0.0.2:7000"])
+    ///         .await?;
+    ///     locks.lock("jobs:nightly").await?.release().await
+    /// }
+    /// ```
+    #[cfg(feature = "cluster")]
+    pub async fn connect_cluster<I>(mut self, urls: I) -> Result<LockManager>
+    where
+        I: IntoIterator,
+        I::Item: AsRef<str>,
+    {
+        self.check()?;
+        let urls: Vec<String> = urls.into_iter().map(|u| u.as_ref().to_owned()).collect();
+        let Some(first) = urls.first() else {
+            return Err(Error::invalid("url", "no cluster node URL given"));
+        };
+        let clients = urls
+            .iter()
+            .map(|u| open_client(u))
+            .collect::<Result<Vec<_>>>()?;
+        let infos: Vec<redis::ConnectionInfo> = clients
+            .iter()
+            .map(|c| c.get_connection_info().clone())
+            .collect();
+        let client = redis::cluster::ClusterClientBuilder::new(infos)
+            .connection_timeout(self.connect_timeout)
+            .response_timeout(self.command_timeout)
+            .build()
+            .map_err(|e| Error::invalid("url", e.to_string()))?;
+        let named = format!("{first} (cluster)");
+        let mut conn =
+            match tokio::time::timeout(self.connect_timeout, client.get_async_connection()).await {
+                Ok(conn) => conn.map_err(|e| connect_failed(&named, e))?,
+                Err(_) => {
+                    return Err(Error::timed_out(format!(
+                        "could not connect to the Redis Cluster at {} within {:?}",
+                        crate::connect::redacted(&named),
+                        self.connect_timeout
+                    )));
+                }
+            };
+        check_server(&mut conn, first, true).await?;
+        if self.pubsub.is_none() {
+            self.pubsub = clients.into_iter().next();
+        }
+        let store = RedisStore::new(conn, None, self.notify);
+        Ok(self.into_manager(Arc::new(crate::cluster::ClusterStore::new(store))))
+    }
+}

@@ -1,0 +1,224 @@
+//! A Redis Cluster of three primaries and three replicas, as processes on free loopback
+//! ports (on either test backend: the nodes announce the addresses they see, which only
+//! processes on the host share with the client). Created with `redis-cli --cluster create`.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use super::{free_port, fresh_data_dir, redis_server_bin};
+
+/// Three primaries and their replicas.
+pub struct Cluster {
+    ports: Vec<u16>,
+    children: Mutex<Vec<Child>>,
+    dirs: Vec<PathBuf>,
+}
+
+impl Cluster {
+    /// Starts six nodes, creates the cluster, and returns once every node says
+    /// `cluster_state:ok` and every replica is in sync.
+    pub async fn start() -> Cluster {
+        let ports: Vec<u16> = (0..6).map(|_| free_port()).collect();
+        let mut cluster = Cluster {
+            ports: ports.clone(),
+            children: Mutex::new(Vec::new()),
+            dirs: Vec::new(),
+        };
+        for &port in &ports {
+            let dir = fresh_data_dir(port);
+            let child = Command::new(redis_server_bin())
+                .args(["--bind", "127.0.0.1", "--protected-mode", "no"])
+                .args([
+                    "--port",
+                    &port.to_string(),
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                ])
+                .args(["--dir", dir.to_str().unwrap()])
+                .args(["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"])
+                .args(["--cluster-config-file", &format!("nodes-{port}.conf")])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap_or_else(|e| panic!("spawn {}: {e}", redis_server_bin()));
+            cluster.children.lock().unwrap().push(child);
+            cluster.dirs.push(dir);
+        }
+        for &port in &ports {
+            wait_for(&format!("node {port} answers"), || async move {
+                Some(info(port, "server").await.is_some())
+            })
+            .await;
+        }
+        let nodes: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        let created = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&nodes)
+            .args(["--cluster-replicas", "1", "--cluster-yes"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .output()
+            .expect("redis-cli (Debian: redis-tools, installed with redis-server)");
+        assert!(
+            created.status.success(),
+            "redis-cli --cluster create: {}",
+            String::from_utf8_lossy(&created.stderr)
+        );
+        for &port in &ports {
+            wait_for(&format!("node {port}: cluster_state:ok"), || async move {
+                let mut conn = conn(port).await?;
+                let info: String = redis::cmd("CLUSTER")
+                    .arg("INFO")
+                    .query_async(&mut conn)
+                    .await
+                    .ok()?;
+                Some(info.contains("cluster_state:ok"))
+            })
+            .await;
+            wait_for(
+                &format!("node {port} in sync if a replica"),
+                || async move {
+                    let info = info(port, "replication").await?;
+                    Some(info.contains("role:master") || info.contains("master_link_status:up"))
+                },
+            )
+            .await;
+        }
+        cluster
+    }
+
+    /// `redis://127.0.0.1:<port>` of every node.
+    pub fn urls(&self) -> Vec<String> {
+        self.ports
+            .iter()
+            .map(|p| format!("redis://127.0.0.1:{p}"))
+            .collect()
+    }
+
+    /// The ports of the nodes that are primaries now.
+    pub async fn primaries(&self) -> Vec<u16> {
+        let mut out = Vec::new();
+        for &port in &self.ports {
+            if info(port, "replication")
+                .await
+                .is_some_and(|i| i.contains("role:master"))
+            {
+                out.push(port);
+            }
+        }
+        out
+    }
+
+    /// The port of the primary that owns `key`'s slot (the slot ranges on the `myself`
+    /// line of each primary's `CLUSTER NODES`).
+    pub async fn owner(&self, key: &[u8]) -> u16 {
+        for port in self.primaries().await {
+            let mut conn = conn(port).await.expect("a node answers");
+            let slot: u16 = redis::cmd("CLUSTER")
+                .arg("KEYSLOT")
+                .arg(key)
+                .query_async(&mut conn)
+                .await
+                .expect("CLUSTER KEYSLOT");
+            let nodes: String = redis::cmd("CLUSTER")
+                .arg("NODES")
+                .query_async(&mut conn)
+                .await
+                .expect("CLUSTER NODES");
+            let mine = nodes.lines().find(|l| l.contains("myself")).unwrap_or("");
+            let owns = mine.split(' ').skip(8).any(|range| {
+                let mut bounds = range.split('-').map(|b| b.parse::<u16>());
+                match (bounds.next(), bounds.next()) {
+                    (Some(Ok(lo)), Some(Ok(hi))) => (lo..=hi).contains(&slot),
+                    (Some(Ok(one)), None) => one == slot,
+                    _ => false,
+                }
+            });
+            if owns {
+                return port;
+            }
+        }
+        panic!(
+            "no primary owns the slot of {}",
+            String::from_utf8_lossy(key)
+        );
+    }
+
+    /// How many times each primary ran `command` (lower case), from `INFO commandstats`.
+    pub async fn calls(&self, command: &str) -> u64 {
+        let mut total = 0;
+        for port in self.primaries().await {
+            let mut conn = conn(port).await.expect("a node answers");
+            total += super::command_calls(&mut conn, command).await;
+        }
+        total
+    }
+
+    /// A plain connection to one node, for assertions.
+    pub async fn node_conn(&self, port: u16) -> redis::aio::MultiplexedConnection {
+        conn(port).await.expect("the node answers")
+    }
+
+    /// Keys on every primary, summed (`DBSIZE`).
+    pub async fn keys(&self) -> u64 {
+        let mut total = 0;
+        for port in self.primaries().await {
+            let mut conn = conn(port).await.expect("a node answers");
+            let n: u64 = redis::cmd("DBSIZE").query_async(&mut conn).await.unwrap();
+            total += n;
+        }
+        total
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for child in self.children.get_mut().unwrap().iter_mut() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        for dir in &self.dirs {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+async fn conn(port: u16) -> Option<redis::aio::MultiplexedConnection> {
+    let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).ok()?;
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        client.get_multiplexed_async_connection(),
+    )
+    .await
+    .ok()?
+    .ok()
+}
+
+async fn info(port: u16, section: &str) -> Option<String> {
+    let mut conn = conn(port).await?;
+    redis::cmd("INFO")
+        .arg(section)
+        .query_async(&mut conn)
+        .await
+        .ok()
+}
+
+/// Polls `check` every 100 ms until it says `Some(true)`; panics after 60 s.
+async fn wait_for<F, Fut>(what: &str, check: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Option<bool>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if check().await == Some(true) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
