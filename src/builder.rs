@@ -224,6 +224,30 @@ impl LockManagerBuilder {
         Ok(self.into_manager(Arc::new(store)))
     }
 
+    /// Builds the manager on a connection pool you already have: a
+    /// [`deadpool_redis::Pool`] (feature `deadpool`) or a
+    /// `bb8::Pool<bb8_redis::RedisConnectionManager>` (feature `bb8`). Each command checks a
+    /// connection out and returns it when the reply is in; the
+    /// [command timeout](Self::with_command_timeout) bounds the checkout and the command
+    /// together, and an exhausted pool is a transient [`Error::Redis`] that says so. Waiters
+    /// poll unless [`with_notify_via`](Self::with_notify_via) gives a client to subscribe
+    /// with. See [`crate::pool`].
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidArgument`] for a bad prefix, timeout or default option.
+    #[cfg(any(feature = "deadpool", feature = "bb8"))]
+    pub fn build_pool<P>(self, pool: P) -> Result<LockManager>
+    where
+        P: crate::pool::ConnectionPool,
+    {
+        self.check()?;
+        let conn = crate::pool::Pooled::new(pool, self.command_timeout);
+        // The pooled connection bounds every command itself, checkout included.
+        let store = RedisStore::new(conn, None, self.notify);
+        Ok(self.into_manager(Arc::new(store)))
+    }
+
     /// The manager over any store: where its leases live is the store's business.
     fn into_manager(self, store: Arc<dyn LeaseStore>) -> LockManager {
         let notifier = match (self.notify, self.pubsub) {

@@ -150,6 +150,17 @@
 //! network failure ([`Error::Redis`]), too few of several primaries answered
 //! ([`Error::Quorum`]), bad input ([`Error::InvalidArgument`]). No input makes distlock
 //! panic.
+//!
+//! # Feature flags
+//!
+//! All off by default:
+//!
+//! | feature | what it adds |
+//! |---|---|
+//! | `tls` | `rediss://` URLs, through rustls |
+//! | `deadpool` | [`LockManagerBuilder::build_pool`] on a `deadpool_redis::Pool` (see the `pool` module) |
+//! | `bb8` | [`LockManagerBuilder::build_pool`] on a `bb8::Pool<bb8_redis::RedisConnectionManager>` (see the `pool` module) |
+//!
 #![deny(missing_docs)]
 #![warn(rust_2018_idioms, unreachable_pub)]
 
@@ -164,6 +175,8 @@ mod lease;
 mod manager;
 mod notify;
 mod options;
+#[cfg(any(feature = "deadpool", feature = "bb8"))]
+pub mod pool;
 pub mod protocol;
 mod redlock;
 mod store;

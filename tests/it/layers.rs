@@ -10,6 +10,7 @@ const LAYERS: &[&str] = &[
     "key",
     "backoff",
     "connect",
+    "pool",
     "protocol",
     "options",
     "store",

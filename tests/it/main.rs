@@ -21,6 +21,8 @@ mod mutual_exclusion;
 mod notify;
 mod notify_faults;
 mod partition;
+#[cfg(all(feature = "deadpool", feature = "bb8"))]
+mod pools;
 mod redlock;
 mod restart;
 mod security;

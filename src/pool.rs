@@ -1,0 +1,230 @@
+//! Locks on a connection pool your service already has (features `deadpool` and `bb8`).
+//!
+//! [`LockManagerBuilder::build_pool`](crate::LockManagerBuilder::build_pool) takes a
+//! [`deadpool_redis::Pool`] (feature `deadpool`) or a
+//! `bb8::Pool<bb8_redis::RedisConnectionManager>` (feature `bb8`): every [`ConnectionPool`].
+//! Each command distlock sends (an acquire, an extend, a release, a batch of
+//! auto-extensions) checks one connection out of the pool and returns it as soon as the
+//! reply is in; no connection is held between commands, and the pooled connection type
+//! needs no `Clone`.
+//!
+//! ```no_run
+//! # #[cfg(feature = "deadpool")]
+//! async fn demo() -> distlock::Result<()> {
+//!     use std::time::Duration;
+//!
+//!     let pool = deadpool_redis::Config::from_url("redis://127.0.0.1:6379")
+//!         .create_pool(Some(deadpool_redis::Runtime::Tokio1))
+//!         .expect("a valid pool configuration");
+//!     let locks = distlock::LockManager::builder()
+//!         .with_command_timeout(Duration::from_millis(500))
+//!         .build_pool(pool)?;
+//!     let guard = locks.lock("jobs:nightly").await?;
+//!     guard.release().await?;
+//!     Ok(())
+//! }
+//! ```
+//!
+//! # Time bounds and an exhausted pool
+//!
+//! The builder's [command timeout](crate::LockManagerBuilder::with_command_timeout) bounds
+//! the checkout and the command together, whatever the pool's own timeouts are (deadpool
+//! waits for a free connection forever unless configured otherwise). When no connection
+//! comes free in time the call fails with [`Error::Redis`](crate::Error::Redis) whose
+//! message says the pool is exhausted; it is a time-out
+//! ([`Error::is_transient`](crate::Error::is_transient)), so [`lock`](crate::LockManager::lock)
+//! and friends retry it within their wait budget like any connection failure, and
+//! [`try_lock`](crate::LockManager::try_lock) returns it at once. A connection that breaks
+//! mid-command fails that command only: the pool checks connections before handing them
+//! out (deadpool's recycle, bb8's `test_on_check_out`) and opens a new one.
+//!
+//! Size the pool for the lock traffic too: a service that holds every connection while it
+//! waits for a lock starves its own lock calls.
+//!
+//! # Release notifications
+//!
+//! A pool has no connection that can subscribe: waiters poll with the backoff policy
+//! unless you pass a client for one subscription connection per manager with
+//! [`with_notify_via`](crate::LockManagerBuilder::with_notify_via):
+//!
+//! ```no_run
+//! # #[cfg(feature = "deadpool")]
+//! fn demo(pool: deadpool_redis::Pool) -> distlock::Result<distlock::LockManager> {
+//!     let client = distlock::redis::Client::open("redis://127.0.0.1:6379")?;
+//!     distlock::LockManager::builder()
+//!         .with_notify_via(client)
+//!         .build_pool(pool)
+//! }
+//! ```
+
+use std::future::Future;
+use std::ops::DerefMut;
+use std::time::Duration;
+
+use redis::aio::{ConnectionLike, MultiplexedConnection};
+use redis::{Cmd, ErrorKind, Pipeline, RedisError, RedisFuture, Value};
+use tokio::time::Instant;
+
+use crate::error::timed_out;
+
+/// A connection pool a [`LockManager`](crate::LockManager) can run on: see the
+/// [module docs](self). Implemented for [`deadpool_redis::Pool`] (feature `deadpool`) and
+/// `bb8::Pool<bb8_redis::RedisConnectionManager>` (feature `bb8`); sealed.
+pub trait ConnectionPool: sealed::Source {}
+
+impl<P: sealed::Source> ConnectionPool for P {}
+
+use sealed::Checkout;
+
+mod sealed {
+    use super::*;
+
+    /// Why a pool gave no connection.
+    pub enum Checkout {
+        /// The pool's own wait for a free connection timed out.
+        Exhausted,
+        /// Opening (or checking) a connection failed.
+        Redis(RedisError),
+        /// The pool cannot be used (closed, misconfigured).
+        Unusable(String),
+    }
+
+    /// What distlock needs of a pool: a connection, and how full the pool is.
+    pub trait Source: Clone + Send + Sync + 'static {
+        /// A checked-out connection, returned to the pool when dropped.
+        type Conn: DerefMut<Target = MultiplexedConnection> + Send;
+
+        /// One connection out of the pool.
+        fn checkout(&self) -> impl Future<Output = Result<Self::Conn, Checkout>> + Send;
+
+        /// How full the pool is, for the exhaustion error.
+        fn usage(&self) -> String;
+    }
+}
+
+#[cfg(feature = "deadpool")]
+impl sealed::Source for deadpool_redis::Pool {
+    type Conn = deadpool_redis::Connection;
+
+    async fn checkout(&self) -> Result<Self::Conn, Checkout> {
+        use deadpool_redis::{PoolError, TimeoutType};
+        self.get().await.map_err(|e| match e {
+            PoolError::Timeout(TimeoutType::Wait) => Checkout::Exhausted,
+            PoolError::Timeout(TimeoutType::Create | TimeoutType::Recycle) => Checkout::Redis(
+                timed_out("timed out opening or checking a pooled connection"),
+            ),
+            PoolError::Backend(e) => Checkout::Redis(e),
+            other => Checkout::Unusable(other.to_string()),
+        })
+    }
+
+    fn usage(&self) -> String {
+        let status = self.status();
+        format!(
+            "{} of at most {} connections open, {} idle, {} callers waiting",
+            status.size, status.max_size, status.available, status.waiting
+        )
+    }
+}
+
+#[cfg(feature = "bb8")]
+impl sealed::Source for bb8::Pool<bb8_redis::RedisConnectionManager> {
+    type Conn = bb8::PooledConnection<'static, bb8_redis::RedisConnectionManager>;
+
+    async fn checkout(&self) -> Result<Self::Conn, Checkout> {
+        self.get_owned().await.map_err(|e| match e {
+            bb8::RunError::TimedOut => Checkout::Exhausted,
+            bb8::RunError::User(e) => Checkout::Redis(e),
+        })
+    }
+
+    fn usage(&self) -> String {
+        let state = self.state();
+        format!(
+            "{} of at most {} connections open, {} idle",
+            state.connections,
+            self.config().max_size,
+            state.idle_connections
+        )
+    }
+}
+
+/// A pool as one connection: each command checks a connection out, runs, and returns it;
+/// checkout and command together are bounded by `timeout`.
+#[derive(Clone)]
+pub(crate) struct Pooled<P> {
+    pool: P,
+    timeout: Duration,
+}
+
+impl<P: sealed::Source> Pooled<P> {
+    pub(crate) fn new(pool: P, timeout: Duration) -> Self {
+        Pooled { pool, timeout }
+    }
+
+    /// One connection out of the pool, and the deadline of the command to run on it.
+    async fn checkout(&self) -> redis::RedisResult<(P::Conn, Instant)> {
+        let started = Instant::now();
+        let deadline = started + self.timeout;
+        match tokio::time::timeout_at(deadline, self.pool.checkout()).await {
+            Ok(Ok(conn)) => Ok((conn, deadline)),
+            Ok(Err(Checkout::Redis(e))) => Err(e),
+            Ok(Err(Checkout::Unusable(why))) => Err(RedisError::from((
+                ErrorKind::Client,
+                "the connection pool cannot be used",
+                why,
+            ))),
+            Ok(Err(Checkout::Exhausted)) | Err(_) => Err(timed_out(format!(
+                "no connection from the pool within {:?}: the pool is exhausted ({})",
+                started.elapsed(),
+                self.pool.usage()
+            ))),
+        }
+    }
+
+    /// The reply of a command bounded by the deadline.
+    fn reply<T>(
+        &self,
+        reply: Result<redis::RedisResult<T>, tokio::time::error::Elapsed>,
+    ) -> redis::RedisResult<T> {
+        reply.unwrap_or_else(|_| {
+            Err(timed_out(format!(
+                "no reply from Redis within {:?}",
+                self.timeout
+            )))
+        })
+    }
+}
+
+impl<P: sealed::Source> ConnectionLike for Pooled<P> {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        Box::pin(async move {
+            // The connection goes back to the pool when this future ends or is dropped.
+            let (mut conn, deadline) = self.checkout().await?;
+            let reply = tokio::time::timeout_at(deadline, conn.req_packed_command(cmd)).await;
+            self.reply(reply)
+        })
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        Box::pin(async move {
+            let (mut conn, deadline) = self.checkout().await?;
+            let reply = tokio::time::timeout_at(
+                deadline,
+                conn.req_packed_commands(pipeline, offset, count),
+            )
+            .await;
+            self.reply(reply)
+        })
+    }
+
+    /// The pool's connections are the pool's business; distlock does not use this.
+    fn get_db(&self) -> i64 {
+        0
+    }
+}
