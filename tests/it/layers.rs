@@ -10,6 +10,7 @@ const LAYERS: &[&str] = &[
     "key",
     "backoff",
     "connect",
+    "metrics",
     "pool",
     "protocol",
     "options",

@@ -17,6 +17,8 @@ mod fencing;
 mod hostile;
 mod layers;
 mod lock;
+#[cfg(feature = "metrics")]
+mod metrics;
 mod mutual_exclusion;
 mod notify;
 mod notify_faults;
