@@ -171,7 +171,7 @@ impl LockManager {
         let result = self
             .wait_for_lock(key, options, auto_extend_default, started)
             .await;
-        crate::metrics::acquire(&result, started);
+        crate::metrics::acquire(&result, Some(started));
         result
     }
 
@@ -251,7 +251,7 @@ impl LockManager {
         key: impl AsRef<[u8]>,
         options: LockOptions,
     ) -> Result<LockGuard> {
-        let started = Instant::now();
+        let started = crate::metrics::now();
         let result = self.try_once(key.as_ref(), options).await;
         crate::metrics::acquire(&result, started);
         result

@@ -81,17 +81,26 @@ pub(crate) fn describe() {
 #[inline(always)]
 pub(crate) fn describe() {}
 
+/// The start of a call to time: `None` (no clock read) without the feature.
+#[inline(always)]
+pub(crate) fn now() -> Option<Instant> {
+    cfg!(feature = "metrics").then(Instant::now)
+}
+
 /// Counts one finished acquire call that started at `started`.
 #[cfg(feature = "metrics")]
-pub(crate) fn acquire<T>(result: &Result<T>, started: Instant) {
+pub(crate) fn acquire<T>(result: &Result<T>, started: Option<Instant>) {
     let outcome = outcome(result);
     metrics::counter!(ACQUIRE_TOTAL, "outcome" => outcome).increment(1);
-    metrics::histogram!(WAIT_SECONDS, "outcome" => outcome).record(started.elapsed().as_secs_f64());
+    if let Some(started) = started {
+        metrics::histogram!(WAIT_SECONDS, "outcome" => outcome)
+            .record(started.elapsed().as_secs_f64());
+    }
 }
 
 #[cfg(not(feature = "metrics"))]
 #[inline(always)]
-pub(crate) fn acquire<T>(result: &Result<T>, started: Instant) {
+pub(crate) fn acquire<T>(result: &Result<T>, started: Option<Instant>) {
     let _ = (result, started);
 }
 
