@@ -208,8 +208,9 @@ impl LockManagerBuilder {
     }
 
     /// Builds the manager on a connection you already have: a [`ConnectionManager`], a
-    /// [`MultiplexedConnection`](redis::aio::MultiplexedConnection), a pooled connection,
-    /// anything that implements [`ConnectionLike`] and is cheap to clone.
+    /// [`MultiplexedConnection`](redis::aio::MultiplexedConnection), anything that implements
+    /// [`ConnectionLike`] and is cheap to clone. For a deadpool or bb8 pool, see
+    /// `build_pool` (features `deadpool`, `bb8`).
     ///
     /// # Errors
     ///

@@ -158,8 +158,8 @@
 //! | feature | what it adds |
 //! |---|---|
 //! | `tls` | `rediss://` URLs, through rustls |
-//! | `deadpool` | [`LockManagerBuilder::build_pool`] on a `deadpool_redis::Pool` (see the `pool` module) |
-//! | `bb8` | [`LockManagerBuilder::build_pool`] on a `bb8::Pool<bb8_redis::RedisConnectionManager>` (see the `pool` module) |
+//! | `deadpool` | `LockManagerBuilder::build_pool` on a `deadpool_redis::Pool` (see the `pool` module) |
+//! | `bb8` | `LockManagerBuilder::build_pool` on a `bb8::Pool<bb8_redis::RedisConnectionManager>` (see the `pool` module) |
 //! | `metrics` | counters, histograms and a gauge through the `metrics` facade (below) |
 //!
 //! # Metrics
