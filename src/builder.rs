@@ -230,7 +230,8 @@ impl LockManagerBuilder {
     /// `bb8::Pool<bb8_redis::RedisConnectionManager>` (feature `bb8`). Each command checks a
     /// connection out and returns it when the reply is in; the
     /// [command timeout](Self::with_command_timeout) bounds the checkout and the command
-    /// together, and an exhausted pool is a transient [`Error::Redis`] that says so. Waiters
+    /// together, and an exhausted pool is a transient [`Error::Redis`] that says so
+    /// ([`pool::is_exhausted`](crate::pool::is_exhausted)). Waiters
     /// poll unless [`with_notify_via`](Self::with_notify_via) gives a client to subscribe
     /// with. See [`crate::pool`].
     ///

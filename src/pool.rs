@@ -30,9 +30,10 @@
 //! The builder's [command timeout](crate::LockManagerBuilder::with_command_timeout) bounds
 //! the checkout and the command together, whatever the pool's own timeouts are (deadpool
 //! waits for a free connection forever unless configured otherwise). When no connection
-//! comes free in time the call fails with [`Error::Redis`](crate::Error::Redis) whose
-//! message says the pool is exhausted; it is a time-out
-//! ([`Error::is_transient`](crate::Error::is_transient)), so [`lock`](crate::LockManager::lock)
+//! comes free in time the call fails with [`Error::Redis`] whose
+//! message says the pool is exhausted, its source a [`PoolExhausted`] ([`exhausted`] and
+//! [`is_exhausted`] find it); it is a time-out
+//! ([`Error::is_transient`]), so [`lock`](crate::LockManager::lock)
 //! and friends retry it within their wait budget like any connection failure, and
 //! [`try_lock`](crate::LockManager::try_lock) returns it at once. A connection that breaks
 //! mid-command fails that command only: the pool checks connections before handing them
@@ -57,6 +58,7 @@
 //! }
 //! ```
 
+use std::fmt;
 use std::future::Future;
 use std::ops::DerefMut;
 use std::time::Duration;
@@ -65,7 +67,7 @@ use redis::aio::{ConnectionLike, MultiplexedConnection};
 use redis::{Cmd, ErrorKind, Pipeline, RedisError, RedisFuture, Value};
 use tokio::time::Instant;
 
-use crate::error::timed_out;
+use crate::error::{Error, timed_out};
 
 /// A connection pool a [`LockManager`](crate::LockManager) can run on: see the
 /// [module docs](self). Implemented for [`deadpool_redis::Pool`] (feature `deadpool`) and
@@ -149,6 +151,71 @@ impl sealed::Source for bb8::Pool<bb8_redis::RedisConnectionManager> {
     }
 }
 
+/// The cause of the error a call gives when the pool had no free connection in time: the
+/// source of an [`Error::Redis`] that is a time-out (so
+/// [`Error::is_transient`]). Tell it apart with [`is_exhausted`].
+#[derive(Debug, Clone)]
+pub struct PoolExhausted {
+    waited: Duration,
+    usage: String,
+}
+
+impl PoolExhausted {
+    /// How long the call waited for a connection.
+    pub fn waited(&self) -> Duration {
+        self.waited
+    }
+}
+
+impl fmt::Display for PoolExhausted {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "no connection from the pool within {:?}: the pool is exhausted ({})",
+            self.waited, self.usage
+        )
+    }
+}
+
+impl std::error::Error for PoolExhausted {}
+
+impl From<PoolExhausted> for RedisError {
+    fn from(exhausted: PoolExhausted) -> Self {
+        std::io::Error::new(std::io::ErrorKind::TimedOut, exhausted).into()
+    }
+}
+
+/// The [`PoolExhausted`] behind `err`, if the pool had no free connection in time.
+///
+/// ```no_run
+/// # async fn demo(locks: distlock::LockManager) -> distlock::Result<()> {
+/// match locks.try_lock("jobs:nightly").await {
+///     Ok(guard) => guard.release().await?,
+///     Err(e) if distlock::pool::exhausted(&e).is_some() => eprintln!("pool too small: {e}"),
+///     Err(e) => return Err(e),
+/// }
+/// # Ok(()) }
+/// ```
+pub fn exhausted(err: &Error) -> Option<&PoolExhausted> {
+    use std::error::Error as _;
+    use std::sync::Arc;
+    let Error::Redis(e) = err else {
+        return None;
+    };
+    // redis-rs keeps the I/O error behind an `Arc`; the pool's error is its payload.
+    let source = e.source()?;
+    let io = match source.downcast_ref::<Arc<dyn std::error::Error + Send + Sync>>() {
+        Some(inner) => inner.downcast_ref::<std::io::Error>()?,
+        None => source.downcast_ref::<std::io::Error>()?,
+    };
+    io.get_ref()?.downcast_ref::<PoolExhausted>()
+}
+
+/// `true` when `err` says the pool had no free connection in time; see [`exhausted`].
+pub fn is_exhausted(err: &Error) -> bool {
+    exhausted(err).is_some()
+}
+
 /// A pool as one connection: each command checks a connection out, runs, and returns it;
 /// checkout and command together are bounded by `timeout`.
 #[derive(Clone)]
@@ -174,11 +241,11 @@ impl<P: sealed::Source> Pooled<P> {
                 "the connection pool cannot be used",
                 why,
             ))),
-            Ok(Err(Checkout::Exhausted)) | Err(_) => Err(timed_out(format!(
-                "no connection from the pool within {:?}: the pool is exhausted ({})",
-                started.elapsed(),
-                self.pool.usage()
-            ))),
+            Ok(Err(Checkout::Exhausted)) | Err(_) => Err(PoolExhausted {
+                waited: started.elapsed(),
+                usage: self.pool.usage(),
+            }
+            .into()),
         }
     }
 
@@ -226,5 +293,31 @@ impl<P: sealed::Source> ConnectionLike for Pooled<P> {
     /// The pool's connections are the pool's business; distlock does not use this.
     fn get_db(&self) -> i64 {
         0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_exhausted_pool_is_told_apart_from_other_time_outs() {
+        let err = Error::Redis(
+            PoolExhausted {
+                waited: Duration::from_millis(300),
+                usage: "1 of at most 1".into(),
+            }
+            .into(),
+        );
+        assert!(err.is_transient());
+        assert_eq!(
+            exhausted(&err).map(|e| e.waited()),
+            Some(Duration::from_millis(300))
+        );
+        assert!(
+            err.to_string()
+                .contains("the pool is exhausted (1 of at most 1)")
+        );
+        assert!(!is_exhausted(&Error::Redis(timed_out("no reply"))));
     }
 }

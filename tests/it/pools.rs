@@ -191,6 +191,8 @@ async fn exhausted_pool_fails_in_time(kind: Kind) {
     assert!(err.is_redis() && err.is_transient(), "{err:?}");
     assert!(!err.is_held_by_other(), "{err:?}");
     assert!(err.to_string().contains("pool is exhausted"), "{err}");
+    let exhausted = distlock::pool::exhausted(&err).expect("typed: PoolExhausted");
+    assert!(exhausted.waited() >= timeout - Duration::from_millis(20));
 
     // A waiting call retries within its budget, then gives the same error.
     let wait = Duration::from_millis(700);
@@ -205,7 +207,7 @@ async fn exhausted_pool_fails_in_time(kind: Kind) {
         "within the budget: {took:?}"
     );
     assert!(
-        err.is_transient() && err.to_string().contains("pool"),
+        err.is_transient() && distlock::pool::is_exhausted(&err),
         "{err}"
     );
 
@@ -257,6 +259,7 @@ async fn killed_connection_is_replaced(kind: Kind) {
     let (result, took) = attempt.await.unwrap();
     let err = result.expect_err("the connection died under the command");
     assert!(err.is_redis() && !err.is_held_by_other(), "{err:?}");
+    assert!(!distlock::pool::is_exhausted(&err), "{err:?}");
     assert!(took < Duration::from_secs(2), "failed at once: {took:?}");
     let _: () = redis::cmd("CLIENT")
         .arg("UNPAUSE")
