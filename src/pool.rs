@@ -101,6 +101,9 @@ mod sealed {
 
         /// How full the pool is, for the exhaustion error.
         fn usage(&self) -> String;
+
+        /// Every connection the pool may open is open and checked out.
+        fn full(&self) -> bool;
     }
 }
 
@@ -127,6 +130,11 @@ impl sealed::Source for deadpool_redis::Pool {
             status.size, status.max_size, status.available, status.waiting
         )
     }
+
+    fn full(&self) -> bool {
+        let status = self.status();
+        status.size >= status.max_size && status.available == 0
+    }
 }
 
 #[cfg(feature = "bb8")]
@@ -148,6 +156,11 @@ impl sealed::Source for bb8::Pool<bb8_redis::RedisConnectionManager> {
             self.config().max_size,
             state.idle_connections
         )
+    }
+
+    fn full(&self) -> bool {
+        let state = self.state();
+        state.connections >= self.config().max_size && state.idle_connections == 0
     }
 }
 
@@ -240,6 +253,12 @@ impl<P: sealed::Source> Pooled<P> {
                 ErrorKind::Client,
                 "the connection pool cannot be used",
                 why,
+            ))),
+            // Out of time with room in the pool: opening a connection is what took long.
+            Err(_) if !self.pool.full() => Err(timed_out(format!(
+                "no connection from the pool within {:?}: opening one did not finish ({})",
+                started.elapsed(),
+                self.pool.usage()
             ))),
             Ok(Err(Checkout::Exhausted)) | Err(_) => Err(PoolExhausted {
                 waited: started.elapsed(),

@@ -223,6 +223,35 @@ async fn exhausted_pool_fails_in_time(kind: Kind) {
     baseline.assert_settled(&node, Duration::from_secs(5)).await;
 }
 
+/// A server that accepts connections but does not answer (paused) with room in the pool:
+/// a time-out within the command timeout that is not reported as an exhausted pool.
+async fn a_connection_that_cannot_open_is_not_exhaustion(kind: Kind) {
+    let node = RedisNode::start().await;
+    let baseline = Baseline::take(&node).await;
+    let pool = Pool::new(kind, &node, 2).await;
+    let timeout = Duration::from_millis(300);
+    let locks = pool.manager(timeout);
+    let name = unique_key("pool-paused");
+
+    node.pause().await;
+    let started = Instant::now();
+    let err = locks.try_lock(&name).await.expect_err("no server answers");
+    let took = started.elapsed();
+    node.resume().await;
+    assert!(
+        took < timeout + Duration::from_millis(700),
+        "bounded: {took:?}"
+    );
+    assert!(err.is_transient(), "{err:?}");
+    assert!(!distlock::pool::is_exhausted(&err), "{err}");
+
+    let guard = locks.try_lock(&name).await.expect("the server is back");
+    guard.release().await.expect("release");
+    drop(locks);
+    drop(pool);
+    baseline.assert_settled(&node, Duration::from_secs(5)).await;
+}
+
 /// The pooled connection is killed while a command waits on it: that call fails with a
 /// connection error, and the pool replaces the connection for the next one.
 async fn killed_connection_is_replaced(kind: Kind) {
@@ -347,5 +376,6 @@ on_both_pools!(
     mutual_exclusion,
     exhausted_pool_fails_in_time,
     killed_connection_is_replaced,
+    a_connection_that_cannot_open_is_not_exhaustion,
     notifications_through_a_client_of_their_own,
 );
