@@ -304,8 +304,13 @@ impl Drop for LockGuard {
             return;
         }
         let lease = Arc::clone(&self.handle.lease);
-        // Counted as lost if it was found lost (or ran out) before the drop.
-        self.meter.end(|| lease.lost());
+        // Counted as lost if it was found lost (or ran out) before the drop; read without
+        // recording anything, so the lease's state is the same with metrics on or off.
+        self.meter.end(|| {
+            let state = lease.state();
+            let ran_out = Instant::now() >= state.valid_until;
+            state.lost.or(ran_out.then(|| state.deadline_reason()))
+        });
         // Whatever happens next, this holder has given the lease up.
         lease.mark_lost(LostReason::Released);
         // Released even when the lease was found lost or taken: the compare-and-delete

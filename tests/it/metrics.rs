@@ -262,3 +262,36 @@ async fn a_loss_found_in_the_background_is_counted_once() {
         .await
         .unwrap();
 }
+
+/// A lease that ran out while its guard lived is counted as expired when the guard goes,
+/// and nothing else is.
+#[tokio::test]
+async fn a_lease_that_ran_out_is_counted_expired_at_the_drop() {
+    let recorder = TestRecorder::default();
+    let _local = metrics::set_default_local_recorder(&recorder);
+    let node = RedisNode::start().await;
+    let locks = LockManager::connect(&node.url()).await.unwrap();
+    let name = unique_key("metrics-expired");
+
+    let guard = locks
+        .lock_with(
+            &name,
+            LockOptions::new().with_ttl(Duration::from_millis(50)),
+        )
+        .await
+        .expect("acquire");
+    tokio::time::sleep(Duration::from_millis(120)).await;
+    assert_eq!(recorder.gauge(HELD), 1.0, "nobody looked yet");
+    drop(guard);
+    assert_eq!(recorder.counter("distlock_lost_total{reason=expired}"), 1);
+    assert_eq!(recorder.gauge(HELD), 0.0);
+    assert!(
+        recorder
+            .samples("distlock_hold_seconds{ended=released}")
+            .is_empty()
+    );
+    assert_eq!(
+        recorder.samples("distlock_hold_seconds{ended=lost}").len(),
+        1
+    );
+}
