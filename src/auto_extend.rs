@@ -23,6 +23,7 @@ use tracing::Instrument;
 
 use crate::error::LostReason;
 use crate::lease::{Lease, OpId};
+use crate::metrics::Meter;
 use crate::options::Ttl;
 use crate::store::{Extension, LeaseStore, Verdict};
 
@@ -56,6 +57,8 @@ struct Entry {
     hold_until: Option<Instant>,
     /// When the lease was taken: how long it was held, for the log line of a loss.
     acquired_at: Instant,
+    /// Metrics of the lease: a loss found here is counted here.
+    meter: Meter,
 }
 
 /// Registration of one lease with the auto-extension task; dropping it stops the auto-extension.
@@ -112,6 +115,7 @@ impl AutoExtender {
         acquired_at: Instant,
         max_hold: Option<Duration>,
         runtime: &Handle,
+        meter: Meter,
     ) -> AutoExtension {
         lease.set_auto_extended(true);
         let entry = Entry {
@@ -119,6 +123,7 @@ impl AutoExtender {
             hold_until: max_hold.and_then(|hold| acquired_at.checked_add(hold)),
             acquired_at,
             lease,
+            meter,
         };
         let mut registry = self.inner.registry();
         let id = registry.next_id;
@@ -227,6 +232,7 @@ fn plan_at(registry: &mut Registry, now: Instant) -> Plan {
         None => true,
         Some(LostReason::Released) => false,
         Some(reason) => {
+            e.meter.lost(reason);
             tracing::warn!(
                 key = %e.lease.key,
                 %reason,
@@ -346,7 +352,11 @@ async fn extend_batch(inner: &Inner, mut batch: Vec<Item>) {
         match result {
             Ok(Verdict::Done) => {
                 if !lease.confirm_extend(op) {
-                    registry.entries.remove(&id);
+                    if let Some(entry) = registry.entries.remove(&id) {
+                        entry
+                            .meter
+                            .lost(lease.lost().unwrap_or(LostReason::Expired));
+                    }
                 } else if let Some(entry) = entry {
                     entry.not_before = None;
                 }
@@ -354,6 +364,7 @@ async fn extend_batch(inner: &Inner, mut batch: Vec<Item>) {
             Ok(Verdict::Lost(reason)) if reason != LostReason::NoQuorum => {
                 lease.mark_lost(reason);
                 if let Some(entry) = registry.entries.remove(&id) {
+                    entry.meter.lost(lease.lost().unwrap_or(reason));
                     tracing::warn!(
                         key = %lease.key,
                         %reason,
@@ -425,6 +436,7 @@ mod tests {
                     not_before: None,
                     hold_until: *hold_until,
                     acquired_at: Instant::now(),
+                    meter: Meter::default(),
                 },
             );
         }

@@ -12,6 +12,7 @@ use crate::auto_extend::AutoExtension;
 use crate::error::{Error, LostReason, Result};
 use crate::key::{LockKey, Token};
 use crate::lease::{Lease, LeaseHandle, PendingExtend};
+use crate::metrics::Meter;
 use crate::options::Ttl;
 use crate::store::{LeaseStore, Verdict};
 
@@ -40,6 +41,8 @@ pub struct LockGuard {
     extension: Option<AutoExtension>,
     /// `true` once the server answered a release: nothing is left to release.
     finished: bool,
+    /// Metrics of this lease (a no-op without the `metrics` feature).
+    meter: Meter,
 }
 
 impl LockGuard {
@@ -48,6 +51,7 @@ impl LockGuard {
         store: Arc<dyn LeaseStore>,
         runtime: Option<Handle>,
         extension: Option<AutoExtension>,
+        meter: Meter,
     ) -> Self {
         LockGuard {
             handle: LeaseHandle { lease },
@@ -55,6 +59,7 @@ impl LockGuard {
             runtime,
             extension,
             finished: false,
+            meter,
         }
     }
 
@@ -261,6 +266,7 @@ impl LockGuard {
             self.finished = true;
             self.judge(verdict, || {
                 lease.mark_lost(LostReason::Released);
+                self.meter.released();
                 tracing::debug!("released");
             })
         }
@@ -282,6 +288,7 @@ impl LockGuard {
     fn lose(&self, reason: LostReason) -> Error {
         let lease = self.lease();
         lease.mark_lost(reason);
+        self.meter.lost(reason);
         tracing::warn!(key = %lease.key, %reason, "lease lost");
         Error::Lost {
             key: lease.key.display(),
@@ -297,6 +304,13 @@ impl Drop for LockGuard {
             return;
         }
         let lease = Arc::clone(&self.handle.lease);
+        // Counted as lost if it was found lost (or ran out) before the drop; read without
+        // recording anything, so the lease's state is the same with metrics on or off.
+        self.meter.end(|| {
+            let state = lease.state();
+            let ran_out = Instant::now() >= state.valid_until;
+            state.lost.or(ran_out.then(|| state.deadline_reason()))
+        });
         // Whatever happens next, this holder has given the lease up.
         lease.mark_lost(LostReason::Released);
         // Released even when the lease was found lost or taken: the compare-and-delete

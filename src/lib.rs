@@ -161,11 +161,33 @@
 //!   `sentinel`), a Redis Cluster (feature `cluster`), or several independent primaries
 //!   (Redlock).
 //!
-//! | feature | default | adds |
-//! |---|---|---|
-//! | `tls` | off | `rediss://` URLs, through rustls |
-//! | `cluster` | off | `LockManagerBuilder::connect_cluster`: locks on a Redis Cluster |
-//! | `sentinel` | off | `LockManagerBuilder::connect_sentinel`: the primary found through Redis Sentinel, followed across failovers |
+//! All cargo features are off by default:
+//!
+//! | feature | what it adds |
+//! |---|---|
+//! | `tls` | `rediss://` URLs, through rustls |
+//! | `cluster` | `LockManagerBuilder::connect_cluster`: locks on a Redis Cluster |
+//! | `sentinel` | `LockManagerBuilder::connect_sentinel`: the primary found through Redis Sentinel, followed across failovers |
+//! | `deadpool` | `LockManagerBuilder::build_pool` on a `deadpool_redis::Pool` (see the `pool` module) |
+//! | `bb8` | `LockManagerBuilder::build_pool` on a `bb8::Pool<bb8_redis::RedisConnectionManager>` (see the `pool` module) |
+//! | `metrics` | counters, histograms and a gauge through the `metrics` facade (below) |
+//!
+//! # Metrics
+//!
+//! With the `metrics` feature, distlock records through the
+//! [`metrics`](https://docs.rs/metrics) facade into whatever recorder the application
+//! installed (a Prometheus exporter, for instance); with no recorder installed the calls
+//! do nothing, and without the feature they are not compiled in.
+//!
+//! | name | kind | labels | what |
+//! |---|---|---|---|
+//! | `distlock_acquire_total` | counter | `outcome`: `acquired`, `contended`, `timeout`, `error` | finished acquire calls: [`LockManager::lock`], [`try_lock`](LockManager::try_lock), their `_with` forms, and the acquire of [`with_lock`](LockManager::with_lock) |
+//! | `distlock_wait_seconds` | histogram | `outcome` (as above) | how long each of those calls took |
+//! | `distlock_lost_total` | counter | `reason`: `expired`, `taken`, `unreachable`, `max_hold_reached`, `no_quorum` | leases lost while held ([`LostReason`]), counted once per lease, when distlock finds the loss (an extend, a release, the auto-extension task, or the drop of a guard whose lease ran out) |
+//! | `distlock_hold_seconds` | histogram | `ended`: `released`, `lost` | how long each lease was held: from just before its acquire was sent to its release or drop, or to the moment its loss was found |
+//! | `distlock_held_leases` | gauge | none | leases held now: acquired and not yet released, dropped or found lost |
+//!
+//! No label carries the lock's name: names are unbounded, and so would the series be.
 #![deny(missing_docs)]
 #![warn(rust_2018_idioms, unreachable_pub)]
 
@@ -180,8 +202,11 @@ mod guard;
 mod key;
 mod lease;
 mod manager;
+mod metrics;
 mod notify;
 mod options;
+#[cfg(any(feature = "deadpool", feature = "bb8"))]
+pub mod pool;
 pub mod protocol;
 mod redlock;
 #[cfg(feature = "sentinel")]

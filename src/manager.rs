@@ -14,6 +14,7 @@ use crate::error::{Error, Result};
 use crate::guard::{LockGuard, release_in_background};
 use crate::key::{LockKey, Token};
 use crate::lease::{Lease, LeaseHandle};
+use crate::metrics::Meter;
 use crate::notify::Notifier;
 use crate::options::{Checked, LockOptions, Ttl};
 use crate::store::{Acquire, LeaseStore};
@@ -80,6 +81,7 @@ impl LockManager {
         prefix: Box<[u8]>,
         defaults: LockOptions,
     ) -> Self {
+        crate::metrics::describe();
         LockManager {
             shared: Arc::new(Shared {
                 auto_extender: AutoExtender::new(Arc::clone(&store)),
@@ -166,6 +168,21 @@ impl LockManager {
         auto_extend_default: bool,
     ) -> Result<LockGuard> {
         let started = Instant::now();
+        let result = self
+            .wait_for_lock(key, options, auto_extend_default, started)
+            .await;
+        crate::metrics::acquire(&result, Some(started));
+        result
+    }
+
+    /// [`lock_request`](Self::lock_request) without its metrics.
+    async fn wait_for_lock(
+        &self,
+        key: &[u8],
+        options: &LockOptions,
+        auto_extend_default: bool,
+        started: Instant,
+    ) -> Result<LockGuard> {
         let key = LockKey::new(&self.shared.prefix, key)?;
         let request = options.check(auto_extend_default)?;
         let deadline = started.checked_add(request.wait).ok_or_else(|| {
@@ -234,7 +251,15 @@ impl LockManager {
         key: impl AsRef<[u8]>,
         options: LockOptions,
     ) -> Result<LockGuard> {
-        let key = LockKey::new(&self.shared.prefix, key.as_ref())?;
+        let started = crate::metrics::now();
+        let result = self.try_once(key.as_ref(), options).await;
+        crate::metrics::acquire(&result, started);
+        result
+    }
+
+    /// [`try_lock_with`](Self::try_lock_with) without its metrics.
+    async fn try_once(&self, key: &[u8], options: LockOptions) -> Result<LockGuard> {
+        let key = LockKey::new(&self.shared.prefix, key)?;
         let request = options.check(false)?;
         let span = tracing::debug_span!(
             "distlock.try_lock",
@@ -391,12 +416,14 @@ impl LockManager {
             Acquire::Taken { fence } => {
                 tracing::debug!(token = token.short(), ?fence, "acquired");
                 let lease = Arc::new(Lease::new(key.clone(), token, fence, ttl, sent, replied));
+                let meter = Meter::start(sent);
                 let extension = match (&runtime, request.auto_extend) {
                     (Some(runtime), true) => Some(self.shared.auto_extender.register(
                         Arc::clone(&lease),
                         sent,
                         request.max_hold,
                         runtime,
+                        meter.clone(),
                     )),
                     _ => None,
                 };
@@ -405,6 +432,7 @@ impl LockManager {
                     Arc::clone(&self.shared.store),
                     runtime,
                     extension,
+                    meter,
                 )))
             }
             Acquire::Held { pttl } => Ok(Attempt::Held { pttl }),

@@ -211,8 +211,9 @@ impl LockManagerBuilder {
     }
 
     /// Builds the manager on a connection you already have: a [`ConnectionManager`], a
-    /// [`MultiplexedConnection`](redis::aio::MultiplexedConnection), a pooled connection,
-    /// anything that implements [`ConnectionLike`] and is cheap to clone.
+    /// [`MultiplexedConnection`](redis::aio::MultiplexedConnection), anything that implements
+    /// [`ConnectionLike`] and is cheap to clone. For a deadpool or bb8 pool, see
+    /// `build_pool` (features `deadpool`, `bb8`).
     ///
     /// # Errors
     ///
@@ -224,6 +225,31 @@ impl LockManagerBuilder {
         self.check()?;
         let timer = (!self.connection_times_out).then_some(self.command_timeout);
         let store = RedisStore::new(conn, timer, self.notify);
+        Ok(self.into_manager(Arc::new(store)))
+    }
+
+    /// Builds the manager on a connection pool you already have: a
+    /// [`deadpool_redis::Pool`] (feature `deadpool`) or a
+    /// `bb8::Pool<bb8_redis::RedisConnectionManager>` (feature `bb8`). Each command checks a
+    /// connection out and returns it when the reply is in; the
+    /// [command timeout](Self::with_command_timeout) bounds the checkout and the command
+    /// together, and an exhausted pool is a transient [`Error::Redis`] that says so
+    /// ([`pool::is_exhausted`](crate::pool::is_exhausted)). Waiters
+    /// poll unless [`with_notify_via`](Self::with_notify_via) gives a client to subscribe
+    /// with. See [`crate::pool`].
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidArgument`] for a bad prefix, timeout or default option.
+    #[cfg(any(feature = "deadpool", feature = "bb8"))]
+    pub fn build_pool<P>(self, pool: P) -> Result<LockManager>
+    where
+        P: crate::pool::ConnectionPool,
+    {
+        self.check()?;
+        let conn = crate::pool::Pooled::new(pool, self.command_timeout);
+        // The pooled connection bounds every command itself, checkout included.
+        let store = RedisStore::new(conn, None, self.notify);
         Ok(self.into_manager(Arc::new(store)))
     }
 

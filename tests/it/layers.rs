@@ -11,6 +11,8 @@ const LAYERS: &[&str] = &[
     "backoff",
     "connect",
     "sentinel",
+    "metrics",
+    "pool",
     "protocol",
     "options",
     "store",

@@ -19,10 +19,14 @@ mod fencing;
 mod hostile;
 mod layers;
 mod lock;
+#[cfg(feature = "metrics")]
+mod metrics;
 mod mutual_exclusion;
 mod notify;
 mod notify_faults;
 mod partition;
+#[cfg(all(feature = "deadpool", feature = "bb8"))]
+mod pools;
 mod redlock;
 mod restart;
 mod security;
