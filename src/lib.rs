@@ -203,6 +203,7 @@ mod key;
 mod lease;
 mod manager;
 mod metrics;
+mod multi;
 mod notify;
 mod options;
 #[cfg(any(feature = "deadpool", feature = "bb8"))]
@@ -228,6 +229,7 @@ pub use guard::LockGuard;
 pub use key::{MAX_KEY_LEN, MAX_PREFIX_LEN};
 pub use lease::LeaseHandle;
 pub use manager::LockManager;
+pub use multi::MultiGuard;
 pub use options::{LockOptions, MAX_TTL, MIN_TTL};
 
 // `redis` types appear in the public API (`Error::Redis`, `LockManager::new`).

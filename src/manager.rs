@@ -93,6 +93,11 @@ impl LockManager {
         }
     }
 
+    /// Whether `name` can name a lock of this manager (nothing is sent).
+    pub(crate) fn check_name(&self, name: &[u8]) -> Result<()> {
+        LockKey::new(&self.shared.prefix, name).map(drop)
+    }
+
     /// The options [`lock`](Self::lock) and [`try_lock`](Self::try_lock) use.
     pub fn default_options(&self) -> LockOptions {
         self.shared.defaults

@@ -24,6 +24,7 @@ const LAYERS: &[&str] = &[
     "guard",
     "wait",
     "manager",
+    "multi",
     "builder",
 ];
 

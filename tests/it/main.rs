@@ -21,6 +21,7 @@ mod layers;
 mod lock;
 #[cfg(feature = "metrics")]
 mod metrics;
+mod multi;
 mod mutual_exclusion;
 mod notify;
 mod notify_faults;
