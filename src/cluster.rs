@@ -108,6 +108,10 @@ impl LeaseStore for ClusterStore {
         self.inner.release_in_background(key, token)
     }
 
+    fn scripts(&self) -> Option<std::sync::Arc<dyn crate::store::ScriptRunner>> {
+        self.inner.scripts()
+    }
+
     fn extend_many<'a>(&'a self, batch: &'a [Extension]) -> BoxFuture<'a, Vec<Result<Verdict>>> {
         Box::pin(async move {
             let groups = by_slot(batch);

@@ -53,7 +53,9 @@ pub struct LockManager {
 struct Shared {
     store: Arc<dyn LeaseStore>,
     auto_extender: AutoExtender,
-    notifier: Option<Notifier>,
+    /// Shared with the managers derived from this one (semaphores): one subscription
+    /// connection for all.
+    notifier: Option<Arc<Notifier>>,
     prefix: Box<[u8]>,
     defaults: LockOptions,
 }
@@ -86,11 +88,35 @@ impl LockManager {
             shared: Arc::new(Shared {
                 auto_extender: AutoExtender::new(Arc::clone(&store)),
                 store,
-                notifier,
+                notifier: notifier.map(Arc::new),
                 prefix,
                 defaults,
             }),
         }
+    }
+
+    /// A manager over another store on the same connection (a semaphore's), with this
+    /// one's notifications and default options, and keys under `prefix`.
+    pub(crate) fn derived(&self, store: Arc<dyn LeaseStore>, prefix: Box<[u8]>) -> LockManager {
+        LockManager {
+            shared: Arc::new(Shared {
+                auto_extender: AutoExtender::new(Arc::clone(&store)),
+                store,
+                notifier: self.shared.notifier.clone(),
+                prefix,
+                defaults: self.shared.defaults,
+            }),
+        }
+    }
+
+    /// The store's scripts for other lease kinds, where it has them.
+    pub(crate) fn scripts(&self) -> Option<Arc<dyn crate::store::ScriptRunner>> {
+        self.shared.store.scripts()
+    }
+
+    /// The key prefix of this manager.
+    pub(crate) fn prefix(&self) -> &[u8] {
+        &self.shared.prefix
     }
 
     /// Whether `name` can name a lock of this manager (nothing is sent).
@@ -196,7 +222,7 @@ impl LockManager {
         let span =
             tracing::debug_span!("distlock.lock", key = %key, ttl_ms = request.ttl.as_millis());
         async {
-            let notifier = self.shared.notifier.as_ref();
+            let notifier = self.shared.notifier.as_deref();
             let delays = request.backoff.delays();
             let mut wait = Wait::new(&key, notifier, delays, started, deadline);
             loop {

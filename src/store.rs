@@ -7,6 +7,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use redis::aio::ConnectionLike;
@@ -99,6 +100,28 @@ pub(crate) trait LeaseStore: Send + Sync + 'static {
     /// Compare-and-`PEXPIRE` for many leases at once, in as few round trips as the store
     /// allows: one verdict (or error) per lease, in order.
     fn extend_many<'a>(&'a self, batch: &'a [Extension]) -> BoxFuture<'a, Vec<Result<Verdict>>>;
+
+    /// Scripts of other lease kinds (semaphore permits) on this store's connection, where
+    /// the store is one server (or one slot's server) per key; `None` where a lease spans
+    /// several independent servers.
+    fn scripts(&self) -> Option<Arc<dyn ScriptRunner>> {
+        None
+    }
+}
+
+/// Runs one of the protocol's scripts on the server of its keys: by SHA with a fallback to
+/// the body on `NOSCRIPT`, or by body (`by_body`, for background calls), under the store's
+/// command timeout. `call` appends the key count, keys and arguments.
+pub(crate) trait ScriptRunner: Send + Sync + 'static {
+    fn run<'a>(
+        &'a self,
+        script: &'static Script,
+        by_body: bool,
+        call: &'a (dyn Fn(&mut redis::Cmd) + Send + Sync),
+    ) -> BoxFuture<'a, redis::RedisResult<redis::Value>>;
+
+    /// Whether releases are announced to waiters (the store's setting).
+    fn announces(&self) -> bool;
 }
 
 /// One lease in a batch auto-extension.
@@ -122,6 +145,7 @@ fn fence_ttl_ms(ttl: Ttl) -> u64 {
 }
 
 /// Leases on one Redis primary, through any async connection.
+#[derive(Clone)]
 pub(crate) struct RedisStore<C> {
     conn: C,
     command_timeout: Option<Duration>,
@@ -425,5 +449,35 @@ where
                 .map(|answer| answer.map(Verdict::from))
                 .collect()
         })
+    }
+
+    fn scripts(&self) -> Option<Arc<dyn ScriptRunner>> {
+        Some(Arc::new(self.clone()))
+    }
+}
+
+impl<C> ScriptRunner for RedisStore<C>
+where
+    C: ConnectionLike + Clone + Send + Sync + 'static,
+{
+    fn run<'a>(
+        &'a self,
+        script: &'static Script,
+        by_body: bool,
+        call: &'a (dyn Fn(&mut redis::Cmd) + Send + Sync),
+    ) -> BoxFuture<'a, redis::RedisResult<redis::Value>> {
+        Box::pin(async move {
+            let mut conn = self.conn.clone();
+            if by_body {
+                let eval = script_cmd(script, true, call);
+                self.bounded(eval.query_async(&mut conn)).await
+            } else {
+                self.invoke(script, call, &mut conn).await
+            }
+        })
+    }
+
+    fn announces(&self) -> bool {
+        self.announce_releases
     }
 }

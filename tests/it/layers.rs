@@ -25,6 +25,7 @@ const LAYERS: &[&str] = &[
     "wait",
     "manager",
     "multi",
+    "semaphore",
     "builder",
 ];
 

@@ -31,5 +31,6 @@ mod pools;
 mod redlock;
 mod restart;
 mod security;
+mod semaphore;
 #[cfg(feature = "sentinel")]
 mod sentinel;
