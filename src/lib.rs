@@ -210,6 +210,7 @@ mod options;
 pub mod pool;
 pub mod protocol;
 mod redlock;
+mod rwlock;
 mod semaphore;
 #[cfg(feature = "sentinel")]
 mod sentinel;
@@ -232,6 +233,7 @@ pub use lease::LeaseHandle;
 pub use manager::LockManager;
 pub use multi::MultiGuard;
 pub use options::{LockOptions, MAX_TTL, MIN_TTL};
+pub use rwlock::RwLock;
 pub use semaphore::Semaphore;
 
 // `redis` types appear in the public API (`Error::Redis`, `LockManager::new`).

@@ -166,17 +166,78 @@ fn answer(value: &redis::Value) -> Result<NodeAnswer> {
     }
 }
 
-impl PermitStore {
-    async fn release_permit(&self, key: &LockKey, token: &Token, by_body: bool) -> Result<Verdict> {
-        let announce = self.scripts.announces();
+/// Gives a permit back (semaphore or read permit), announced when the store announces:
+/// to one waiter per manager, or to all of them with `wake_all` (read permits).
+pub(crate) async fn release_permit(
+    scripts: &dyn ScriptRunner,
+    key: &LockKey,
+    token: &Token,
+    by_body: bool,
+    wake_all: bool,
+) -> Result<Verdict> {
+    let announce = scripts.announces();
+    let call = |cmd: &mut redis::Cmd| {
+        cmd.arg(1).arg(key.lease()).arg(token.as_bytes());
+        if announce {
+            cmd.arg(key.released_channel())
+                .arg(if wake_all { "*" } else { "" });
+        }
+    };
+    let reply = scripts.run(&script::RELEASE, by_body, &call).await?;
+    answer(&reply).map(Verdict::from)
+}
+
+/// Extends many permits (semaphore or read permits) in one call per
+/// [`RENEWALS_PER_CALL`](crate::store::RENEWALS_PER_CALL); one verdict per permit.
+pub(crate) async fn extend_permits(
+    scripts: &dyn ScriptRunner,
+    batch: &[Extension],
+) -> Vec<Result<Verdict>> {
+    let mut out = Vec::with_capacity(batch.len());
+    for chunk in batch.chunks(crate::store::RENEWALS_PER_CALL) {
         let call = |cmd: &mut redis::Cmd| {
-            cmd.arg(1).arg(key.lease()).arg(token.as_bytes());
-            if announce {
-                cmd.arg(key.released_channel());
+            cmd.arg(chunk.len());
+            for extension in chunk {
+                cmd.arg(extension.key.lease());
+            }
+            for extension in chunk {
+                cmd.arg(extension.token.as_bytes())
+                    .arg(extension.ttl.as_millis());
             }
         };
-        let reply = self.scripts.run(&script::RELEASE, by_body, &call).await?;
-        answer(&reply).map(Verdict::from)
+        match scripts.run(&script::EXTEND, false, &call).await {
+            Ok(redis::Value::Array(codes)) if codes.len() == chunk.len() => {
+                out.extend(codes.iter().map(|c| answer(c).map(Verdict::from)));
+            }
+            Ok(other) => {
+                let err = Error::unexpected_reply(format!("extend returned {other:?}"));
+                out.extend(chunk.iter().map(|_| Err(err.clone())));
+            }
+            Err(e) => {
+                let err = Error::Redis(e);
+                out.extend(chunk.iter().map(|_| Err(err.clone())));
+            }
+        }
+    }
+    out
+}
+
+/// `{granted, value}` of an acquire script: a grant (with its fence when `fenced`) or how
+/// long to wait.
+pub(crate) fn grant(reply: redis::Value, fenced: bool) -> Result<Acquire> {
+    let (granted, value): (i64, i64) = redis::FromRedisValue::from_redis_value(reply)
+        .map_err(|e| Error::unexpected_reply(e.to_string()))?;
+    match granted {
+        1 if fenced => u64::try_from(value)
+            .map(|fence| Acquire::Taken { fence: Some(fence) })
+            .map_err(|_| Error::unexpected_reply(format!("fencing token {value}"))),
+        1 => Ok(Acquire::Taken { fence: None }),
+        0 => Ok(Acquire::Held {
+            pttl: u64::try_from(value)
+                .ok()
+                .map(std::time::Duration::from_millis),
+        }),
+        other => Err(Error::unexpected_reply(format!("acquire returned {other}"))),
     }
 }
 
@@ -200,20 +261,7 @@ impl LeaseStore for PermitStore {
                     .arg(fence_ttl_ms(ttl));
             };
             let reply = self.scripts.run(&script::ACQUIRE, false, &call).await?;
-            let (granted, value): (i64, i64) = redis::FromRedisValue::from_redis_value(reply)
-                .map_err(|e| Error::unexpected_reply(e.to_string()))?;
-            match granted {
-                1 if fenced => u64::try_from(value)
-                    .map(|fence| Acquire::Taken { fence: Some(fence) })
-                    .map_err(|_| Error::unexpected_reply(format!("fencing token {value}"))),
-                1 => Ok(Acquire::Taken { fence: None }),
-                0 => Ok(Acquire::Held {
-                    pttl: u64::try_from(value)
-                        .ok()
-                        .map(std::time::Duration::from_millis),
-                }),
-                other => Err(Error::unexpected_reply(format!("acquire returned {other}"))),
-            }
+            grant(reply, fenced)
         })
     }
 
@@ -227,27 +275,11 @@ impl LeaseStore for PermitStore {
         token: &'a Token,
         ttl: Ttl,
     ) -> BoxFuture<'a, Result<Verdict>> {
-        Box::pin(async move {
-            let call = |cmd: &mut redis::Cmd| {
-                cmd.arg(1)
-                    .arg(key.lease())
-                    .arg(token.as_bytes())
-                    .arg(ttl.as_millis());
-            };
-            let reply = self.scripts.run(&script::EXTEND, false, &call).await?;
-            match reply {
-                redis::Value::Array(codes) if codes.len() == 1 => {
-                    answer(&codes[0]).map(Verdict::from)
-                }
-                other => Err(Error::unexpected_reply(format!(
-                    "extend returned {other:?}"
-                ))),
-            }
-        })
+        Box::pin(extend_one(&*self.scripts, key, token, ttl))
     }
 
     fn release<'a>(&'a self, key: &'a LockKey, token: &'a Token) -> BoxFuture<'a, Result<Verdict>> {
-        Box::pin(self.release_permit(key, token, false))
+        Box::pin(release_permit(&*self.scripts, key, token, false, false))
     }
 
     fn release_in_background<'a>(
@@ -255,40 +287,29 @@ impl LeaseStore for PermitStore {
         key: &'a LockKey,
         token: &'a Token,
     ) -> BoxFuture<'a, Result<Verdict>> {
-        Box::pin(self.release_permit(key, token, true))
+        Box::pin(release_permit(&*self.scripts, key, token, true, false))
     }
 
     fn extend_many<'a>(&'a self, batch: &'a [Extension]) -> BoxFuture<'a, Vec<Result<Verdict>>> {
-        Box::pin(async move {
-            // One semaphore per store: every permit of the batch has the same key (one
-            // slot), so one call extends them all.
-            let mut out = Vec::with_capacity(batch.len());
-            for chunk in batch.chunks(crate::store::RENEWALS_PER_CALL) {
-                let call = |cmd: &mut redis::Cmd| {
-                    cmd.arg(chunk.len());
-                    for extension in chunk {
-                        cmd.arg(extension.key.lease());
-                    }
-                    for extension in chunk {
-                        cmd.arg(extension.token.as_bytes())
-                            .arg(extension.ttl.as_millis());
-                    }
-                };
-                match self.scripts.run(&script::EXTEND, false, &call).await {
-                    Ok(redis::Value::Array(codes)) if codes.len() == chunk.len() => {
-                        out.extend(codes.iter().map(|c| answer(c).map(Verdict::from)));
-                    }
-                    Ok(other) => {
-                        let err = Error::unexpected_reply(format!("extend returned {other:?}"));
-                        out.extend(chunk.iter().map(|_| Err(err.clone())));
-                    }
-                    Err(e) => {
-                        let err = Error::Redis(e);
-                        out.extend(chunk.iter().map(|_| Err(err.clone())));
-                    }
-                }
-            }
-            out
-        })
+        // One semaphore per store: every permit of the batch has the same key (one slot).
+        Box::pin(extend_permits(&*self.scripts, batch))
     }
+}
+
+/// Extends one permit.
+pub(crate) async fn extend_one(
+    scripts: &dyn ScriptRunner,
+    key: &LockKey,
+    token: &Token,
+    ttl: Ttl,
+) -> Result<Verdict> {
+    let batch = [Extension {
+        key: key.clone(),
+        token: *token,
+        ttl,
+    }];
+    extend_permits(scripts, &batch)
+        .await
+        .pop()
+        .unwrap_or_else(|| Err(Error::unexpected_reply("no answer for the permit")))
 }

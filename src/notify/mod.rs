@@ -157,6 +157,14 @@ impl Inner {
         }
     }
 
+    /// Wakes every waiter on `channel`: the release was announced for everyone (`*`).
+    fn wake_channel(&self, channel: &[u8]) {
+        let slots = self.state().queues.wake_channel(channel);
+        for slot in slots {
+            slot.wake.notify_one();
+        }
+    }
+
     /// Wakes everyone: the connection is gone and messages may have been missed.
     fn connection_lost(&self, failed: bool) {
         let slots = {

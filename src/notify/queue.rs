@@ -57,6 +57,17 @@ impl<T: Clone> Queues<T> {
         Some(slot)
     }
 
+    /// Hands a notification to every waiter in line on `channel` (a release that several
+    /// waiters can use at once: read permits); the caller wakes them.
+    pub(super) fn wake_channel(&mut self, channel: &[u8]) -> Vec<T> {
+        let Some(queue) = self.channels.get_mut(channel) else {
+            return Vec::new();
+        };
+        let drained: Vec<T> = queue.waiting.drain(..).collect();
+        queue.woken.extend(drained.iter().cloned());
+        drained
+    }
+
     /// Hands a notification to every waiter in line; the caller wakes them.
     pub(super) fn wake_all(&mut self) -> Vec<T> {
         let mut all = Vec::new();
@@ -279,6 +290,21 @@ mod tests {
         assert_eq!(q.remove(CH, |s| *s == 1), Some(2));
         assert_eq!(q.remove(CH, |s| *s == 2), None);
         assert!(!q.has_waiters(CH));
+    }
+
+    #[test]
+    fn a_release_for_everyone_wakes_every_waiter_of_its_channel_only() {
+        let mut q: Queues<u8> = Queues::default();
+        for i in 1..=3 {
+            q.enqueue(CH, i);
+        }
+        q.enqueue(b"other", 9);
+        assert_eq!(q.wake_channel(CH), vec![1, 2, 3]);
+        assert!(
+            !q.has_waiters(CH) || q.wake_one(CH).is_none(),
+            "nobody left in line"
+        );
+        assert_eq!(q.wake_one(b"other"), Some(9), "other channels untouched");
     }
 
     #[test]

@@ -26,6 +26,7 @@ const LAYERS: &[&str] = &[
     "manager",
     "multi",
     "semaphore",
+    "rwlock",
     "builder",
 ];
 

@@ -30,6 +30,7 @@ mod partition;
 mod pools;
 mod redlock;
 mod restart;
+mod rwlock;
 mod security;
 mod semaphore;
 #[cfg(feature = "sentinel")]
