@@ -183,7 +183,7 @@ pub use guard::LockGuard;
 pub use key::{MAX_KEY_LEN, MAX_PREFIX_LEN};
 pub use lease::LeaseHandle;
 pub use manager::LockManager;
-pub use options::{LockOptions, MAX_TTL, MIN_TTL};
+pub use options::{LockOptions, MAX_QUEUE_LEASE, MAX_TTL, MIN_QUEUE_LEASE, MIN_TTL};
 
 // `redis` types appear in the public API (`Error::Redis`, `LockManager::new`).
 pub use redis;

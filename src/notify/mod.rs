@@ -73,6 +73,9 @@ struct State {
 /// One waiting call.
 struct Slot {
     wake: Notify,
+    /// Fair mode: the waiter id its lock's queue in Redis knows it by. A release names the
+    /// waiter whose turn it is, and only that one is woken.
+    id: Option<Box<[u8]>>,
 }
 
 /// A registered waiter: wakes on a release of its lock, or when its bound passes.
@@ -106,9 +109,16 @@ impl Notifier {
     /// `None` when notifications are off for this manager (the server refused them) or no
     /// tokio runtime runs: the caller polls.
     pub(crate) fn register(&self, channel: &[u8]) -> Option<Waiter> {
+        self.register_as(channel, None)
+    }
+
+    /// [`register`](Self::register) for a waiter of a fair lock, known in the lock's queue
+    /// as `id`: a release that names `id` wakes this waiter.
+    pub(crate) fn register_as(&self, channel: &[u8], id: Option<&[u8]>) -> Option<Waiter> {
         let runtime = tokio::runtime::Handle::try_current().ok()?;
         let slot = Arc::new(Slot {
             wake: Notify::new(),
+            id: id.map(Into::into),
         });
         {
             let mut state = self.inner.state();
@@ -154,6 +164,28 @@ impl Inner {
         let slot = self.state().queues.wake_one(channel);
         if let Some(slot) = slot {
             slot.wake.notify_one();
+        }
+    }
+
+    /// A release on `channel` named `id` (fair mode): wakes that waiter if it waits here.
+    /// Nobody else is woken, here or in any other manager.
+    fn wake_id(&self, channel: &[u8], id: &[u8]) {
+        let slot = self
+            .state()
+            .queues
+            .find(channel, |s| s.id.as_deref() == Some(id));
+        if let Some(slot) = slot {
+            slot.wake.notify_one();
+        }
+    }
+
+    /// A message on `channel`: an empty one wakes this manager's first waiter, one that
+    /// names a waiter (fair mode) wakes that waiter only.
+    fn on_message(&self, channel: &[u8], payload: &[u8]) {
+        if payload.is_empty() {
+            self.wake_one(channel);
+        } else {
+            self.wake_id(channel, payload);
         }
     }
 

@@ -113,7 +113,7 @@ pub(super) async fn run(inner: Arc<Inner>, id: u64) {
             msg = next => match msg {
                 Some(msg) => {
                     if let Ok(channel) = msg.get_channel::<Vec<u8>>() {
-                        inner.wake_one(&channel);
+                        inner.on_message(&channel, msg.get_payload_bytes());
                     }
                 }
                 None => {

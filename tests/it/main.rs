@@ -12,6 +12,7 @@ mod belief;
 mod cancellation;
 mod drop;
 mod failures;
+mod fair;
 mod fault_tools;
 mod fencing;
 mod hostile;
