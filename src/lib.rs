@@ -84,6 +84,10 @@
 //!   resource.
 //! - **Every call is bounded in time**: by the wait budget, the command timeout
 //!   ([`LockManagerBuilder::with_command_timeout`]) and the connect timeout.
+//! - **Order among waiters**: first come, first served among the waiters of one manager;
+//!   across managers and processes only with [`LockOptions::with_fair`], which queues
+//!   waiters in Redis beside the lease (a crashed waiter holds the queue up for at most
+//!   its [entry lease](LockOptions::with_queue_lease)).
 //!
 //! # Several primaries (Redlock)
 //!
