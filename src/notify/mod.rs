@@ -4,7 +4,9 @@
 //! subscription connection per manager, owned by one background task, carries the
 //! subscriptions of all its waiters; a message wakes the longest-waiting waiter of that lock
 //! in this manager (first come, first served), not all of them. A waiter that loses the race
-//! again keeps its place at the front of the queue.
+//! again keeps its place at the front of the queue. In fair mode the queue that decides
+//! lives in Redis, and a release's message names the waiter at its head: that waiter is
+//! woken if it waits in this manager, and nobody else is, here or in any other manager.
 //!
 //! Waiters never do network I/O themselves and never wait on a lock held across it: they
 //! put themselves in a queue and tell the task which channels are wanted; the task
