@@ -131,6 +131,62 @@ async fn waiters_of_many_managers_are_served_in_arrival_order() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_wakes_only_the_head_not_a_waiter_per_manager() {
+    const MANAGERS: usize = 6;
+    let node = RedisNode::start().await;
+    let mut conn = node.conn().await;
+    let baseline = Baseline::take(&node).await;
+    let locks = managers(&node, MANAGERS + 1).await;
+    let name = unique_key("fair-herd");
+    // Long entry leases (refreshes every 20 s) and a slow backoff: any attempt within the
+    // test is a wake-up.
+    let opts = fair(Duration::from_secs(30))
+        .with_queue_lease(Duration::from_secs(60))
+        .with_backoff(
+            distlock::Backoff::new()
+                .with_base(Duration::from_secs(5))
+                .with_cap(Duration::from_secs(5))
+                .with_jitter(false),
+        );
+    let guard = locks[0].lock_with(&name, opts).await.unwrap();
+    let served = Arc::new(Mutex::new(Vec::new()));
+    let mut tasks = Vec::new();
+    for (i, m) in locks[1..].iter().enumerate() {
+        let (m, key, served) = (m.clone(), name.clone(), Arc::clone(&served));
+        tasks.push(tokio::spawn(async move {
+            let guard = m.lock_with(&key, opts).await.expect("served");
+            served.lock().unwrap().push(i);
+            tokio::time::sleep(Duration::from_millis(400)).await;
+            guard.release().await.expect("release");
+        }));
+        until_queued(&node, &name, i + 1).await;
+    }
+    // Every waiter has subscribed and made the attempt after it.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = support::evalsha_calls(&mut conn).await;
+    guard.release().await.unwrap();
+    support::eventually(Duration::from_secs(2), "the head is served", || {
+        let served = Arc::clone(&served);
+        async move { !served.lock().unwrap().is_empty() }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let calls = support::evalsha_calls(&mut conn).await - before;
+    // The release and the head's acquire; a waiter per manager would add five attempts.
+    assert_eq!(calls, 2, "scripts run after the release");
+    assert_eq!(*served.lock().unwrap(), vec![0]);
+    for task in tasks {
+        tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    assert_eq!(*served.lock().unwrap(), (0..MANAGERS).collect::<Vec<_>>());
+    drop(locks);
+    baseline.assert_settled(&node, Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nobody_barges_past_a_queue() {
     let node = RedisNode::start().await;
     let mut conn = node.conn().await;
