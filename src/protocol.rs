@@ -31,7 +31,8 @@
 //!   TTL in ms per lease.
 //! - **Fair mode** (`LockOptions::with_fair`): acquire with [`ACQUIRE_FAIR`] (queues the
 //!   caller in Redis when it must wait), release with [`RELEASE_FAIR`] (the announcement
-//!   names the next waiter), and [`LEAVE_QUEUE`] when a waiter gives up. A waiter's entry
+//!   names the next waiter, on the channel `<prefix>{<name>}:released:<manager id>` of the
+//!   manager it waits in), and [`LEAVE_QUEUE`] when a waiter gives up. A waiter's entry
 //!   is a short lease its retries refresh, so a crashed waiter holds up the queue for at
 //!   most that lease.
 //!
@@ -165,8 +166,10 @@ end
 return out
 "#;
 
-/// Drops the expired entries at the head of a fair lock's queue and sets `head` to the first
-/// live waiter id (or `nil`); `now_ms` is the server time in ms.
+/// Fair mode's Lua helpers: `head_of` drops the expired entries at the head of the queue
+/// and returns the first live waiter id (or `nil`); `announce` publishes a waiter id on the
+/// channel of its manager (`<channel>:<manager id>` for an id `<manager id>.<random>`, the
+/// lock's channel for an id without a dot); `server_ms` is the server time in ms.
 macro_rules! queue_head {
     () => {
         r#"
@@ -179,6 +182,11 @@ local function head_of(queue, expiries, now_ms)
     redis.call('ZREM', queue, first)
     redis.call('HDEL', expiries, first)
   end
+end
+local function announce(channel, head)
+  local at = string.find(head, '.', 1, true)
+  if at then channel = channel .. ':' .. string.sub(head, 1, at - 1) end
+  redis.pcall('PUBLISH', channel, head)
 end
 local function server_ms()
   local t = redis.call('TIME')
@@ -263,7 +271,9 @@ return {0, redis.call('PTTL', KEYS[1]), place}
 ///
 /// `KEYS[1]` lease key, `KEYS[2]` the queue, `KEYS[3]` the queue's entry expiries.
 /// `ARGV[1]` token, `ARGV[2]` (optional) the release channel. Expired entries at the head
-/// are dropped first; the message is the first live waiter id, or empty if nobody queues.
+/// are dropped first; the message is the first live waiter id, published on the channel of
+/// its manager (`<channel>:<manager id>` for an id `<manager id>.<random>`), or an empty
+/// message on the lock's channel if nobody queues.
 /// Result codes as for [`RELEASE`].
 pub const RELEASE_FAIR: &str = concat!(
     queue_head!(),
@@ -272,7 +282,7 @@ if v == ARGV[1] then
   redis.call('DEL', KEYS[1])
   if ARGV[2] then
     local head = head_of(KEYS[2], KEYS[3], server_ms())
-    redis.pcall('PUBLISH', ARGV[2], head or '')
+    if head then announce(ARGV[2], head) else redis.pcall('PUBLISH', ARGV[2], '') end
   end
   return 1
 elseif v then
@@ -295,7 +305,7 @@ local removed = redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('HDEL', KEYS[3], ARGV[1])
 if first == ARGV[1] and ARGV[2] and redis.call('EXISTS', KEYS[1]) == 0 then
   local head = head_of(KEYS[2], KEYS[3], server_ms())
-  if head then redis.pcall('PUBLISH', ARGV[2], head) end
+  if head then announce(ARGV[2], head) end
 end
 return removed
 "#

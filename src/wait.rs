@@ -58,6 +58,9 @@ pub(crate) struct Wait<'a> {
     notifier: Option<&'a Notifier>,
     /// Fair mode: the caller's place in the lock's queue in Redis.
     queue: Option<InQueue<'a>>,
+    /// Fair mode: the channel the next waiter of this manager is announced on,
+    /// `<release channel>:<manager id>`.
+    own_channel: Option<Vec<u8>>,
     started: Instant,
     deadline: Instant,
     delays: Delays,
@@ -93,6 +96,9 @@ impl<'a> Wait<'a> {
             key,
             notifier,
             queue,
+            own_channel: notifier
+                .filter(|_| queue.is_some())
+                .map(|n| [key.released_channel(), b":", n.id()].concat()),
             started,
             deadline,
             delays,
@@ -166,8 +172,12 @@ impl<'a> Wait<'a> {
         }
         if self.waiter.is_none()
             && let Some(notifier) = self.notifier
-            && let Some(registered) =
-                notifier.register_as(self.key.released_channel(), self.queue.map(|q| q.id))
+            && let Some(registered) = notifier.register_as(
+                self.own_channel
+                    .as_deref()
+                    .unwrap_or(self.key.released_channel()),
+                self.queue.map(|q| q.id),
+            )
         {
             // Subscribe, then try again at once. The subscription is waited for no longer
             // than the poll would be; until it is confirmed, this waiter polls.

@@ -43,6 +43,9 @@ pub(crate) struct Notifier {
 }
 
 struct Inner {
+    /// This manager's id (16 hex digits): fair mode's releases announce the next waiter on
+    /// the lock's channel for its manager, `<channel>:<id>`, so only that manager hears it.
+    id: [u8; 16],
     client: redis::Client,
     connect_timeout: Duration,
     timeout: Duration,
@@ -89,8 +92,12 @@ pub(crate) struct Waiter {
 
 impl Notifier {
     pub(crate) fn new(client: redis::Client, connect_timeout: Duration, timeout: Duration) -> Self {
+        let mut id = [0u8; 16];
+        let random = uuid::Uuid::new_v4().simple().to_string();
+        id.copy_from_slice(&random.as_bytes()[..16]);
         Notifier {
             inner: Arc::new(Inner {
+                id,
                 client,
                 connect_timeout,
                 timeout,
@@ -99,6 +106,11 @@ impl Notifier {
                 changed: Notify::new(),
             }),
         }
+    }
+
+    /// This manager's id, for fair mode's waiter ids and channels.
+    pub(crate) fn id(&self) -> &[u8] {
+        &self.inner.id
     }
 
     /// Whether callers of this manager already wait for the lock announced on `channel`.

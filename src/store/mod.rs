@@ -127,7 +127,7 @@ pub(crate) trait LeaseStore: Send + Sync + 'static {
     fn leave_queue<'a>(
         &'a self,
         _key: &'a LockKey,
-        _waiter: &'a Token,
+        _waiter: &'a [u8],
     ) -> BoxFuture<'a, Result<()>> {
         Box::pin(std::future::ready(Err(no_queue())))
     }
@@ -487,7 +487,7 @@ where
         Box::pin(self.acquire_queued_here(key, token, ttl, fenced, queue))
     }
 
-    fn leave_queue<'a>(&'a self, key: &'a LockKey, waiter: &'a Token) -> BoxFuture<'a, Result<()>> {
+    fn leave_queue<'a>(&'a self, key: &'a LockKey, waiter: &'a [u8]) -> BoxFuture<'a, Result<()>> {
         Box::pin(self.leave_queue_here(key, waiter))
     }
 

@@ -24,8 +24,10 @@ pub(crate) fn no_queue() -> Error {
 /// Fair mode: how one attempt uses the lock's waiter queue.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Queue<'a> {
-    /// The caller's id in the queue: one per waiting call, not the lease token.
-    pub(crate) waiter: &'a Token,
+    /// The caller's id in the queue: one per waiting call, not the lease token;
+    /// `<manager id>.<random>` when the manager listens for releases, so the release
+    /// announces the head on that manager's own channel.
+    pub(crate) waiter: &'a [u8],
     /// How long the caller's entry lasts unless refreshed.
     pub(crate) lease: Duration,
     /// Join the queue if the caller must wait (a waiting call); `false`: one attempt that
@@ -63,7 +65,7 @@ where
                 .arg(token.as_bytes())
                 .arg(ttl.as_millis())
                 .arg(fence_ttl)
-                .arg(queue.waiter.as_bytes())
+                .arg(queue.waiter)
                 .arg(entry_ms)
                 .arg(if queue.join { 1 } else { 0 });
         };
@@ -85,15 +87,11 @@ where
 
     /// Fair mode: `waiter` leaves the queue of `key` on this server ([`script::LEAVE_QUEUE`]),
     /// sent by body like a background release.
-    pub(crate) async fn leave_queue_here(&self, key: &LockKey, waiter: &Token) -> Result<()> {
+    pub(crate) async fn leave_queue_here(&self, key: &LockKey, waiter: &[u8]) -> Result<()> {
         let mut conn = self.conn.clone();
         let (q, qx) = (key.queue(), key.queue_expiry());
         let eval = script_cmd(&script::LEAVE_QUEUE, true, &|cmd| {
-            cmd.arg(3)
-                .arg(key.lease())
-                .arg(&q)
-                .arg(&qx)
-                .arg(waiter.as_bytes());
+            cmd.arg(3).arg(key.lease()).arg(&q).arg(&qx).arg(waiter);
             if self.announce_releases {
                 cmd.arg(key.released_channel());
             }

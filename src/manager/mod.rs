@@ -11,13 +11,17 @@ use tracing::Instrument;
 
 use crate::auto_extend::AutoExtender;
 use crate::error::{Error, Result};
-use crate::guard::{LockGuard, release_in_background};
+use crate::guard::LockGuard;
 use crate::key::{LockKey, Token};
 use crate::lease::{Lease, LeaseHandle};
 use crate::notify::Notifier;
-use crate::options::{Checked, LockOptions, Ttl};
+use crate::options::{Checked, LockOptions};
 use crate::store::{Acquire, LeaseStore, Queue, no_queue};
 use crate::wait::{InQueue, Wait};
+
+mod cleanup;
+
+use cleanup::{PendingAcquire, QueueEntry, waiter_id};
 
 /// Takes and hands out leases on one Redis server.
 ///
@@ -178,30 +182,30 @@ impl LockManager {
             let delays = request.backoff.delays();
             // Fair mode: one id per call in the lock's queue in Redis, and an entry that
             // leaves the queue (in the background) however the call ends without the lock.
-            let waiter = request.fair.map(|_| Token::generate());
+            let waiter = request.fair.map(|_| waiter_id(notifier));
             let runtime = Handle::try_current().ok();
-            let mut entry = waiter.map(|id| QueueEntry {
+            let mut entry = waiter.as_ref().map(|id| QueueEntry {
                 store: &self.shared.store,
                 key: &key,
-                id,
+                id: id.clone(),
                 runtime: runtime.as_ref(),
                 armed: true,
             });
             let in_queue = waiter
-                .as_ref()
+                .as_deref()
                 .zip(request.fair)
-                .map(|(id, lease)| InQueue {
-                    id: id.as_bytes(),
-                    lease,
-                });
+                .map(|(id, lease)| InQueue { id, lease });
             let mut wait = Wait::new(&key, notifier, in_queue, delays, started, deadline);
             loop {
                 if wait.attempt_now() {
-                    let queue = waiter.as_ref().zip(request.fair).map(|(id, lease)| Queue {
-                        waiter: id,
-                        lease,
-                        join: true,
-                    });
+                    let queue = waiter
+                        .as_deref()
+                        .zip(request.fair)
+                        .map(|(id, lease)| Queue {
+                            waiter: id,
+                            lease,
+                            join: true,
+                        });
                     match self.attempt(&key, &request, queue).await {
                         Ok(Attempt::Taken(guard)) => {
                             // The acquire took the caller out of the queue.
@@ -273,7 +277,7 @@ impl LockManager {
             // queues for it, and leaves no entry.
             let waiter = Token::generate();
             let queue = request.fair.map(|lease| Queue {
-                waiter: &waiter,
+                waiter: waiter.as_bytes(),
                 lease,
                 join: false,
             });
@@ -469,76 +473,5 @@ impl LockManager {
             }
             Acquire::Held { pttl } => Ok(Attempt::Held { pttl }),
         }
-    }
-}
-
-/// Cleans up after an acquire whose outcome is unknown: dropped mid-flight, or failed
-/// after the command may have reached the server. The compare-and-delete only removes a
-/// lease carrying this attempt's token, so it can never hurt another owner.
-struct PendingAcquire<'a> {
-    store: &'a Arc<dyn LeaseStore>,
-    key: &'a LockKey,
-    token: Token,
-    ttl: Ttl,
-    runtime: Option<&'a Handle>,
-    armed: bool,
-}
-
-impl Drop for PendingAcquire<'_> {
-    fn drop(&mut self) {
-        if !self.armed {
-            return;
-        }
-        let Some(runtime) = self.runtime else {
-            return;
-        };
-        tracing::debug!(
-            key = %self.key,
-            token = self.token.short(),
-            "acquire abandoned; releasing in the background"
-        );
-        release_in_background(
-            runtime,
-            Arc::clone(self.store),
-            self.key.clone(),
-            self.token,
-            self.ttl.as_duration(),
-        );
-    }
-}
-
-/// Fair mode: the caller's entry in the lock's queue in Redis, while it waits. Dropped
-/// armed (the call timed out, failed or was cancelled at any await), it hands the removal
-/// of the entry to the background; if that fails too, the entry expires with its lease.
-struct QueueEntry<'a> {
-    store: &'a Arc<dyn LeaseStore>,
-    key: &'a LockKey,
-    id: Token,
-    runtime: Option<&'a Handle>,
-    armed: bool,
-}
-
-impl Drop for QueueEntry<'_> {
-    fn drop(&mut self) {
-        if !self.armed {
-            return;
-        }
-        let Some(runtime) = self.runtime else {
-            return;
-        };
-        let (store, key, id) = (Arc::clone(self.store), self.key.clone(), self.id);
-        let span = tracing::debug_span!("distlock.leave_queue", key = %key, waiter = id.short());
-        runtime.spawn(
-            async move {
-                match store.leave_queue(&key, &id).await {
-                    Ok(()) => tracing::debug!("left the queue"),
-                    Err(e) => tracing::debug!(
-                        error = %e,
-                        "could not leave the queue; the entry expires with its lease"
-                    ),
-                }
-            }
-            .instrument(span),
-        );
     }
 }
