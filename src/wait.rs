@@ -202,6 +202,15 @@ impl<'a> Wait<'a> {
         let bounds = Bounds::new(now, end, poll, known_end);
         tracing::trace!(attempts = self.attempts, ?delay, held_for = ?self.held_for, "held by another owner; waiting");
         match &self.waiter {
+            Some(waiter) if self.queue.is_some() && !self.listening => {
+                // Fair mode, not yet sure to hear its turn (nobody else may take the lock
+                // meanwhile): attempt again as soon as the subscription is confirmed, or at
+                // the next poll.
+                if !waiter.until_listening(bounds.poll).await {
+                    waiter.sleep(bounds.poll).await;
+                }
+                waiter.rearm();
+            }
             Some(waiter) => {
                 // In fair mode the release names the waiter whose turn it is: a listening
                 // waiter is woken when it is its turn, wherever it is in line.
