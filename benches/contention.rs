@@ -11,6 +11,10 @@
 //! issues the same Redis commands inside it: the best any distributed lock can do.
 //! Handoff latency is the time from the start of a release to the next acquisition by
 //! anyone. Under `cargo test` it runs a short smoke version.
+//!
+//! The last two rows of each size spread the tasks over 8 managers (8 connections and
+//! subscriptions, as 8 processes would have): the default mode, and fair mode
+//! (`LockOptions::with_fair`). `DISTLOCK_CONTENTION_SECS` sets the seconds per row (5).
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -97,7 +101,13 @@ fn acquired(clock: &Clock, samples: &mut Samples, asked_at: u64) {
     samples.acquisitions += 1;
 }
 
-async fn run_distlock(locks: &LockManager, key: &str, tasks: usize, run: Duration) -> Samples {
+async fn run_distlock(
+    managers: &[LockManager],
+    key: &str,
+    tasks: usize,
+    run: Duration,
+    fair: bool,
+) -> Samples {
     let clock = Arc::new(Clock {
         base: Instant::now(),
         last_release: AtomicU64::new(0),
@@ -106,15 +116,16 @@ async fn run_distlock(locks: &LockManager, key: &str, tasks: usize, run: Duratio
     let opts = LockOptions::new()
         .with_ttl(Duration::from_secs(5))
         .with_wait(Duration::from_secs(60))
+        .with_fair(fair)
         .with_backoff(
             Backoff::new()
                 .with_base(Duration::from_millis(1))
                 .with_cap(Duration::from_millis(50)),
         );
     let mut handles = Vec::new();
-    for _ in 0..tasks {
+    for t in 0..tasks {
         let (locks, key, clock, stop) = (
-            locks.clone(),
+            managers[t % managers.len()].clone(),
             key.to_owned(),
             Arc::clone(&clock),
             Arc::clone(&stop),
@@ -211,8 +222,13 @@ async fn run_baseline(
 
 fn main() {
     let bench_mode = std::env::args().any(|a| a == "--bench");
+    let secs: u64 = std::env::var("DISTLOCK_CONTENTION_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|s| *s > 0)
+        .unwrap_or(5);
     let (counts, run): (&[usize], Duration) = if bench_mode {
-        (&[8, 32, 128], Duration::from_secs(5))
+        (&[8, 32, 128], Duration::from_secs(secs))
     } else {
         (&[8], Duration::from_millis(300))
     };
@@ -229,6 +245,10 @@ fn main() {
             .connect(&node.url())
             .await
             .expect("connect");
+        let mut spread = Vec::new();
+        for _ in 0..8 {
+            spread.push(LockManager::connect(&node.url()).await.expect("connect"));
+        }
         let mut rows = Vec::new();
         for &tasks in counts {
             let base = run_baseline(
@@ -244,15 +264,40 @@ fn main() {
                 run,
                 base,
             ));
-            let on = run_distlock(&notify, &format!("bench:notify:{tasks}"), tasks, run).await;
+            let on = run_distlock(
+                std::slice::from_ref(&notify),
+                &format!("bench:notify:{tasks}"),
+                tasks,
+                run,
+                false,
+            )
+            .await;
             rows.push(summarize("distlock, notifications on", tasks, run, on));
-            let off = run_distlock(&polling, &format!("bench:poll:{tasks}"), tasks, run).await;
+            let off = run_distlock(
+                std::slice::from_ref(&polling),
+                &format!("bench:poll:{tasks}"),
+                tasks,
+                run,
+                false,
+            )
+            .await;
             rows.push(summarize(
                 "distlock, notifications off (polling)",
                 tasks,
                 run,
                 off,
             ));
+            let default =
+                run_distlock(&spread, &format!("bench:spread:{tasks}"), tasks, run, false).await;
+            rows.push(summarize(
+                "distlock default, 8 managers",
+                tasks,
+                run,
+                default,
+            ));
+            let fair =
+                run_distlock(&spread, &format!("bench:fair:{tasks}"), tasks, run, true).await;
+            rows.push(summarize("distlock fair, 8 managers", tasks, run, fair));
         }
         rows
     });

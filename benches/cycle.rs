@@ -15,7 +15,9 @@
 //!   script (compare-and-delete, then the release announcement), from
 //!   [`distlock::protocol`];
 //! - **distlock**: `try_lock` + `release`;
-//! - **distlock fenced**: the same with `LockOptions::with_fencing(true)`.
+//! - **distlock fenced**: the same with `LockOptions::with_fencing(true)`;
+//! - **distlock fair**: the same with `LockOptions::with_fair(true)` (the acquire and the
+//!   release are scripts that also read the lock's waiter queue).
 //!
 //! For 1 task and for 64 tasks on distinct keys. A last pass per variant reads the server's
 //! own time per cycle from `INFO commandstats`. Under `cargo test` it runs a few cycles of
@@ -58,6 +60,7 @@ enum Variant {
     },
     Distlock(LockManager),
     Fenced(LockManager),
+    Fair(LockManager),
 }
 
 impl Variant {
@@ -69,6 +72,7 @@ impl Variant {
             }
             Variant::Distlock(_) => "distlock: try_lock + release",
             Variant::Fenced(_) => "distlock fenced: with_fencing(true)",
+            Variant::Fair(_) => "distlock fair: with_fair(true)",
         }
     }
 
@@ -128,6 +132,14 @@ impl Variant {
                     .await
                     .expect("acquire");
                 assert!(guard.fencing_token().is_some());
+                guard.release().await.expect("release");
+            }),
+            Variant::Fair(locks) => Box::pin(async move {
+                let fair = LockOptions::new().with_fair(true);
+                let guard = locks
+                    .try_lock_with(name.as_str(), fair)
+                    .await
+                    .expect("acquire");
                 guard.release().await.expect("release");
             }),
         }
@@ -232,6 +244,7 @@ fn main() {
             },
             Variant::Distlock(LockManager::connect(&node.url()).await.expect("connect")),
             Variant::Fenced(LockManager::connect(&node.url()).await.expect("connect")),
+            Variant::Fair(LockManager::connect(&node.url()).await.expect("connect")),
         ]
     });
     // Warm up (scripts loaded, sockets open) and, under `cargo test`, the smoke test.
@@ -266,7 +279,13 @@ fn main() {
         return;
     }
 
-    let (rounds, cycles_one, cycles_many): (usize, u32, u32) = (31, 400, 40);
+    // DISTLOCK_CYCLE_ROUNDS shortens the run (31 rounds by default).
+    let rounds: usize = std::env::var("DISTLOCK_CYCLE_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|r| *r > 0)
+        .unwrap_or(31);
+    let (cycles_one, cycles_many): (u32, u32) = (400, 40);
     let mut one: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
     let mut many: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
     rt.block_on(async {

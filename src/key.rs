@@ -15,7 +15,8 @@ pub const MAX_PREFIX_LEN: usize = 256;
 /// The Redis keys of one lock.
 ///
 /// Layout: `<prefix>{<name>}` for the lease, `<prefix>{<name>}:fence` for the fencing
-/// counter, and the pub/sub channel `<prefix>{<name>}:released` for release notifications. The braces make `<name>` the Redis Cluster hash tag, so every key a script
+/// counter, the pub/sub channel `<prefix>{<name>}:released` for release notifications, and
+/// in fair mode the waiter queue `<prefix>{<name>}:q` with its entry expiries `...:qx`. The braces make `<name>` the Redis Cluster hash tag, so every key a script
 /// touches for one lock lives in one slot. A name that itself contains braces still maps
 /// all its keys to one slot: they share everything up to the suffix.
 #[derive(Clone)]
@@ -25,10 +26,15 @@ pub(crate) struct LockKey {
     buf: Arc<[u8]>,
     prefix_len: usize,
     lease_len: usize,
+    /// Fair mode: waiters queue in Redis (`<lease>:q`, `<lease>:qx`) and releases name the
+    /// next waiter.
+    queued: bool,
 }
 
 const FENCE_SUFFIX: &[u8] = b":fence";
 const RELEASED_SUFFIX: &[u8] = b":released";
+const QUEUE_SUFFIX: &[u8] = b":q";
+const QUEUE_EXPIRY_SUFFIX: &[u8] = b":qx";
 
 impl LockKey {
     pub(crate) fn new(prefix: &[u8], name: &[u8]) -> Result<Self> {
@@ -86,7 +92,29 @@ impl LockKey {
             buf,
             prefix_len: prefix.len(),
             lease_len,
+            queued: false,
         })
+    }
+
+    /// This lock in fair mode: its waiters queue in Redis beside the lease.
+    pub(crate) fn queued(mut self) -> Self {
+        self.queued = true;
+        self
+    }
+
+    /// Whether this lock is used in fair mode.
+    pub(crate) fn is_queued(&self) -> bool {
+        self.queued
+    }
+
+    /// Fair mode: the sorted set of waiter ids, by arrival.
+    pub(crate) fn queue(&self) -> Vec<u8> {
+        [self.lease(), QUEUE_SUFFIX].concat()
+    }
+
+    /// Fair mode: the hash of each waiter's entry expiry (server ms).
+    pub(crate) fn queue_expiry(&self) -> Vec<u8> {
+        [self.lease(), QUEUE_EXPIRY_SUFFIX].concat()
     }
 
     /// The name the caller gave.
@@ -191,6 +219,9 @@ mod tests {
         assert_eq!(key.fence(), b"app:{jobs:nightly}:fence");
         assert_eq!(key.released_channel(), b"app:{jobs:nightly}:released");
         assert_eq!(key.name(), b"jobs:nightly");
+        let key = key.queued();
+        assert_eq!(key.queue(), b"app:{jobs:nightly}:q");
+        assert_eq!(key.queue_expiry(), b"app:{jobs:nightly}:qx");
     }
 
     #[test]

@@ -84,6 +84,10 @@
 //!   resource.
 //! - **Every call is bounded in time**: by the wait budget, the command timeout
 //!   ([`LockManagerBuilder::with_command_timeout`]) and the connect timeout.
+//! - **Order among waiters**: first come, first served among the waiters of one manager;
+//!   across managers and processes only with [`LockOptions::with_fair`], which queues
+//!   waiters in Redis beside the lease (a crashed waiter holds the queue up for at most
+//!   its [entry lease](LockOptions::with_queue_lease)).
 //!
 //! # Several primaries (Redlock)
 //!
@@ -232,7 +236,7 @@ pub use key::{MAX_KEY_LEN, MAX_PREFIX_LEN};
 pub use lease::LeaseHandle;
 pub use manager::LockManager;
 pub use multi::MultiGuard;
-pub use options::{LockOptions, MAX_TTL, MIN_TTL};
+pub use options::{LockOptions, MAX_QUEUE_LEASE, MAX_TTL, MIN_QUEUE_LEASE, MIN_TTL};
 pub use rwlock::RwLock;
 pub use semaphore::Semaphore;
 

@@ -18,6 +18,15 @@ pub const MIN_TTL: Duration = Duration::from_millis(10);
 /// millisecond arithmetic on either side.
 pub const MAX_TTL: Duration = Duration::from_secs(365 * 24 * 60 * 60);
 
+/// The shortest queue entry lease accepted in fair mode
+/// ([`LockOptions::with_queue_lease`]): 30 ms. A waiter refreshes its entry every third of
+/// the lease, so a shorter one would spend most of the wait on refreshes.
+pub const MIN_QUEUE_LEASE: Duration = Duration::from_millis(30);
+
+/// The longest queue entry lease accepted in fair mode: 1 hour. The entry lease is how long a
+/// crashed waiter can hold up the queue.
+pub const MAX_QUEUE_LEASE: Duration = Duration::from_secs(60 * 60);
+
 /// How one acquisition behaves: how long the lease lasts, how long to wait for it, and how
 /// to space out the attempts.
 ///
@@ -44,6 +53,8 @@ pub struct LockOptions {
     auto_extend: Option<bool>,
     max_hold: Option<Duration>,
     fencing: bool,
+    fair: bool,
+    queue_lease: Duration,
 }
 
 impl Default for LockOptions {
@@ -62,6 +73,8 @@ impl LockOptions {
             auto_extend: None,
             max_hold: None,
             fencing: false,
+            fair: false,
+            queue_lease: Duration::from_secs(1),
         }
     }
 
@@ -125,6 +138,50 @@ impl LockOptions {
         self
     }
 
+    /// Fair mode (off by default): waiters are served in arrival order across every manager
+    /// and process, not only among the tasks of one manager. The waiter queue lives in
+    /// Redis beside the lease (same hash tag); a caller that must wait joins it, a release
+    /// wakes exactly the waiter at its head, and a newcomer cannot take a free lock while
+    /// others queue for it ([`try_lock`](crate::LockManager::try_lock) then answers
+    /// [`Error::Contended`]).
+    ///
+    /// Each waiter's place is a short lease ([`with_queue_lease`](Self::with_queue_lease),
+    /// 1 s by default) that its retries refresh every third of it, so a waiter that crashed
+    /// holds up the queue for at most that lease plus one refresh interval of the next
+    /// waiter. A waiter that gives up (timeout, or its future dropped) leaves the queue in
+    /// the background.
+    ///
+    /// It has a price, measured in the README: the acquire is a Lua script (server clock,
+    /// the queue) instead of the plain `SET NX PX`, the release a script that also reads the
+    /// queue, and waiters refresh their entries. Every caller of one lock must use the same
+    /// mode: a caller without fair mode does not see the queue. Only a single primary
+    /// queues: over several primaries (Redlock) it is [`Error::InvalidArgument`].
+    pub const fn with_fair(mut self, on: bool) -> Self {
+        self.fair = on;
+        self
+    }
+
+    /// Whether waiters queue in Redis in arrival order (set with
+    /// [`with_fair`](Self::with_fair)).
+    pub const fn fair(&self) -> bool {
+        self.fair
+    }
+
+    /// Fair mode: how long a waiter's place in the queue lasts unless its retries refresh
+    /// it (every third of it), between [`MIN_QUEUE_LEASE`] and [`MAX_QUEUE_LEASE`]; 1 s by
+    /// default. It bounds how long a crashed waiter holds up the queue. Ignored unless
+    /// [`with_fair`](Self::with_fair) is on.
+    pub const fn with_queue_lease(mut self, lease: Duration) -> Self {
+        self.queue_lease = lease;
+        self
+    }
+
+    /// The queue entry lease of fair mode (set with
+    /// [`with_queue_lease`](Self::with_queue_lease)).
+    pub const fn queue_lease(&self) -> Duration {
+        self.queue_lease
+    }
+
     /// Whether leases carry fencing tokens (set with [`with_fencing`](Self::with_fencing)).
     pub const fn fencing(&self) -> bool {
         self.fencing
@@ -183,6 +240,16 @@ impl LockOptions {
                 ttl = Ttl::new(hold)?;
             }
         }
+        if self.fair && !(MIN_QUEUE_LEASE..=MAX_QUEUE_LEASE).contains(&self.queue_lease) {
+            return Err(Error::invalid(
+                "queue_lease",
+                format!(
+                    "a queue entry lease is between {MIN_QUEUE_LEASE:?} and \
+                     {MAX_QUEUE_LEASE:?}, got {:?}",
+                    self.queue_lease
+                ),
+            ));
+        }
         Ok(Checked {
             ttl,
             wait: self.wait,
@@ -190,6 +257,7 @@ impl LockOptions {
             auto_extend: self.auto_extend.unwrap_or(auto_extend_default),
             max_hold: self.max_hold,
             fencing: self.fencing,
+            fair: self.fair.then_some(self.queue_lease),
         })
     }
 }
@@ -204,6 +272,8 @@ pub(crate) struct Checked {
     pub(crate) auto_extend: bool,
     pub(crate) max_hold: Option<Duration>,
     pub(crate) fencing: bool,
+    /// Fair mode, with its queue entry lease.
+    pub(crate) fair: Option<Duration>,
 }
 
 /// A checked lease TTL.
@@ -307,6 +377,28 @@ mod tests {
         assert_eq!(ttl.valid_until(sent) - sent, Duration::from_millis(9_898));
         let min = Ttl::new(MIN_TTL).unwrap();
         assert_eq!(min.valid_until(sent) - sent, Duration::from_millis(8));
+    }
+
+    #[test]
+    fn fair_mode_is_off_by_default_and_its_entry_lease_is_checked() {
+        let opts = LockOptions::new();
+        assert!(!opts.fair());
+        assert_eq!(opts.check(false).unwrap().fair, None);
+        let fair = opts.with_fair(true);
+        assert_eq!(
+            fair.check(false).unwrap().fair,
+            Some(Duration::from_secs(1))
+        );
+        for bad in [
+            Duration::ZERO,
+            Duration::from_millis(29),
+            Duration::from_secs(3601),
+        ] {
+            let opts = fair.with_queue_lease(bad);
+            assert_eq!(what(opts.check(false).unwrap_err()), "queue_lease");
+        }
+        // Unused outside fair mode, so not checked there.
+        assert!(opts.with_queue_lease(Duration::ZERO).check(false).is_ok());
     }
 
     #[test]

@@ -19,7 +19,11 @@
 //! - every pause ends by the holder's remaining TTL (an expiry is not announced) and the
 //!   deadline; the longest-waiting waiter of the manager (and every waiter that is not
 //!   sure to be woken) also retries after a backoff step; the others wait their turn, so a
-//!   newcomer does not snatch the lock from the waiter a release is waking.
+//!   newcomer does not snatch the lock from the waiter a release is waking;
+//! - in fair mode the queue lives in Redis: every attempt queues the caller (or refreshes
+//!   its entry), a release wakes only the waiter it names, so a listening waiter waits for
+//!   that (no backoff polls), and every pause also ends in time to refresh the entry:
+//!   a third of the entry lease after the last attempt.
 
 use std::time::{Duration, Instant};
 
@@ -31,10 +35,32 @@ use crate::notify::{Notifier, Waiter};
 /// Waiting past a holder's reported remaining TTL by this much finds the key expired.
 const EXPIRY_SLACK: Duration = Duration::from_millis(1);
 
+/// Fair mode: the caller's place in the lock's queue in Redis.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct InQueue<'a> {
+    /// The id the queue and the release announcements know the caller by.
+    pub(crate) id: &'a [u8],
+    /// How long the caller's entry lasts unless an attempt refreshes it.
+    pub(crate) lease: Duration,
+}
+
+impl InQueue<'_> {
+    /// When the entry of an attempt sent at `attempted_at` must be refreshed: a third of
+    /// its lease later, so a late wake-up or a slow round trip still finds it alive.
+    fn refresh_at(&self, attempted_at: Instant) -> Option<Instant> {
+        attempted_at.checked_add(self.lease / 3)
+    }
+}
+
 /// The strategy of one waiting call; see the module docs.
 pub(crate) struct Wait<'a> {
     key: &'a LockKey,
     notifier: Option<&'a Notifier>,
+    /// Fair mode: the caller's place in the lock's queue in Redis.
+    queue: Option<InQueue<'a>>,
+    /// Fair mode: the channel the next waiter of this manager is announced on,
+    /// `<release channel>:<manager id>`.
+    own_channel: Option<Vec<u8>>,
     started: Instant,
     deadline: Instant,
     delays: Delays,
@@ -55,10 +81,13 @@ pub(crate) struct Wait<'a> {
 
 impl<'a> Wait<'a> {
     /// A wait for `key` that ends at `deadline`. When callers of this manager already
-    /// wait for the key, this one queues behind them: its first turn is a pause.
+    /// wait for the key, this one queues behind them: its first turn is a pause. In fair
+    /// mode (`queue`) the first turn is an attempt: it takes the caller's place in the
+    /// queue in Redis.
     pub(crate) fn new(
         key: &'a LockKey,
         notifier: Option<&'a Notifier>,
+        queue: Option<InQueue<'a>>,
         delays: Delays,
         started: Instant,
         deadline: Instant,
@@ -66,6 +95,10 @@ impl<'a> Wait<'a> {
         let mut wait = Wait {
             key,
             notifier,
+            queue,
+            own_channel: notifier
+                .filter(|_| queue.is_some())
+                .map(|n| [key.released_channel(), b":", n.id()].concat()),
             started,
             deadline,
             delays,
@@ -78,6 +111,7 @@ impl<'a> Wait<'a> {
             failure: None,
         };
         if let Some(notifier) = notifier
+            && queue.is_none()
             && notifier.has_waiters(key.released_channel())
         {
             wait.waiter = notifier.register(key.released_channel());
@@ -138,7 +172,12 @@ impl<'a> Wait<'a> {
         }
         if self.waiter.is_none()
             && let Some(notifier) = self.notifier
-            && let Some(registered) = notifier.register(self.key.released_channel())
+            && let Some(registered) = notifier.register_as(
+                self.own_channel
+                    .as_deref()
+                    .unwrap_or(self.key.released_channel()),
+                self.queue.map(|q| q.id),
+            )
         {
             // Subscribe, then try again at once. The subscription is waited for no longer
             // than the poll would be; until it is confirmed, this waiter polls.
@@ -155,11 +194,28 @@ impl<'a> Wait<'a> {
             waiter.note_held_until(until);
         }
         let known_end = held_until.or_else(|| self.waiter.as_ref()?.held_until());
-        let bounds = Bounds::new(now, self.deadline, poll, known_end);
+        // In fair mode the pause also ends in time to refresh the caller's queue entry.
+        let end = match self.queue.and_then(|q| q.refresh_at(self.attempted_at)) {
+            Some(refresh) => self.deadline.min(refresh.max(now)),
+            None => self.deadline,
+        };
+        let bounds = Bounds::new(now, end, poll, known_end);
         tracing::trace!(attempts = self.attempts, ?delay, held_for = ?self.held_for, "held by another owner; waiting");
         match &self.waiter {
+            Some(waiter) if self.queue.is_some() && !self.listening => {
+                // Fair mode, not yet sure to hear its turn (nobody else may take the lock
+                // meanwhile): attempt again as soon as the subscription is confirmed, or at
+                // the next poll.
+                if !waiter.until_listening(bounds.poll).await {
+                    waiter.sleep(bounds.poll).await;
+                }
+                waiter.rearm();
+            }
             Some(waiter) => {
-                let sure_to_be_woken = self.listening && !waiter.is_first();
+                // In fair mode the release names the waiter whose turn it is: a listening
+                // waiter is woken when it is its turn, wherever it is in line.
+                let sure_to_be_woken =
+                    self.listening && (self.queue.is_some() || !waiter.is_first());
                 waiter.sleep(bounds.until(sure_to_be_woken)).await;
                 waiter.rearm();
             }
@@ -254,6 +310,16 @@ mod tests {
         let b = Bounds::new(now, now + ms(1_000), now + ms(20), None);
         assert_eq!(b.until(false), now + ms(20));
         assert_eq!(b.until(true), now + ms(1_000));
+    }
+
+    #[test]
+    fn a_queue_entry_is_refreshed_at_a_third_of_its_lease() {
+        let now = Instant::now();
+        let q = InQueue {
+            id: b"w",
+            lease: ms(900),
+        };
+        assert_eq!(q.refresh_at(now), Some(now + ms(300)));
     }
 
     #[test]

@@ -275,3 +275,75 @@ async fn hold_until_killed() {
     tokio::time::sleep(Duration::from_secs(60)).await;
     panic!("the holder was not killed");
 }
+
+const QUEUE_LEASE: Duration = Duration::from_millis(600);
+
+fn fair_waiting() -> LockOptions {
+    LockOptions::new()
+        .with_fair(true)
+        .with_queue_lease(QUEUE_LEASE)
+        .with_ttl(Duration::from_secs(10))
+        .with_wait(Duration::from_secs(30))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_waiter_holds_up_a_fair_queue_at_most_its_entry_lease() {
+    if let Some(role) = child::role() {
+        assert_eq!(role, "waiter");
+        let locks = LockManager::connect(&child::param("URL"))
+            .await
+            .expect("connect");
+        let _ = locks.lock_with(child::param("NAME"), fair_waiting()).await;
+        panic!("the waiter was not killed");
+    }
+    let node = RedisNode::start().await;
+    let raw = node.conn().await;
+    let name = unique_key("fair-kill");
+    let queue = format!("{}:q", support::lease_key(&name));
+    let locks = LockManager::connect(&node.url()).await.unwrap();
+    let guard = locks.lock_with(&name, fair_waiting()).await.unwrap();
+
+    let mut waiter = child::spawn(
+        "a_killed_waiter_holds_up_a_fair_queue_at_most_its_entry_lease",
+        "waiter",
+        &[("URL", node.url()), ("NAME", name.clone())],
+    );
+    let queued = |n: usize| {
+        let (mut raw, queue) = (raw.clone(), queue.clone());
+        async move {
+            let len: usize = raw.zcard(&queue).await.unwrap();
+            len == n
+        }
+    };
+    support::eventually(Duration::from_secs(60), "the child queued", || queued(1)).await;
+    // Let it refresh its entry a few times, then kill it at the head of the queue.
+    tokio::time::sleep(QUEUE_LEASE).await;
+    waiter.kill();
+    let killed = std::time::Instant::now();
+    let _ = waiter.finish(Duration::from_secs(10));
+
+    let next = {
+        let (locks, name) = (locks.clone(), name.clone());
+        tokio::spawn(async move { locks.lock_with(&name, fair_waiting()).await })
+    };
+    support::eventually(Duration::from_secs(5), "the next waiter queued", || {
+        queued(2)
+    })
+    .await;
+    guard.release().await.unwrap();
+    let got = next
+        .await
+        .unwrap()
+        .expect("served after the dead entry expired");
+    let waited = killed.elapsed();
+    got.release().await.unwrap();
+    // The dead entry was refreshed at most a third of its lease before the kill, so it
+    // expired within the entry lease of it; the next waiter's refresh comes at most a
+    // third of a lease later. 300 ms of slack for a loaded 2-core machine.
+    assert!(
+        waited <= QUEUE_LEASE + QUEUE_LEASE / 3 + Duration::from_millis(300),
+        "the queue was held up {waited:?} by a dead waiter (entry lease {QUEUE_LEASE:?})"
+    );
+    eprintln!("a killed waiter held up the fair queue {waited:?} (entry lease {QUEUE_LEASE:?})");
+    support::eventually(Duration::from_secs(2), "the queue is gone", || queued(0)).await;
+}

@@ -4,7 +4,9 @@
 //! subscription connection per manager, owned by one background task, carries the
 //! subscriptions of all its waiters; a message wakes the longest-waiting waiter of that lock
 //! in this manager (first come, first served), not all of them. A waiter that loses the race
-//! again keeps its place at the front of the queue.
+//! again keeps its place at the front of the queue. In fair mode the queue that decides
+//! lives in Redis, and a release's message names the waiter at its head: that waiter is
+//! woken if it waits in this manager, and nobody else is, here or in any other manager.
 //!
 //! Waiters never do network I/O themselves and never wait on a lock held across it: they
 //! put themselves in a queue and tell the task which channels are wanted; the task
@@ -41,6 +43,9 @@ pub(crate) struct Notifier {
 }
 
 struct Inner {
+    /// This manager's id (16 hex digits): fair mode's releases announce the next waiter on
+    /// the lock's channel for its manager, `<channel>:<id>`, so only that manager hears it.
+    id: [u8; 16],
     client: redis::Client,
     connect_timeout: Duration,
     timeout: Duration,
@@ -73,6 +78,9 @@ struct State {
 /// One waiting call.
 struct Slot {
     wake: Notify,
+    /// Fair mode: the waiter id its lock's queue in Redis knows it by. A release names the
+    /// waiter whose turn it is, and only that one is woken.
+    id: Option<Box<[u8]>>,
 }
 
 /// A registered waiter: wakes on a release of its lock, or when its bound passes.
@@ -84,8 +92,12 @@ pub(crate) struct Waiter {
 
 impl Notifier {
     pub(crate) fn new(client: redis::Client, connect_timeout: Duration, timeout: Duration) -> Self {
+        let mut id = [0u8; 16];
+        let random = uuid::Uuid::new_v4().simple().to_string();
+        id.copy_from_slice(&random.as_bytes()[..16]);
         Notifier {
             inner: Arc::new(Inner {
+                id,
                 client,
                 connect_timeout,
                 timeout,
@@ -94,6 +106,11 @@ impl Notifier {
                 changed: Notify::new(),
             }),
         }
+    }
+
+    /// This manager's id, for fair mode's waiter ids and channels.
+    pub(crate) fn id(&self) -> &[u8] {
+        &self.inner.id
     }
 
     /// Whether callers of this manager already wait for the lock announced on `channel`.
@@ -106,9 +123,16 @@ impl Notifier {
     /// `None` when notifications are off for this manager (the server refused them) or no
     /// tokio runtime runs: the caller polls.
     pub(crate) fn register(&self, channel: &[u8]) -> Option<Waiter> {
+        self.register_as(channel, None)
+    }
+
+    /// [`register`](Self::register) for a waiter of a fair lock, known in the lock's queue
+    /// as `id`: a release that names `id` wakes this waiter.
+    pub(crate) fn register_as(&self, channel: &[u8], id: Option<&[u8]>) -> Option<Waiter> {
         let runtime = tokio::runtime::Handle::try_current().ok()?;
         let slot = Arc::new(Slot {
             wake: Notify::new(),
+            id: id.map(Into::into),
         });
         {
             let mut state = self.inner.state();
@@ -162,6 +186,31 @@ impl Inner {
         let slots = self.state().queues.wake_channel(channel);
         for slot in slots {
             slot.wake.notify_one();
+        }
+    }
+
+    /// A release on `channel` named `id` (fair mode): wakes that waiter if it waits here.
+    /// Nobody else is woken, here or in any other manager.
+    fn wake_id(&self, channel: &[u8], id: &[u8]) {
+        let slot = self
+            .state()
+            .queues
+            .find(channel, |s| s.id.as_deref() == Some(id));
+        if let Some(slot) = slot {
+            slot.wake.notify_one();
+        }
+    }
+
+    /// A message on `channel`: an empty one wakes this manager's first waiter, one that
+    /// names a waiter (fair mode) wakes that waiter only.
+    fn on_message(&self, channel: &[u8], payload: &[u8]) {
+        if payload.is_empty() {
+            self.wake_one(channel);
+        } else if payload == b"*" {
+            // A release several waiters can use at once (read permits, a writer's release).
+            self.wake_channel(channel);
+        } else {
+            self.wake_id(channel, payload);
         }
     }
 

@@ -117,6 +117,17 @@ impl<T: Clone> Queues<T> {
         next
     }
 
+    /// The waiter matching `is`, wherever it is (in line or woken); the queue is unchanged.
+    pub(super) fn find(&self, channel: &[u8], is: impl Fn(&T) -> bool) -> Option<T> {
+        let queue = self.channels.get(channel)?;
+        queue
+            .waiting
+            .iter()
+            .chain(&queue.woken)
+            .find(|s| is(s))
+            .cloned()
+    }
+
     pub(super) fn has_waiters(&self, channel: &[u8]) -> bool {
         self.channels.contains_key(channel)
     }
@@ -305,6 +316,18 @@ mod tests {
             "nobody left in line"
         );
         assert_eq!(q.wake_one(b"other"), Some(9), "other channels untouched");
+    }
+
+    #[test]
+    fn find_leaves_the_queue_as_it_was() {
+        let mut q = Queues::default();
+        q.enqueue(CH, 1u8);
+        q.enqueue(CH, 2u8);
+        assert_eq!(q.wake_one(CH), Some(1));
+        assert_eq!(q.find(CH, |s| *s == 2), Some(2));
+        assert_eq!(q.find(CH, |s| *s == 1), Some(1));
+        assert_eq!(q.find(CH, |s| *s == 3), None);
+        assert!(q.is_first(CH, |s| *s == 2));
     }
 
     #[test]

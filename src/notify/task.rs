@@ -113,12 +113,7 @@ pub(super) async fn run(inner: Arc<Inner>, id: u64) {
             msg = next => match msg {
                 Some(msg) => {
                     if let Ok(channel) = msg.get_channel::<Vec<u8>>() {
-                        // `*`: a release several waiters can use at once (read permits).
-                        if msg.get_payload_bytes() == b"*" {
-                            inner.wake_channel(&channel);
-                        } else {
-                            inner.wake_one(&channel);
-                        }
+                        inner.on_message(&channel, msg.get_payload_bytes());
                     }
                 }
                 None => {

@@ -14,6 +14,7 @@ mod cancellation;
 mod cluster;
 mod drop;
 mod failures;
+mod fair;
 mod fault_tools;
 mod fencing;
 mod hostile;

@@ -17,6 +17,13 @@ use crate::key::{LockKey, Token};
 use crate::options::Ttl;
 use crate::protocol::{Script, script};
 
+mod queue;
+mod scripts;
+
+pub(crate) use scripts::ScriptRunner;
+
+pub(crate) use queue::{Queue, no_queue};
+
 /// A boxed, `Send` future borrowed for `'a`.
 pub(crate) type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -101,27 +108,40 @@ pub(crate) trait LeaseStore: Send + Sync + 'static {
     /// allows: one verdict (or error) per lease, in order.
     fn extend_many<'a>(&'a self, batch: &'a [Extension]) -> BoxFuture<'a, Vec<Result<Verdict>>>;
 
+    /// Whether this store keeps a waiter queue beside the lease (fair mode).
+    fn queues(&self) -> bool {
+        false
+    }
+
+    /// Fair mode's acquire: the lease if it is free and the caller heads the queue (or
+    /// nobody queues); otherwise the caller queues as `queue` says. Only where
+    /// [`queues`](Self::queues) says so.
+    fn acquire_queued<'a>(
+        &'a self,
+        _key: &'a LockKey,
+        _token: &'a Token,
+        _ttl: Ttl,
+        _fenced: bool,
+        _queue: Queue<'a>,
+    ) -> BoxFuture<'a, Result<Acquire>> {
+        Box::pin(std::future::ready(Err(no_queue())))
+    }
+
+    /// Fair mode: `waiter` leaves the queue of `key`.
+    fn leave_queue<'a>(
+        &'a self,
+        _key: &'a LockKey,
+        _waiter: &'a [u8],
+    ) -> BoxFuture<'a, Result<()>> {
+        Box::pin(std::future::ready(Err(no_queue())))
+    }
+
     /// Scripts of other lease kinds (semaphore permits) on this store's connection, where
     /// the store is one server (or one slot's server) per key; `None` where a lease spans
     /// several independent servers.
     fn scripts(&self) -> Option<Arc<dyn ScriptRunner>> {
         None
     }
-}
-
-/// Runs one of the protocol's scripts on the server of its keys: by SHA with a fallback to
-/// the body on `NOSCRIPT`, or by body (`by_body`, for background calls), under the store's
-/// command timeout. `call` appends the key count, keys and arguments.
-pub(crate) trait ScriptRunner: Send + Sync + 'static {
-    fn run<'a>(
-        &'a self,
-        script: &'static Script,
-        by_body: bool,
-        call: &'a (dyn Fn(&mut redis::Cmd) + Send + Sync),
-    ) -> BoxFuture<'a, redis::RedisResult<redis::Value>>;
-
-    /// Whether releases are announced to waiters (the store's setting).
-    fn announces(&self) -> bool;
 }
 
 /// One lease in a batch auto-extension.
@@ -139,7 +159,7 @@ pub(crate) const RENEWALS_PER_CALL: usize = 1000;
 /// How long the fencing counter outlives the last acquisition: the larger of twice the
 /// lease TTL and one day. Tokens stay increasing after it expires because they never fall
 /// below the server's clock in microseconds.
-fn fence_ttl_ms(ttl: Ttl) -> u64 {
+pub(super) fn fence_ttl_ms(ttl: Ttl) -> u64 {
     const DAY_MS: u64 = 24 * 60 * 60 * 1000;
     ttl.as_millis().saturating_mul(2).max(DAY_MS)
 }
@@ -184,7 +204,7 @@ where
     /// restart or `SCRIPT FLUSH`; nothing ran), `EVAL` with its body, which runs it and
     /// caches it again in the same round trip. `call` appends the key count, keys and
     /// arguments; each command is sized up front (one allocation for its arguments).
-    async fn invoke<T: redis::FromRedisValue>(
+    pub(super) async fn invoke<T: redis::FromRedisValue>(
         &self,
         script: &Script,
         call: impl Fn(&mut redis::Cmd),
@@ -201,7 +221,7 @@ where
     }
 
     /// Runs one script call under the command timeout.
-    async fn bounded<T>(
+    pub(super) async fn bounded<T>(
         &self,
         call: impl Future<Output = redis::RedisResult<T>>,
     ) -> redis::RedisResult<T> {
@@ -219,7 +239,11 @@ where
 
 /// `EVALSHA <sha> …` or, `by_body`, `EVAL <body> …`; `call` appends the key count, keys and
 /// arguments. Sized up front: one allocation for the arguments.
-fn script_cmd(script: &Script, by_body: bool, call: &dyn Fn(&mut redis::Cmd)) -> redis::Cmd {
+pub(super) fn script_cmd(
+    script: &Script,
+    by_body: bool,
+    call: &dyn Fn(&mut redis::Cmd),
+) -> redis::Cmd {
     let mut cmd = redis::Cmd::with_capacity(8, 160 + if by_body { script.body().len() } else { 0 });
     if by_body {
         cmd.arg("EVAL").arg(script.body());
@@ -228,6 +252,15 @@ fn script_cmd(script: &Script, by_body: bool, call: &dyn Fn(&mut redis::Cmd)) ->
     }
     call(&mut cmd);
     cmd
+}
+
+/// The release script of `key`: in fair mode, the one that names the next waiter.
+fn release_script(key: &LockKey) -> &'static Script {
+    if key.is_queued() {
+        &script::RELEASE_FAIR
+    } else {
+        &script::RELEASE
+    }
 }
 
 fn answer(code: i64) -> Result<NodeAnswer> {
@@ -334,7 +367,7 @@ where
     pub(crate) async fn release_here(&self, key: &LockKey, token: &Token) -> Result<NodeAnswer> {
         let mut conn = self.conn.clone();
         let call = |cmd: &mut redis::Cmd| self.release_args(cmd, key, token);
-        let code: i64 = self.invoke(&script::RELEASE, call, &mut conn).await?;
+        let code: i64 = self.invoke(release_script(key), call, &mut conn).await?;
         answer(code)
     }
 
@@ -344,16 +377,24 @@ where
     /// answer a slow link may never deliver within the command timeout.
     pub(crate) async fn release_by_body(&self, key: &LockKey, token: &Token) -> Result<NodeAnswer> {
         let mut conn = self.conn.clone();
-        let eval = script_cmd(&script::RELEASE, true, &|cmd| {
+        let eval = script_cmd(release_script(key), true, &|cmd| {
             self.release_args(cmd, key, token)
         });
         let code: i64 = self.bounded(eval.query_async(&mut conn)).await?;
         answer(code)
     }
 
-    /// Key count, key and arguments of the release script.
+    /// Key count, keys and arguments of the release script.
     fn release_args(&self, cmd: &mut redis::Cmd, key: &LockKey, token: &Token) {
-        cmd.arg(1).arg(key.lease()).arg(token.as_bytes());
+        if key.is_queued() {
+            cmd.arg(3)
+                .arg(key.lease())
+                .arg(key.queue())
+                .arg(key.queue_expiry());
+        } else {
+            cmd.arg(1).arg(key.lease());
+        }
+        cmd.arg(token.as_bytes());
         if self.announce_releases {
             cmd.arg(key.released_channel());
         }
@@ -441,6 +482,27 @@ where
         Box::pin(async move { self.release_by_body(key, token).await.map(Verdict::from) })
     }
 
+    fn queues(&self) -> bool {
+        // A node of a Redlock set does not announce releases and gives no fences: it keeps
+        // no queue either.
+        self.fences
+    }
+
+    fn acquire_queued<'a>(
+        &'a self,
+        key: &'a LockKey,
+        token: &'a Token,
+        ttl: Ttl,
+        fenced: bool,
+        queue: Queue<'a>,
+    ) -> BoxFuture<'a, Result<Acquire>> {
+        Box::pin(self.acquire_queued_here(key, token, ttl, fenced, queue))
+    }
+
+    fn leave_queue<'a>(&'a self, key: &'a LockKey, waiter: &'a [u8]) -> BoxFuture<'a, Result<()>> {
+        Box::pin(self.leave_queue_here(key, waiter))
+    }
+
     fn extend_many<'a>(&'a self, batch: &'a [Extension]) -> BoxFuture<'a, Vec<Result<Verdict>>> {
         Box::pin(async move {
             self.extend_many_here(batch)
@@ -453,31 +515,5 @@ where
 
     fn scripts(&self) -> Option<Arc<dyn ScriptRunner>> {
         Some(Arc::new(self.clone()))
-    }
-}
-
-impl<C> ScriptRunner for RedisStore<C>
-where
-    C: ConnectionLike + Clone + Send + Sync + 'static,
-{
-    fn run<'a>(
-        &'a self,
-        script: &'static Script,
-        by_body: bool,
-        call: &'a (dyn Fn(&mut redis::Cmd) + Send + Sync),
-    ) -> BoxFuture<'a, redis::RedisResult<redis::Value>> {
-        Box::pin(async move {
-            let mut conn = self.conn.clone();
-            if by_body {
-                let eval = script_cmd(script, true, call);
-                self.bounded(eval.query_async(&mut conn)).await
-            } else {
-                self.invoke(script, call, &mut conn).await
-            }
-        })
-    }
-
-    fn announces(&self) -> bool {
-        self.announce_releases
     }
 }

@@ -11,14 +11,18 @@ use tracing::Instrument;
 
 use crate::auto_extend::AutoExtender;
 use crate::error::{Error, Result};
-use crate::guard::{LockGuard, release_in_background};
+use crate::guard::LockGuard;
 use crate::key::{LockKey, Token};
 use crate::lease::{Lease, LeaseHandle};
 use crate::metrics::Meter;
 use crate::notify::Notifier;
-use crate::options::{Checked, LockOptions, Ttl};
-use crate::store::{Acquire, LeaseStore};
-use crate::wait::Wait;
+use crate::options::{Checked, LockOptions};
+use crate::store::{Acquire, LeaseStore, Queue, no_queue};
+use crate::wait::{InQueue, Wait};
+
+mod cleanup;
+
+use cleanup::{PendingAcquire, QueueEntry, waiter_id};
 
 /// Takes and hands out leases on one Redis server.
 ///
@@ -214,7 +218,7 @@ impl LockManager {
         auto_extend_default: bool,
         started: Instant,
     ) -> Result<LockGuard> {
-        let key = LockKey::new(&self.shared.prefix, key)?;
+        let key = self.key_for(key, options)?;
         let request = options.check(auto_extend_default)?;
         let deadline = started.checked_add(request.wait).ok_or_else(|| {
             Error::invalid("wait", "the wait budget overflows the monotonic clock")
@@ -224,11 +228,38 @@ impl LockManager {
         async {
             let notifier = self.shared.notifier.as_deref();
             let delays = request.backoff.delays();
-            let mut wait = Wait::new(&key, notifier, delays, started, deadline);
+            // Fair mode: one id per call in the lock's queue in Redis, and an entry that
+            // leaves the queue (in the background) however the call ends without the lock.
+            let waiter = request.fair.map(|_| waiter_id(notifier));
+            let runtime = Handle::try_current().ok();
+            let mut entry = waiter.as_ref().map(|id| QueueEntry {
+                store: &self.shared.store,
+                key: &key,
+                id: id.clone(),
+                runtime: runtime.as_ref(),
+                armed: true,
+            });
+            let in_queue = waiter
+                .as_deref()
+                .zip(request.fair)
+                .map(|(id, lease)| InQueue { id, lease });
+            let mut wait = Wait::new(&key, notifier, in_queue, delays, started, deadline);
             loop {
                 if wait.attempt_now() {
-                    match self.attempt(&key, &request).await {
+                    let queue = waiter
+                        .as_deref()
+                        .zip(request.fair)
+                        .map(|(id, lease)| Queue {
+                            waiter: id,
+                            lease,
+                            join: true,
+                        });
+                    match self.attempt(&key, &request, queue).await {
                         Ok(Attempt::Taken(guard)) => {
+                            // The acquire took the caller out of the queue.
+                            if let Some(entry) = entry.as_mut() {
+                                entry.armed = false;
+                            }
                             wait.acquired();
                             return Ok(guard);
                         }
@@ -290,7 +321,7 @@ impl LockManager {
 
     /// [`try_lock_with`](Self::try_lock_with) without its metrics.
     async fn try_once(&self, key: &[u8], options: LockOptions) -> Result<LockGuard> {
-        let key = LockKey::new(&self.shared.prefix, key)?;
+        let key = self.key_for(key, &options)?;
         let request = options.check(false)?;
         let span = tracing::debug_span!(
             "distlock.try_lock",
@@ -298,7 +329,15 @@ impl LockManager {
             ttl_ms = request.ttl.as_millis()
         );
         async {
-            match self.attempt(&key, &request).await? {
+            // Fair mode: a caller that is nobody's waiter takes the lock only if nobody
+            // queues for it, and leaves no entry.
+            let waiter = Token::generate();
+            let queue = request.fair.map(|lease| Queue {
+                waiter: waiter.as_bytes(),
+                lease,
+                join: false,
+            });
+            match self.attempt(&key, &request, queue).await? {
                 Attempt::Taken(guard) => Ok(guard),
                 Attempt::Held { pttl } => Err(Error::Contended {
                     key: key.display(),
@@ -393,11 +432,32 @@ impl LockManager {
         }
     }
 
-    /// One acquire round trip with a fresh token.
-    async fn attempt(&self, key: &LockKey, request: &Checked) -> Result<Attempt> {
+    /// The keys of lock `name` under this manager's prefix, in fair mode if `options` ask.
+    fn key_for(&self, name: &[u8], options: &LockOptions) -> Result<LockKey> {
+        let key = LockKey::new(&self.shared.prefix, name)?;
+        if !options.fair() {
+            return Ok(key);
+        }
+        if !self.shared.store.queues() {
+            return Err(no_queue());
+        }
+        Ok(key.queued())
+    }
+
+    /// One acquire round trip with a fresh token; in fair mode (`queue`) through the lock's
+    /// queue in Redis.
+    async fn attempt(
+        &self,
+        key: &LockKey,
+        request: &Checked,
+        queue: Option<Queue<'_>>,
+    ) -> Result<Attempt> {
         let ttl = request.ttl;
         let token = Token::generate();
         let runtime = Handle::try_current().ok();
+        if queue.is_some() && !self.shared.store.queues() {
+            return Err(no_queue());
+        }
         if request.fencing && !self.shared.store.fences() {
             return Err(Error::invalid(
                 "fencing",
@@ -420,11 +480,15 @@ impl LockManager {
             armed: true,
         };
         let sent = Instant::now();
-        let outcome = self
-            .shared
-            .store
-            .acquire(key, &token, ttl, request.fencing)
-            .await;
+        let store = &self.shared.store;
+        let outcome = match queue {
+            Some(queue) => {
+                store
+                    .acquire_queued(key, &token, ttl, request.fencing, queue)
+                    .await
+            }
+            None => store.acquire(key, &token, ttl, request.fencing).await,
+        };
         // From here on the outcome is known (or an error is returned): on error the
         // armed `pending` cleans up, since the SET may have landed before the failure.
         let outcome = outcome?;
@@ -468,40 +532,5 @@ impl LockManager {
             }
             Acquire::Held { pttl } => Ok(Attempt::Held { pttl }),
         }
-    }
-}
-
-/// Cleans up after an acquire whose outcome is unknown: dropped mid-flight, or failed
-/// after the command may have reached the server. The compare-and-delete only removes a
-/// lease carrying this attempt's token, so it can never hurt another owner.
-struct PendingAcquire<'a> {
-    store: &'a Arc<dyn LeaseStore>,
-    key: &'a LockKey,
-    token: Token,
-    ttl: Ttl,
-    runtime: Option<&'a Handle>,
-    armed: bool,
-}
-
-impl Drop for PendingAcquire<'_> {
-    fn drop(&mut self) {
-        if !self.armed {
-            return;
-        }
-        let Some(runtime) = self.runtime else {
-            return;
-        };
-        tracing::debug!(
-            key = %self.key,
-            token = self.token.short(),
-            "acquire abandoned; releasing in the background"
-        );
-        release_in_background(
-            runtime,
-            Arc::clone(self.store),
-            self.key.clone(),
-            self.token,
-            self.ttl.as_duration(),
-        );
     }
 }

@@ -1,0 +1,383 @@
+//! The wire protocol: every command and Lua script distlock sends, so that a program in
+//! another language can take and release the same locks, and so that what distlock costs
+//! a server can be read here.
+//!
+//! # Keys
+//!
+//! Lock `<name>` under prefix `<prefix>` (default `distlock:`):
+//!
+//! | what | key or channel |
+//! |---|---|
+//! | the lease: a string holding the holder's token, with a TTL | `<prefix>{<name>}` |
+//! | the fencing counter (fenced locks only) | `<prefix>{<name>}:fence` |
+//! | the release channel | `<prefix>{<name>}:released` |
+//! | fair mode: the waiter queue, ids by arrival (a sorted set) | `<prefix>{<name>}:q` |
+//! | fair mode: each waiter's entry expiry, server ms (a hash) | `<prefix>{<name>}:qx` |
+//!
+//! The braces make `<name>` the Redis Cluster hash tag: all of them share one slot.
+//!
+//! # Commands
+//!
+//! - **Acquire** (the default, no fencing token): `SET <lease> <token> NX PX <ttl-ms> GET`.
+//!   A nil reply means the lease is ours; a string reply is another holder's token (then
+//!   `PTTL <lease>` tells how long it has left); a `WRONGTYPE` error means the key holds
+//!   something that is not a lease. Needs Redis 7.0 (`NX` with `GET`).
+//! - **Acquire with a fencing token**: [`ACQUIRE_FENCED`] (`EVALSHA`), keys lease and fence
+//!   counter, arguments token, TTL in ms, counter TTL in ms.
+//! - **Release**: [`RELEASE`], key lease, arguments token and (optionally) the release
+//!   channel; compare-and-delete, then an announcement on the channel.
+//! - **Extend**: [`EXTEND`], key lease, arguments token and TTL in ms; compare-and-`PEXPIRE`.
+//! - **Extend many** (auto-extension): [`EXTEND_MANY`], keys the leases, arguments token and
+//!   TTL in ms per lease.
+//! - **Fair mode** (`LockOptions::with_fair`): acquire with [`ACQUIRE_FAIR`] (queues the
+//!   caller in Redis when it must wait), release with [`RELEASE_FAIR`] (the announcement
+//!   names the next waiter, on the channel `<prefix>{<name>}:released:<manager id>` of the
+//!   manager it waits in), and [`LEAVE_QUEUE`] when a waiter gives up. A waiter's entry
+//!   is a short lease its retries refresh, so a crashed waiter holds up the queue for at
+//!   most that lease.
+//!
+//! Tokens are 32 lower-case hex digits (a UUID v4 from the operating system's CSPRNG),
+//! fresh for every acquisition. Scripts are sent by SHA (`EVALSHA`); when the server
+//! answers `NOSCRIPT` (after a restart or `SCRIPT FLUSH`), by body (`EVAL`), which also
+//! caches them again. A release retried in the background is always sent by body.
+//!
+//! Result codes shared by the compare-and-act scripts:
+//! `1` done, `0` the key is gone (expired), `-1` the key holds another token (or a value
+//! of another type).
+
+/// The fencing counter's check (shared by [`ACQUIRE_FENCED`] and [`ACQUIRE_FAIR`]): `raw`
+/// holds the counter's value; sets `last`.
+macro_rules! fence_counter_check {
+    () => {
+        r#"if raw then
+  if not string.match(raw, '^%d+$') or #raw > 16 or tonumber(raw) >= 9007199254740992 then
+    return redis.error_reply('ERR distlock: the fence counter ' .. KEYS[2] ..
+      ' holds ' .. string.sub(raw, 1, 32) .. ', not a counter below 2^53')
+  end
+  last = tonumber(raw)
+end
+"#
+    };
+}
+
+/// The next fencing token from `last` and the server clock, written back to the counter
+/// (shared by [`ACQUIRE_FENCED`] and [`ACQUIRE_FAIR`]): sets `fence`.
+macro_rules! fence_next {
+    () => {
+        r#"  local now = redis.call('TIME')
+  local now_us = tonumber(now[1]) * 1000000 + tonumber(now[2])
+  local fence = last + 1
+  if now_us > fence then fence = now_us end
+  redis.call('SET', KEYS[2], string.format('%d', fence), 'PX', ARGV[3])
+"#
+    };
+}
+
+/// Take the lease if the key is free and hand out a fencing token.
+///
+/// `KEYS[1]` lease key, `KEYS[2]` fence counter key (same hash tag).
+/// `ARGV[1]` token, `ARGV[2]` TTL in ms, `ARGV[3]` fence counter TTL in ms.
+///
+/// Returns `{1, fence}` when taken, `{0, pttl}` when held by another owner, and a
+/// `WRONGTYPE` error when the key holds something other than a string (not a lease).
+///
+/// The fencing token is `max(counter + 1, server time in µs)`: it keeps increasing even when
+/// the counter key is lost (flush, restart without persistence, failover to a replica that
+/// missed the last write), as long as the server clock does not step backwards. That is
+/// also why the counter may expire instead of living forever.
+pub const ACQUIRE_FENCED: &str = concat!(
+    r#"
+-- The counter is read and checked before anything is written: a counter another program
+-- wrote (not an integer, negative, or too large for Lua's doubles to count exactly) is an
+-- error, and no lease is left behind by the failed call.
+local raw = redis.call('GET', KEYS[2])
+local last = 0
+"#,
+    fence_counter_check!(),
+    r#"if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+"#,
+    fence_next!(),
+    r#"  return {1, fence}
+end
+-- A key of another type is not a lease held by someone: say so instead of "contended".
+local kind = redis.call('TYPE', KEYS[1])['ok']
+if kind ~= 'string' then
+  return redis.error_reply('WRONGTYPE lock key holds a ' .. kind .. ', not a lease')
+end
+return {0, redis.call('PTTL', KEYS[1])}
+"#
+);
+
+/// Delete the lease only if it still holds our token, and announce it to waiters.
+///
+/// `KEYS[1]` lease key. `ARGV[1]` token, `ARGV[2]` (optional) the channel to publish the release
+/// on.
+///
+/// The announcement is a courtesy: it runs under `pcall`, so a user without permission on
+/// the channel (Redis 7's default `acl-pubsub-default resetchannels`) still gets a release
+/// that reports what it did. A script cannot roll back the `DEL` anyway.
+pub const RELEASE: &str = r#"
+local v = redis.call('GET', KEYS[1])
+if v == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  if ARGV[2] then redis.pcall('PUBLISH', ARGV[2], '') end
+  return 1
+elseif v then
+  return -1
+end
+return 0
+"#;
+
+/// Set a new TTL on the lease only if it still holds our token.
+///
+/// `KEYS[1]` lease key. `ARGV[1]` token, `ARGV[2]` new TTL in ms.
+pub const EXTEND: &str = r#"
+local v = redis.call('GET', KEYS[1])
+if v == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+elseif v then
+  return -1
+end
+return 0
+"#;
+
+/// [`EXTEND`] for many leases in one call: the auto-extension task's batch.
+///
+/// `KEYS[i]` lease key i. `ARGV[2i-1]` token i, `ARGV[2i]` new TTL in ms for lease i.
+/// Returns one result code per key, in order. Each key's outcome is its own: a key that
+/// another program replaced by a value of another type (`GET` fails with `WRONGTYPE`) is
+/// not our lease any more and answers `-1`, and the other leases are auto-extended as usual.
+pub const EXTEND_MANY: &str = r#"
+local out = {}
+for i, key in ipairs(KEYS) do
+  local v = redis.pcall('GET', key)
+  if type(v) == 'table' and v.err then
+    out[i] = -1
+  elseif v == ARGV[2 * i - 1] then
+    redis.call('PEXPIRE', key, ARGV[2 * i])
+    out[i] = 1
+  elseif v then
+    out[i] = -1
+  else
+    out[i] = 0
+  end
+end
+return out
+"#;
+
+/// Fair mode's Lua helpers: `head_of` drops the expired entries at the head of the queue
+/// and returns the first live waiter id (or `nil`); `announce` publishes a waiter id on the
+/// channel of its manager (`<channel>:<manager id>` for an id `<manager id>.<random>`, the
+/// lock's channel for an id without a dot); `server_ms` is the server time in ms.
+macro_rules! queue_head {
+    () => {
+        r#"
+local function head_of(queue, expiries, now_ms)
+  while true do
+    local first = redis.call('ZRANGE', queue, 0, 0)[1]
+    if not first then return nil end
+    local expires = tonumber(redis.call('HGET', expiries, first))
+    if expires and expires > now_ms then return first end
+    redis.call('ZREM', queue, first)
+    redis.call('HDEL', expiries, first)
+  end
+end
+local function announce(channel, head)
+  local at = string.find(head, '.', 1, true)
+  if at then channel = channel .. ':' .. string.sub(head, 1, at - 1) end
+  redis.pcall('PUBLISH', channel, head)
+end
+local function server_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+"#
+    };
+}
+
+/// Fair mode's acquire: take the lease if it is free and nobody waits before the caller;
+/// otherwise queue the caller (or refresh its entry) behind the waiters already there.
+///
+/// `KEYS[1]` lease key, `KEYS[2]` fence counter key, `KEYS[3]` the queue (a sorted set of
+/// waiter ids by arrival), `KEYS[4]` the queue's entry expiries (a hash: waiter id → server
+/// time in ms). `ARGV[1]` token, `ARGV[2]` TTL in ms, `ARGV[3]` fence counter TTL in ms, or
+/// `0` for no fencing token, `ARGV[4]` the waiter id (one per waiting call), `ARGV[5]` the
+/// entry lease in ms, `ARGV[6]` `1` to join the queue if the caller must wait, `0` for one
+/// attempt that leaves no entry (`try_lock`).
+///
+/// First the expired entries at the head are dropped: a waiter that stopped refreshing its
+/// entry (crashed, or gave up without cleaning up) holds up the queue for at most its entry
+/// lease. The lease is taken when the key is free and the queue is empty or headed by the
+/// caller, who then leaves the queue. Otherwise a caller that queues gets (or keeps) its
+/// place: arrival order by the server clock in µs, strictly increasing. Each write keeps
+/// the queue's keys alive for at least one entry lease, so they vanish with their waiters.
+///
+/// Returns `{1, fence}` when taken (`fence` is `0` without fencing), `{0, wait_ms, place}`
+/// otherwise: `wait_ms` is the holder's PTTL, or, when the key is free but another waiter
+/// heads the queue, that waiter's remaining entry lease (`-1`: a key without expiry);
+/// `place` is the caller's place in the queue (`0` first, `-1` not queued). A key of
+/// another type answers a `WRONGTYPE` error.
+pub const ACQUIRE_FAIR: &str = concat!(
+    queue_head!(),
+    r#"local now_ms = server_ms()
+local last = 0
+if ARGV[3] ~= '0' then
+local raw = redis.call('GET', KEYS[2])
+"#,
+    fence_counter_check!(),
+    r#"end
+local head = head_of(KEYS[3], KEYS[4], now_ms)
+local kind = redis.call('TYPE', KEYS[1])['ok']
+if kind == 'none' and (not head or head == ARGV[4]) then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  if head then
+    redis.call('ZREM', KEYS[3], head)
+    redis.call('HDEL', KEYS[4], head)
+  end
+  if ARGV[3] == '0' then return {1, 0} end
+"#,
+    fence_next!(),
+    r#"  return {1, fence}
+end
+if kind ~= 'none' and kind ~= 'string' then
+  return redis.error_reply('WRONGTYPE lock key holds a ' .. kind .. ', not a lease')
+end
+local entry = tonumber(ARGV[5])
+if ARGV[6] == '1' or redis.call('ZSCORE', KEYS[3], ARGV[4]) then
+  if not redis.call('ZSCORE', KEYS[3], ARGV[4]) then
+    local t = redis.call('TIME')
+    local score = tonumber(t[1]) * 1000000 + tonumber(t[2])
+    local tail = redis.call('ZRANGE', KEYS[3], -1, -1, 'WITHSCORES')
+    if tail[2] and tonumber(tail[2]) >= score then score = tonumber(tail[2]) + 1 end
+    redis.call('ZADD', KEYS[3], string.format('%d', score), ARGV[4])
+  end
+  redis.call('HSET', KEYS[4], ARGV[4], string.format('%d', now_ms + entry))
+  for _, k in ipairs({KEYS[3], KEYS[4]}) do
+    if redis.call('PTTL', k) < entry then redis.call('PEXPIRE', k, entry) end
+  end
+  if not head then head = ARGV[4] end
+end
+local place = redis.call('ZRANK', KEYS[3], ARGV[4]) or -1
+if kind == 'none' then
+  return {0, tonumber(redis.call('HGET', KEYS[4], head)) - now_ms, place}
+end
+return {0, redis.call('PTTL', KEYS[1]), place}
+"#
+);
+
+/// Fair mode's release: [`RELEASE`], then the announcement names the waiter whose turn it
+/// is, so that only that waiter (in whichever process it waits) is woken.
+///
+/// `KEYS[1]` lease key, `KEYS[2]` the queue, `KEYS[3]` the queue's entry expiries.
+/// `ARGV[1]` token, `ARGV[2]` (optional) the release channel. Expired entries at the head
+/// are dropped first; the message is the first live waiter id, published on the channel of
+/// its manager (`<channel>:<manager id>` for an id `<manager id>.<random>`), or an empty
+/// message on the lock's channel if nobody queues.
+/// Result codes as for [`RELEASE`].
+pub const RELEASE_FAIR: &str = concat!(
+    queue_head!(),
+    r#"local v = redis.call('GET', KEYS[1])
+if v == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  if ARGV[2] then
+    local head = head_of(KEYS[2], KEYS[3], server_ms())
+    if head then announce(ARGV[2], head) else redis.pcall('PUBLISH', ARGV[2], '') end
+  end
+  return 1
+elseif v then
+  return -1
+end
+return 0
+"#
+);
+
+/// Fair mode: a waiter leaves the queue (it gave up or was cancelled). If it headed the
+/// queue and the key is free, the next live waiter is announced, as a release would.
+///
+/// `KEYS[1]` lease key, `KEYS[2]` the queue, `KEYS[3]` the queue's entry expiries.
+/// `ARGV[1]` the waiter id, `ARGV[2]` (optional) the release channel. Returns `1` if the
+/// entry was there, `0` if not.
+pub const LEAVE_QUEUE: &str = concat!(
+    queue_head!(),
+    r#"local first = redis.call('ZRANGE', KEYS[2], 0, 0)[1]
+local removed = redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('HDEL', KEYS[3], ARGV[1])
+if first == ARGV[1] and ARGV[2] and redis.call('EXISTS', KEYS[1]) == 0 then
+  local head = head_of(KEYS[2], KEYS[3], server_ms())
+  if head then announce(ARGV[2], head) end
+end
+return removed
+"#
+);
+
+/// A script of the protocol: its body and its SHA1, computed once.
+pub(crate) struct Script {
+    body: &'static str,
+    sha: String,
+}
+
+impl Script {
+    pub(crate) fn new(body: &'static str) -> Self {
+        Script {
+            sha: redis::Script::new(body).get_hash().to_owned(),
+            body,
+        }
+    }
+
+    /// The Lua source, for `EVAL`.
+    pub(crate) fn body(&self) -> &'static str {
+        self.body
+    }
+
+    /// The SHA1 of the source, for `EVALSHA`.
+    pub(crate) fn sha(&self) -> &str {
+        &self.sha
+    }
+}
+
+/// The scripts, hashed once.
+pub(crate) mod script {
+    use std::sync::LazyLock;
+
+    use super::Script;
+
+    /// [`super::ACQUIRE_FENCED`].
+    pub(crate) static ACQUIRE_FENCED: LazyLock<Script> =
+        LazyLock::new(|| Script::new(super::ACQUIRE_FENCED));
+    /// [`super::RELEASE`].
+    pub(crate) static RELEASE: LazyLock<Script> = LazyLock::new(|| Script::new(super::RELEASE));
+    /// [`super::EXTEND`].
+    pub(crate) static EXTEND: LazyLock<Script> = LazyLock::new(|| Script::new(super::EXTEND));
+    /// [`super::EXTEND_MANY`].
+    pub(crate) static EXTEND_MANY: LazyLock<Script> =
+        LazyLock::new(|| Script::new(super::EXTEND_MANY));
+    /// [`super::ACQUIRE_FAIR`].
+    pub(crate) static ACQUIRE_FAIR: LazyLock<Script> =
+        LazyLock::new(|| Script::new(super::ACQUIRE_FAIR));
+    /// [`super::RELEASE_FAIR`].
+    pub(crate) static RELEASE_FAIR: LazyLock<Script> =
+        LazyLock::new(|| Script::new(super::RELEASE_FAIR));
+    /// [`super::LEAVE_QUEUE`].
+    pub(crate) static LEAVE_QUEUE: LazyLock<Script> =
+        LazyLock::new(|| Script::new(super::LEAVE_QUEUE));
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_shared_lua_leaves_the_published_scripts_as_they_were() {
+        assert_eq!(
+            super::script::ACQUIRE_FENCED.sha(),
+            "8a1e14b89848fc3911dd65bd38e5f8907422ab52"
+        );
+        assert_eq!(
+            super::script::RELEASE.sha(),
+            "140ab19974506ed8038ab4c51cde06826c05561e"
+        );
+    }
+}
+
+pub mod semaphore;
+
+pub mod rw;
