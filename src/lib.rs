@@ -180,6 +180,8 @@ pub mod protocol;
 mod redlock;
 mod store;
 mod wait;
+#[cfg(feature = "zookeeper")]
+mod zookeeper;
 
 pub use backoff::{Backoff, Delays};
 pub use builder::{
@@ -187,6 +189,8 @@ pub use builder::{
     LockManagerBuilder,
 };
 pub use connect::MIN_REDIS_VERSION;
+#[cfg(feature = "zookeeper")]
+pub use error::ZooKeeperError;
 pub use error::{
     Error, InvalidArgument, LostReason, NodeOutcome, NodeReport, QuorumError, QuorumOperation,
     Result,

@@ -179,7 +179,7 @@ impl LockManager {
             let mut wait = Wait::new(&key, notifier, delays, started, deadline);
             loop {
                 if wait.attempt_now() {
-                    match self.attempt(&key, &request).await {
+                    match self.attempt(&key, &request, Some(deadline)).await {
                         Ok(Attempt::Taken(guard)) => {
                             wait.acquired();
                             return Ok(guard);
@@ -242,7 +242,7 @@ impl LockManager {
             ttl_ms = request.ttl.as_millis()
         );
         async {
-            match self.attempt(&key, &request).await? {
+            match self.attempt(&key, &request, None).await? {
                 Attempt::Taken(guard) => Ok(guard),
                 Attempt::Held { pttl } => Err(Error::Contended {
                     key: key.display(),
@@ -337,9 +337,18 @@ impl LockManager {
         }
     }
 
-    /// One acquire round trip with a fresh token.
-    async fn attempt(&self, key: &LockKey, request: &Checked) -> Result<Attempt> {
-        let ttl = request.ttl;
+    /// One acquire round trip with a fresh token; with a `deadline`, a store with a queue
+    /// of its own waits in it until then.
+    async fn attempt(
+        &self,
+        key: &LockKey,
+        request: &Checked,
+        deadline: Option<Instant>,
+    ) -> Result<Attempt> {
+        // A lease that is a session has the session's TTL and is always kept alive.
+        let session_ttl = self.shared.store.session_ttl();
+        let ttl = session_ttl.unwrap_or(request.ttl);
+        let auto_extend = request.auto_extend || session_ttl.is_some();
         let token = Token::generate();
         let runtime = Handle::try_current().ok();
         if request.fencing && !self.shared.store.fences() {
@@ -349,7 +358,7 @@ impl LockManager {
                  the guarantee (see the crate docs on Redlock)",
             ));
         }
-        if request.auto_extend && runtime.is_none() {
+        if auto_extend && runtime.is_none() {
             return Err(Error::invalid(
                 "auto_extend",
                 "auto-extension needs a tokio runtime to run in",
@@ -364,14 +373,17 @@ impl LockManager {
             armed: true,
         };
         let sent = Instant::now();
-        let outcome = self
-            .shared
-            .store
-            .acquire(key, &token, ttl, request.fencing)
-            .await;
+        let store = &self.shared.store;
+        let outcome = match deadline.and_then(|until| store.acquire_queued(key, &token, until)) {
+            Some(queued) => queued.await,
+            None => store
+                .acquire(key, &token, ttl, request.fencing)
+                .await
+                .map(|outcome| (outcome, sent)),
+        };
         // From here on the outcome is known (or an error is returned): on error the
         // armed `pending` cleans up, since the SET may have landed before the failure.
-        let outcome = outcome?;
+        let (outcome, sent) = outcome?;
         let replied = Instant::now();
         if let Acquire::Taken { .. } = outcome
             && replied >= ttl.valid_until(sent)
@@ -391,7 +403,7 @@ impl LockManager {
             Acquire::Taken { fence } => {
                 tracing::debug!(token = token.short(), ?fence, "acquired");
                 let lease = Arc::new(Lease::new(key.clone(), token, fence, ttl, sent, replied));
-                let extension = match (&runtime, request.auto_extend) {
+                let extension = match (&runtime, auto_extend) {
                     (Some(runtime), true) => Some(self.shared.auto_extender.register(
                         Arc::clone(&lease),
                         sent,

@@ -7,7 +7,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use redis::aio::ConnectionLike;
 
@@ -99,6 +99,29 @@ pub(crate) trait LeaseStore: Send + Sync + 'static {
     /// Compare-and-`PEXPIRE` for many leases at once, in as few round trips as the store
     /// allows: one verdict (or error) per lease, in order.
     fn extend_many<'a>(&'a self, batch: &'a [Extension]) -> BoxFuture<'a, Vec<Result<Verdict>>>;
+
+    /// For a store whose lease is its session (ZooKeeper): the TTL of every lease, the
+    /// negotiated session timeout, whatever TTL the caller asked for. Such leases are always
+    /// auto-extended: an extension is a request that confirms the session and the lease, so
+    /// the belief counts from its send time as for a TTL. `None` (the default): leases have
+    /// the TTL the caller asked for.
+    fn session_ttl(&self) -> Option<Ttl> {
+        None
+    }
+
+    /// For a store with a fair queue of its own (ZooKeeper): an acquire that waits its
+    /// turn until `deadline`, and leaves the queue when it gives up (`Held`). Returns the
+    /// outcome and the send time of the request that confirmed it, from which the lease's
+    /// validity counts. `None` (the default): the store has no queue, and a waiting call
+    /// polls with [`acquire`](Self::acquire).
+    fn acquire_queued<'a>(
+        &'a self,
+        _key: &'a LockKey,
+        _token: &'a Token,
+        _deadline: Instant,
+    ) -> Option<BoxFuture<'a, Result<(Acquire, Instant)>>> {
+        None
+    }
 }
 
 /// One lease in a batch auto-extension.

@@ -15,6 +15,7 @@ const LAYERS: &[&str] = &[
     "store",
     "lease",
     "redlock",
+    "zookeeper",
     "auto_extend",
     "notify",
     "guard",
