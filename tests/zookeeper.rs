@@ -5,6 +5,8 @@
 //! pause or partition a server start their own or go through the fault proxy. After every
 //! scenario no znode is left under the lock's node.
 
+#[path = "support/child.rs"]
+mod child;
 #[path = "support/proxy.rs"]
 mod proxy;
 #[path = "support/zk.rs"]
@@ -435,4 +437,131 @@ async fn fencing_tokens_increase_across_sessions() {
     }
     let obs = observer(server).await;
     until_nodes(&obs, chroot, "f", 0).await;
+}
+
+/// The child of `a_killed_holders_lock_passes_on_only_when_its_session_expires`: takes the
+/// lock, reports, and holds it until it is killed.
+async fn holder_child() {
+    let url = child::param("URL");
+    let locks = manager_at(&url, SESSION).await;
+    let guard = locks.lock("killed").await.expect("child lock");
+    child::report(&format!("held {}", guard.fencing_token().expect("zxid")));
+    tokio::time::sleep(Duration::from_secs(120)).await;
+    drop(guard);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_holders_lock_passes_on_only_when_its_session_expires() {
+    if child::role().is_some() {
+        return holder_child().await;
+    }
+    if !require_zookeeper() {
+        return;
+    }
+    let server = zk::shared();
+    let chroot = "/t-killed";
+    let obs = observer(server).await;
+    let mut holder = child::spawn(
+        "a_killed_holders_lock_passes_on_only_when_its_session_expires",
+        "holder",
+        &[("URL", server.url(chroot))],
+    );
+    let line = holder.next_line(Duration::from_secs(60));
+    let first: u64 = line
+        .strip_prefix("held ")
+        .and_then(|t| t.parse().ok())
+        .unwrap_or_else(|| panic!("child said {line:?}"));
+    let locks = manager(server, chroot).await;
+    let waiting = tokio::spawn(async move {
+        let guard = locks.lock("killed").await.expect("waiter");
+        (Instant::now(), guard, locks)
+    });
+    until_nodes(&obs, chroot, "killed", 2).await;
+    let killed = Instant::now();
+    holder.kill();
+    let (acquired, guard, _locks) = waiting.await.expect("waiter task");
+    let after = acquired - killed;
+    eprintln!(
+        "killed holder: the waiter got the lock {after:?} after the kill (session timeout {SESSION:?})"
+    );
+    // The holder touched its session at most a third of the timeout before the kill (its
+    // extensions), so the server cannot expire it sooner than two thirds after.
+    assert!(
+        after >= SESSION * 2 / 3,
+        "the lock passed on {after:?} after the kill"
+    );
+    assert!(after <= SESSION + Duration::from_millis(1000), "{after:?}");
+    assert!(guard.fencing_token().expect("zxid") > first);
+    guard.release().await.expect("release");
+    until_nodes(&obs, chroot, "killed", 0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ensemble_keeps_locks_through_a_lost_member_and_recovers_its_quorum() {
+    if !require_zookeeper() {
+        return;
+    }
+    let mut servers = ZkServer::ensemble(3);
+    let hosts: Vec<String> = servers.iter().map(ZkServer::host).collect();
+    let url = format!("zk://{}/t-ensemble", hosts.join(","));
+    let session = Duration::from_secs(4);
+    let a = manager_at(&url, session).await;
+    let b = manager_at(&url, session).await;
+    let guard = a.lock("e").await.expect("lock");
+    let first = guard.fencing_token().expect("zxid");
+    // Kill the leader: the holder's session moves to a follower, the lock stays held.
+    let leader = servers
+        .iter()
+        .position(|s| {
+            s.four_letter("srvr")
+                .is_some_and(|t| t.contains("Mode: leader"))
+        })
+        .expect("a leader");
+    servers[leader].stop();
+    tokio::time::sleep(session * 2).await;
+    assert!(guard.is_held(), "{:?}", guard.handle().lost_reason());
+    let err = b.try_lock("e").await.expect_err("still held");
+    assert!(err.is_held_by_other(), "{err}");
+    guard
+        .release()
+        .await
+        .expect("release after the leader change");
+    let guard = b.lock("e").await.expect("lock on two of three");
+    let second = guard.fencing_token().expect("zxid");
+    assert!(second > first, "{second} after {first}");
+    // Lose the quorum: the holder loses its lease within the session timeout, calls fail
+    // with typed errors within their bounds.
+    let other = (0..3)
+        .find(|&i| i != leader && servers[i].is_running())
+        .expect("a live member");
+    let cut = Instant::now();
+    servers[other].stop();
+    let reason = tokio::time::timeout(session * 2, guard.lost())
+        .await
+        .expect("lost() within the session timeout");
+    assert_eq!(reason, LostReason::Unreachable);
+    assert!(cut.elapsed() <= session, "{:?}", cut.elapsed());
+    drop(guard);
+    let started = Instant::now();
+    let err = a
+        .lock_with("e", options(session).with_wait(Duration::from_secs(1)))
+        .await
+        .expect_err("no quorum");
+    assert!(
+        matches!(err, Error::ZooKeeper(_) | Error::Timeout { .. }),
+        "{err}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(1) + Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    // The quorum comes back: locks work again, tokens keep increasing.
+    servers[leader].restart();
+    let guard = b
+        .lock_with("e", options(session).with_wait(Duration::from_secs(60)))
+        .await
+        .expect("lock after recovery");
+    assert!(guard.fencing_token().expect("zxid") > second);
+    guard.release().await.expect("release");
 }
