@@ -565,3 +565,92 @@ async fn an_ensemble_keeps_locks_through_a_lost_member_and_recovers_its_quorum()
     assert!(guard.fencing_token().expect("zxid") > second);
     guard.release().await.expect("release");
 }
+
+/// The child of `mutual_exclusion_across_processes`: increments the counter file under
+/// the lock, non-atomically.
+async fn counting_child() {
+    let locks = manager_at(&child::param("URL"), SESSION).await;
+    let file = child::param("FILE");
+    for _ in 0..10 {
+        let guard = locks.lock("file").await.expect("child lock");
+        let v: u64 = std::fs::read_to_string(&file)
+            .expect("read")
+            .trim()
+            .parse()
+            .expect("number");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        std::fs::write(&file, format!("{}", v + 1)).expect("write");
+        guard.release().await.expect("release");
+    }
+    child::report("done");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_exclusion_across_processes() {
+    if child::role().is_some() {
+        return counting_child().await;
+    }
+    if !require_zookeeper() {
+        return;
+    }
+    let server = zk::shared();
+    let chroot = "/t-processes";
+    let file = std::env::temp_dir().join(format!("distlock-zk-counter-{}", std::process::id()));
+    std::fs::write(&file, "0").expect("counter file");
+    let children: Vec<_> = (0..3)
+        .map(|_| {
+            child::spawn(
+                "mutual_exclusion_across_processes",
+                "counter",
+                &[
+                    ("URL", server.url(chroot)),
+                    ("FILE", file.display().to_string()),
+                ],
+            )
+        })
+        .collect();
+    for c in children {
+        let (status, lines) = c.finish(Duration::from_secs(120));
+        assert!(status.success(), "{status}: {lines:?}");
+        assert_eq!(lines, vec!["done".to_string()]);
+    }
+    let total = std::fs::read_to_string(&file).expect("read");
+    let _ = std::fs::remove_file(&file);
+    assert_eq!(total.trim(), "30");
+    let obs = observer(server).await;
+    until_nodes(&obs, chroot, "file", 0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_manager_closes_its_session_and_leaves_nothing() {
+    if !require_zookeeper() {
+        return;
+    }
+    let server = ZkServer::start();
+    let sessions = || {
+        server
+            .four_letter("cons")
+            .unwrap_or_default()
+            .matches("sid=")
+            .count()
+    };
+    let chroot = "/t-drop";
+    let obs = observer(&server).await;
+    let before = sessions();
+    let locks = manager(&server, chroot).await;
+    assert_eq!(sessions(), before + 1);
+    let guard = locks.lock("d").await.expect("lock");
+    let waiting = locks.clone();
+    let waiter = tokio::spawn(async move { waiting.lock("d").await.map(drop) });
+    until_nodes(&obs, chroot, "d", 2).await;
+    waiter.abort();
+    let _ = waiter.await;
+    drop(guard);
+    drop(locks);
+    until_nodes(&obs, chroot, "d", 0).await;
+    let start = Instant::now();
+    while sessions() != before && start.elapsed() < Duration::from_secs(5) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(sessions(), before, "the manager's session is closed");
+}

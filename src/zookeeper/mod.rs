@@ -246,7 +246,7 @@ impl ZkStore {
         deadline: Instant,
     ) -> Result<(Acquire, Instant)> {
         let dir = self.dir(key)?;
-        let client = self.sessions.client().await?;
+        let client = bounded("session", self.command_timeout, self.sessions.client()).await?;
         let node = bounded(
             "create",
             self.command_timeout,
