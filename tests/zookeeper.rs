@@ -654,3 +654,39 @@ async fn a_dropped_manager_closes_its_session_and_leaves_nothing() {
     }
     assert_eq!(sessions(), before, "the manager's session is closed");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_create_whose_reply_is_lost_finds_its_own_node() {
+    if !require_zookeeper() {
+        return;
+    }
+    // ZOOKEEPER-1262: the create reaches the server, the reply never comes back, the
+    // connection drops. The contender must find its node by name, not create a second one
+    // (which would sit in the queue with nobody to delete it).
+    let server = zk::shared();
+    let chroot = "/t-lost-reply";
+    let obs = observer(server).await;
+    let proxy = FaultProxy::start(server.port()).await;
+    let locks = manager_at(&format!("zk://{}{chroot}", proxy_host(&proxy)), SESSION).await;
+    // A holder on a direct connection (it also keeps the lock's node in place).
+    let direct = manager(server, chroot).await;
+    let held = direct.try_lock("r").await.expect("holder");
+    proxy.set(Fault::HoldReplies);
+    let taking = locks.clone();
+    let attempt = tokio::spawn(async move { taking.lock("r").await });
+    until_nodes(&obs, chroot, "r", 2).await;
+    proxy.reset_connections();
+    proxy.set(Fault::Pass);
+    // Time to reconnect and look for its node; then the lock is handed on.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(nodes(&obs, chroot, "r").await.len(), 2, "no second node");
+    held.release().await.expect("release");
+    let guard = attempt
+        .await
+        .expect("task")
+        .expect("lock after the lost reply");
+    assert_eq!(nodes(&obs, chroot, "r").await.len(), 1, "no orphan node");
+    assert!(guard.is_held());
+    guard.release().await.expect("release");
+    until_nodes(&obs, chroot, "r", 0).await;
+}
