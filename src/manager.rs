@@ -345,9 +345,14 @@ impl LockManager {
         request: &Checked,
         deadline: Option<Instant>,
     ) -> Result<Attempt> {
-        // A lease that is a session has the session's TTL and is always kept alive.
+        // A lease that is a session has the session's TTL (or the hold-time cap, if
+        // shorter) and is always kept alive.
         let session_ttl = self.shared.store.session_ttl();
-        let ttl = session_ttl.unwrap_or(request.ttl);
+        let ttl = match (session_ttl, request.max_hold) {
+            (Some(session), Some(hold)) if hold < session.as_duration() => request.ttl,
+            (Some(session), _) => session,
+            (None, _) => request.ttl,
+        };
         let auto_extend = request.auto_extend || session_ttl.is_some();
         let token = Token::generate();
         let runtime = Handle::try_current().ok();

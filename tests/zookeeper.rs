@@ -690,3 +690,31 @@ async fn a_create_whose_reply_is_lost_finds_its_own_node() {
     guard.release().await.expect("release");
     until_nodes(&obs, chroot, "r", 0).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_hold_time_cap_bounds_the_belief_and_drop_frees_the_node() {
+    if !require_zookeeper() {
+        return;
+    }
+    let server = zk::shared();
+    let chroot = "/t-cap";
+    let obs = observer(server).await;
+    let locks = manager(server, chroot).await;
+    let cap = Duration::from_millis(400);
+    let started = Instant::now();
+    let guard = locks
+        .lock_with("c", options(SESSION).with_max_hold(cap))
+        .await
+        .expect("lock");
+    let acquired = Instant::now();
+    assert!(
+        guard.valid_until() <= acquired + cap,
+        "the cap, not the session timeout"
+    );
+    assert_eq!(guard.lost().await, LostReason::MaxHoldReached);
+    assert!(started.elapsed() <= cap + Duration::from_millis(200));
+    // The node stays until the guard goes: nobody else holds in between.
+    assert_eq!(nodes(&obs, chroot, "c").await.len(), 1);
+    drop(guard);
+    until_nodes(&obs, chroot, "c", 0).await;
+}
