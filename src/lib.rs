@@ -146,9 +146,10 @@
 //! creation zxid (always present, strictly increasing over the ensemble); a lock survives
 //! the failure of any minority of the ensemble. The lease is the ZooKeeper session: the
 //! default options' TTL is the session timeout asked for, every lease is kept alive by the
-//! manager, and [`LockGuard::valid_until`] is the send time of the last acknowledged request
-//! plus the negotiated timeout minus a margin, never later than the server's expiry of the
-//! session. The README compares the two, with measured latencies.
+//! manager, and [`LockGuard::valid_until`] is the send time of the last confirmed request
+//! (a `sync` through the leader, then a read of the node) plus half the negotiated timeout
+//! minus a margin: below the leader's expiry of the session, which learns of a request
+//! through its followers' pings. The README compares the two, with measured latencies.
 //!
 //! ```no_run
 //! # async fn demo() -> distlock::Result<()> {

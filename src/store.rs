@@ -100,8 +100,8 @@ pub(crate) trait LeaseStore: Send + Sync + 'static {
     /// allows: one verdict (or error) per lease, in order.
     fn extend_many<'a>(&'a self, batch: &'a [Extension]) -> BoxFuture<'a, Vec<Result<Verdict>>>;
 
-    /// For a store whose lease is its session (ZooKeeper): the TTL of every lease, the
-    /// negotiated session timeout, whatever TTL the caller asked for. Such leases are always
+    /// For a store whose lease is its session (ZooKeeper): the TTL of every lease, derived
+    /// from the session's timeout, whatever TTL the caller asked for. Such leases are always
     /// auto-extended: an extension is a request that confirms the session and the lease, so
     /// the belief counts from its send time as for a TTL. `None` (the default): leases have
     /// the TTL the caller asked for.

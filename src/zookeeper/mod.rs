@@ -9,9 +9,10 @@
 //!   predecessor (no herd on release), first come first served; a waiter that gives up
 //!   deletes its node, one that is cancelled has it deleted in the background by the
 //!   manager's abandoned-acquire release (by token).
-//! - Release: delete the node. Extend: one request that finds the node owned by the current
-//!   session; it keeps the session alive, so the lease's belief counts from its send time
-//!   with the negotiated session timeout as TTL ([`session_ttl`](LeaseStore::session_ttl)).
+//! - Release: delete the node. Extend: a `sync` through the leader, then a read that finds
+//!   the node owned by the current session; it keeps the session alive, so the lease's
+//!   belief counts from its send time with half the negotiated session timeout as TTL
+//!   ([`session_ttl`](LeaseStore::session_ttl)).
 //!   A session that expired loses its leases (`Expired`); the next call opens a new one.
 
 use std::collections::HashMap;
@@ -201,8 +202,21 @@ impl ZkStore {
         Ok(verdict)
     }
 
+    /// Catches the current session's server up with the leader (`sync` goes through the
+    /// leader): a read after it is not a stale answer from a follower that lost the leader.
+    /// A session that is over is left to [`confirm`](Self::confirm) to report.
+    async fn sync(&self) -> Result<()> {
+        let Some(client) = self.sessions.live() else {
+            return Ok(());
+        };
+        match client.sync("/").await {
+            Ok(()) | Err(zk::Error::SessionExpired) => Ok(()),
+            Err(e) => Err(zk_error(e)),
+        }
+    }
+
     /// Confirms that the node of `token` exists and belongs to the current session: one
-    /// request, which also keeps the session alive.
+    /// read after a [`sync`](Self::sync), which also keeps the session alive.
     async fn confirm(&self, token: &Token) -> Result<Verdict> {
         let Some(node) = self.nodes().get(token).cloned() else {
             return Ok(Verdict::Lost(LostReason::Expired));
@@ -256,6 +270,9 @@ impl ZkStore {
         loop {
             let asked = Instant::now();
             let step = async {
+                // Synced first: `asked` is the validity base if this look finds the lock
+                // ours, so the look must not come from a follower cut off from the leader.
+                client.sync("/").await.map_err(zk_error)?;
                 let Some(predecessor) = self.standing(&client, &dir, &node).await? else {
                     return Err(vanished());
                 };
@@ -348,7 +365,10 @@ impl LeaseStore for ZkStore {
         token: &'a Token,
         _ttl: Ttl,
     ) -> BoxFuture<'a, Result<Verdict>> {
-        Box::pin(bounded("extend", self.command_timeout, self.confirm(token)))
+        Box::pin(bounded("extend", self.command_timeout, async move {
+            self.sync().await?;
+            self.confirm(token).await
+        }))
     }
 
     fn release<'a>(&'a self, key: &'a LockKey, token: &'a Token) -> BoxFuture<'a, Result<Verdict>> {
@@ -369,7 +389,12 @@ impl LeaseStore for ZkStore {
 
     fn extend_many<'a>(&'a self, batch: &'a [Extension]) -> BoxFuture<'a, Vec<Result<Verdict>>> {
         Box::pin(async move {
-            // One request per lease, all in flight at once on the session's connection.
+            // One sync for the batch, then one read per lease, all in flight at once on the
+            // session's connection.
+            let synced = bounded("sync", self.command_timeout, self.sync()).await;
+            if let Err(e) = synced {
+                return batch.iter().map(|_| Err(e.clone())).collect();
+            }
             let calls = batch
                 .iter()
                 .map(|extension| {
@@ -385,7 +410,11 @@ impl LeaseStore for ZkStore {
     }
 
     fn session_ttl(&self) -> Option<Ttl> {
-        Ttl::new(self.sessions.timeout()).ok()
+        // Half the negotiated timeout: the leader expires sessions by the activity its
+        // followers report on their pings (every half tick, a tick being at most half the
+        // timeout), so it may know of a request of ours only later than it was sent; and a
+        // lease is confirmed every sixth of the timeout. See the README.
+        Ttl::new(self.sessions.timeout() / 2).ok()
     }
 
     fn acquire_queued<'a>(
