@@ -31,7 +31,7 @@ use crate::redlock::join_all;
 use crate::store::{Acquire, BoxFuture, Extension, LeaseStore, Verdict};
 
 pub(crate) use session::{Sessions, Target};
-use session::{bounded, zk_error};
+use session::{bounded, connection_lost, zk_error};
 
 /// A pause before a step is tried again after a connection loss inside a wait.
 const RETRY_PAUSE: Duration = Duration::from_millis(50);
@@ -109,7 +109,7 @@ impl ZkStore {
                 // The create may or may not have run: look for the node by its name (the
                 // ZOOKEEPER-1262 trap). Requests of one session run in order, so the
                 // listing sees it if it was made.
-                Err(zk::Error::ConnectionLoss) => loop {
+                Err(e) if connection_lost(&e) => loop {
                     tokio::time::sleep(RETRY_PAUSE).await;
                     match self.find(client, dir, token).await {
                         Ok(Some(node)) => return Ok(node),

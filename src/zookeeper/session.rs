@@ -61,17 +61,24 @@ impl Target {
 /// transient (a later call reconnects or opens a new session), the rest is what the server
 /// answered.
 pub(crate) fn zk_error(e: zk::Error) -> Error {
-    let transient = matches!(
-        e,
-        zk::Error::ConnectionLoss
-            | zk::Error::Timeout
-            | zk::Error::NoHosts
-            | zk::Error::SessionExpired
-            | zk::Error::SessionMoved
-            | zk::Error::Throttled
-            | zk::Error::ClientClosed
-    );
+    let transient = connection_lost(&e)
+        || matches!(
+            e,
+            zk::Error::Timeout
+                | zk::Error::NoHosts
+                | zk::Error::SessionExpired
+                | zk::Error::SessionMoved
+                | zk::Error::Throttled
+                | zk::Error::ClientClosed
+        );
     Error::ZooKeeper(ZooKeeperError::new(transient, e.to_string()))
+}
+
+/// The connection broke under a request: its outcome is unknown. The client reports a
+/// broken connection as `ConnectionLoss`, or, for a request caught by the socket's own
+/// error (reset, broken pipe), as a custom error carrying the I/O error.
+pub(crate) fn connection_lost(e: &zk::Error) -> bool {
+    matches!(e, zk::Error::ConnectionLoss | zk::Error::Custom(_))
 }
 
 /// No answer within `limit`.
