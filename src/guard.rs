@@ -174,6 +174,8 @@ impl LockGuard {
     /// ```
     pub async fn extend(&self, ttl: Duration) -> Result<()> {
         let ttl = Ttl::new(ttl)?;
+        // A lease that is a session lasts the session's TTL, whatever was asked.
+        let ttl = self.store.session_ttl().unwrap_or(ttl);
         let lease = self.lease();
         let span = tracing::debug_span!(
             "distlock.extend",

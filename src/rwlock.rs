@@ -131,7 +131,7 @@ impl LockManager {
         let Some(scripts) = self.scripts() else {
             return Err(Error::invalid(
                 "rw_lock",
-                "not offered over several independent primaries (Redlock)",
+                "not offered on this backend (several independent primaries, ZooKeeper)",
             ));
         };
         let mut prefix = self.prefix().to_vec();

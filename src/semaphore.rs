@@ -125,8 +125,9 @@ impl LockManager {
         let Some(scripts) = self.scripts() else {
             return Err(Error::invalid(
                 "semaphore",
-                "not offered over several independent primaries (Redlock): permit counts \
-                 per node do not add up to N across a quorum",
+                "not offered on this backend: over several independent primaries (Redlock) \
+                 permit counts per node do not add up to N across a quorum; on ZooKeeper, \
+                 not built yet",
             ));
         };
         let mut prefix = self.prefix().to_vec();

@@ -186,6 +186,9 @@ impl LockManagerBuilder {
     ///
     /// Dropping the future abandons the connection attempt; nothing is left behind.
     pub async fn connect(mut self, url: &str) -> Result<LockManager> {
+        if url.starts_with("zk://") {
+            return self.connect_zookeeper(url).await;
+        }
         self.check()?;
         let client = open_client(url)?;
         if self.pubsub.is_none() {
@@ -465,6 +468,38 @@ impl LockManagerBuilder {
         crate::redlock::check_node_count(nodes.len())?;
         let store = RedlockStore::new(nodes, self.node_timeout);
         Ok(self.with_notify(false).into_manager(Arc::new(store)))
+    }
+}
+
+impl LockManagerBuilder {
+    /// Connects to a ZooKeeper ensemble (`zk://host1:2181,host2:2181/chroot`, `zookeeper`
+    /// feature) and builds a manager whose locks are ephemeral sequential nodes: fair
+    /// (first come, first served), the lease is the session, the fencing token the node's
+    /// creation zxid. [`connect`](Self::connect) calls it for a `zk://` URL. See the crate
+    /// docs on [ZooKeeper](crate#redis-or-zookeeper) for what the options mean there: the
+    /// default options' TTL is the session timeout asked for (the server negotiates it).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidArgument`] for a bad URL or prefix, or without the `zookeeper`
+    /// feature; `Error::ZooKeeper` when no session could be opened within the connect
+    /// timeout.
+    pub async fn connect_zookeeper(self, url: &str) -> Result<LockManager> {
+        self.check()?;
+        #[cfg(feature = "zookeeper")]
+        {
+            use crate::zookeeper::{Sessions, Target, ZkStore};
+            let target = Target::parse(url)?;
+            let timeout = self.defaults.ttl();
+            let sessions = Sessions::open(target, timeout, self.connect_timeout).await?;
+            let store = ZkStore::new(sessions, &self.prefix, self.command_timeout)?;
+            Ok(self.with_notify(false).into_manager(Arc::new(store)))
+        }
+        #[cfg(not(feature = "zookeeper"))]
+        Err(Error::invalid(
+            "url",
+            format!("{url}: ZooKeeper needs distlock's `zookeeper` cargo feature"),
+        ))
     }
 }
 

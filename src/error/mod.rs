@@ -4,8 +4,12 @@ use std::fmt;
 use std::time::Duration;
 
 mod quorum;
+#[cfg(feature = "zookeeper")]
+mod zookeeper;
 
 pub use quorum::{NodeOutcome, NodeReport, QuorumError, QuorumOperation};
+#[cfg(feature = "zookeeper")]
+pub use zookeeper::ZooKeeperError;
 
 /// A `Result` whose error is [`enum@Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -96,6 +100,12 @@ pub enum Error {
     /// ```
     #[error("{0}")]
     Quorum(Box<QuorumError>),
+
+    /// A ZooKeeper request failed (`zookeeper` feature): connection, session or server;
+    /// see [`ZooKeeperError::is_transient`].
+    #[cfg(feature = "zookeeper")]
+    #[error("zookeeper error: {0}")]
+    ZooKeeper(ZooKeeperError),
 }
 
 impl Error {
@@ -137,6 +147,10 @@ impl Error {
     /// server answered to the request itself (`WRONGTYPE`, `NOPERM`, a script error) are
     /// not transient.
     pub fn is_transient(&self) -> bool {
+        #[cfg(feature = "zookeeper")]
+        if let Error::ZooKeeper(e) = self {
+            return e.is_transient();
+        }
         let Error::Redis(e) = self else {
             return false;
         };

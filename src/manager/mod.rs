@@ -21,6 +21,7 @@ use crate::store::{Acquire, LeaseStore, Queue, no_queue};
 use crate::wait::{InQueue, Wait};
 
 mod cleanup;
+mod derived;
 
 use cleanup::{PendingAcquire, QueueEntry, waiter_id};
 
@@ -97,35 +98,6 @@ impl LockManager {
                 defaults,
             }),
         }
-    }
-
-    /// A manager over another store on the same connection (a semaphore's), with this
-    /// one's notifications and default options, and keys under `prefix`.
-    pub(crate) fn derived(&self, store: Arc<dyn LeaseStore>, prefix: Box<[u8]>) -> LockManager {
-        LockManager {
-            shared: Arc::new(Shared {
-                auto_extender: AutoExtender::new(Arc::clone(&store)),
-                store,
-                notifier: self.shared.notifier.clone(),
-                prefix,
-                defaults: self.shared.defaults,
-            }),
-        }
-    }
-
-    /// The store's scripts for other lease kinds, where it has them.
-    pub(crate) fn scripts(&self) -> Option<Arc<dyn crate::store::ScriptRunner>> {
-        self.shared.store.scripts()
-    }
-
-    /// The key prefix of this manager.
-    pub(crate) fn prefix(&self) -> &[u8] {
-        &self.shared.prefix
-    }
-
-    /// Whether `name` can name a lock of this manager (nothing is sent).
-    pub(crate) fn check_name(&self, name: &[u8]) -> Result<()> {
-        LockKey::new(&self.shared.prefix, name).map(drop)
     }
 
     /// The options [`lock`](Self::lock) and [`try_lock`](Self::try_lock) use.
@@ -254,7 +226,7 @@ impl LockManager {
                             lease,
                             join: true,
                         });
-                    match self.attempt(&key, &request, queue).await {
+                    match self.attempt(&key, &request, queue, Some(deadline)).await {
                         Ok(Attempt::Taken(guard)) => {
                             // The acquire took the caller out of the queue.
                             if let Some(entry) = entry.as_mut() {
@@ -337,7 +309,7 @@ impl LockManager {
                 lease,
                 join: false,
             });
-            match self.attempt(&key, &request, queue).await? {
+            match self.attempt(&key, &request, queue, None).await? {
                 Attempt::Taken(guard) => Ok(guard),
                 Attempt::Held { pttl } => Err(Error::Contended {
                     key: key.display(),
@@ -445,14 +417,24 @@ impl LockManager {
     }
 
     /// One acquire round trip with a fresh token; in fair mode (`queue`) through the lock's
-    /// queue in Redis.
+    /// queue in Redis; with a `deadline`, a store with a queue of its own (ZooKeeper) waits
+    /// in it until then.
     async fn attempt(
         &self,
         key: &LockKey,
         request: &Checked,
         queue: Option<Queue<'_>>,
+        deadline: Option<Instant>,
     ) -> Result<Attempt> {
-        let ttl = request.ttl;
+        // A lease that is a session has the session's TTL (or the hold-time cap, if
+        // shorter) and is always kept alive.
+        let session_ttl = self.shared.store.session_ttl();
+        let ttl = match (session_ttl, request.max_hold) {
+            (Some(session), Some(hold)) if hold < session.as_duration() => request.ttl,
+            (Some(session), _) => session,
+            (None, _) => request.ttl,
+        };
+        let auto_extend = request.auto_extend || session_ttl.is_some();
         let token = Token::generate();
         let runtime = Handle::try_current().ok();
         if queue.is_some() && !self.shared.store.queues() {
@@ -465,7 +447,7 @@ impl LockManager {
                  the guarantee (see the crate docs on Redlock)",
             ));
         }
-        if request.auto_extend && runtime.is_none() {
+        if auto_extend && runtime.is_none() {
             return Err(Error::invalid(
                 "auto_extend",
                 "auto-extension needs a tokio runtime to run in",
@@ -481,17 +463,24 @@ impl LockManager {
         };
         let sent = Instant::now();
         let store = &self.shared.store;
-        let outcome = match queue {
-            Some(queue) => {
-                store
-                    .acquire_queued(key, &token, ttl, request.fencing, queue)
-                    .await
-            }
-            None => store.acquire(key, &token, ttl, request.fencing).await,
+        let waiting = match queue {
+            Some(_) => None,
+            None => deadline.and_then(|until| store.acquire_waiting(key, &token, until)),
+        };
+        let outcome = match (queue, waiting) {
+            (Some(queue), _) => store
+                .acquire_queued(key, &token, ttl, request.fencing, queue)
+                .await
+                .map(|outcome| (outcome, sent)),
+            (None, Some(waiting)) => waiting.await,
+            (None, None) => store
+                .acquire(key, &token, ttl, request.fencing)
+                .await
+                .map(|outcome| (outcome, sent)),
         };
         // From here on the outcome is known (or an error is returned): on error the
         // armed `pending` cleans up, since the SET may have landed before the failure.
-        let outcome = outcome?;
+        let (outcome, sent) = outcome?;
         let replied = Instant::now();
         if let Acquire::Taken { .. } = outcome
             && replied >= ttl.valid_until(sent)
@@ -512,7 +501,7 @@ impl LockManager {
                 tracing::debug!(token = token.short(), ?fence, "acquired");
                 let lease = Arc::new(Lease::new(key.clone(), token, fence, ttl, sent, replied));
                 let meter = Meter::start(sent);
-                let extension = match (&runtime, request.auto_extend) {
+                let extension = match (&runtime, auto_extend) {
                     (Some(runtime), true) => Some(self.shared.auto_extender.register(
                         Arc::clone(&lease),
                         sent,

@@ -8,7 +8,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use redis::aio::ConnectionLike;
 
@@ -134,6 +134,29 @@ pub(crate) trait LeaseStore: Send + Sync + 'static {
         _waiter: &'a [u8],
     ) -> BoxFuture<'a, Result<()>> {
         Box::pin(std::future::ready(Err(no_queue())))
+    }
+
+    /// For a store whose lease is its session (ZooKeeper): the TTL of every lease, derived
+    /// from the session's timeout, whatever TTL the caller asked for. Such leases are always
+    /// auto-extended: an extension is a request that confirms the session and the lease, so
+    /// the belief counts from its send time as for a TTL. `None` (the default): leases have
+    /// the TTL the caller asked for.
+    fn session_ttl(&self) -> Option<Ttl> {
+        None
+    }
+
+    /// For a store with a queue of its own (ZooKeeper): an acquire that waits its
+    /// turn until `deadline`, and leaves the queue when it gives up (`Held`). Returns the
+    /// outcome and the send time of the request that confirmed it, from which the lease's
+    /// validity counts. `None` (the default): the store has no queue, and a waiting call
+    /// polls with [`acquire`](Self::acquire).
+    fn acquire_waiting<'a>(
+        &'a self,
+        _key: &'a LockKey,
+        _token: &'a Token,
+        _deadline: Instant,
+    ) -> Option<BoxFuture<'a, Result<(Acquire, Instant)>>> {
+        None
     }
 
     /// Scripts of other lease kinds (semaphore permits) on this store's connection, where

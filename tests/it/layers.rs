@@ -19,6 +19,7 @@ const LAYERS: &[&str] = &[
     "lease",
     "redlock",
     "cluster",
+    "zookeeper",
     "auto_extend",
     "notify",
     "guard",
