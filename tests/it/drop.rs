@@ -125,11 +125,25 @@ async fn abandoned_acquires_leave_no_lease_behind() {
     // Drop the acquire at many points in its round trip.
     let mut timed_out = 0;
     for i in 0..200u64 {
-        let budget = Duration::from_micros(i * 3);
-        match tokio::time::timeout(budget, locks.lock_with(&name, opts)).await {
-            Ok(Ok(guard)) => guard.release().await.unwrap(),
-            Ok(Err(e)) => panic!("unexpected error {e}"),
-            Err(_) => timed_out += 1,
+        // Cut off by time (the timer's 1 ms granularity may let a fast round trip finish),
+        // or after a few polls of this task: with no poll to spare (`i % 16 == 0`), the
+        // acquire is dropped right after sending, before any reply can have arrived.
+        let cut = async {
+            if i % 2 == 0 {
+                for _ in 0..(i / 2) % 8 {
+                    tokio::task::yield_now().await;
+                }
+            } else {
+                tokio::time::sleep(Duration::from_micros(i * 3)).await;
+            }
+        };
+        tokio::select! {
+            biased;
+            got = locks.lock_with(&name, opts) => match got {
+                Ok(guard) => guard.release().await.unwrap(),
+                Err(e) => panic!("unexpected error {e}"),
+            },
+            () = cut => timed_out += 1,
         }
     }
     assert!(timed_out > 0, "some acquires were cut off mid-flight");

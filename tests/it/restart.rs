@@ -28,6 +28,9 @@ struct Tally {
     released: AtomicU64,
     release_redis_errors: AtomicU64,
     release_lost: AtomicU64,
+    /// The longest `lock_with` call, in ms: a call in flight while the server is down
+    /// waits it out within its budget.
+    slowest_lock_ms: AtomicU64,
 }
 
 /// What the holders of one key did.
@@ -78,12 +81,15 @@ async fn holders_never_overlap_across_redis_restarts() {
             while !stop.load(Ordering::Relaxed) {
                 i += 1;
                 let k = i % KEYS;
+                let called = Instant::now();
                 let attempt = tokio::time::timeout(
                     CALL_BOUND,
                     locks.lock_with(format!("{prefix}:{k}"), opts),
                 )
                 .await
                 .expect("lock_with returned within its bound");
+                let took = u64::try_from(called.elapsed().as_millis()).unwrap_or(u64::MAX);
+                tally.slowest_lock_ms.fetch_max(took, Ordering::Relaxed);
                 let guard = match attempt {
                     Ok(guard) => guard,
                     Err(Error::Redis(_)) => {
@@ -155,7 +161,13 @@ async fn holders_never_overlap_across_redis_restarts() {
         + t.release_redis_errors.load(Ordering::Relaxed)
         + t.release_lost.load(Ordering::Relaxed)
         + t.timeouts.load(Ordering::Relaxed);
-    assert!(felt > 0, "the restarts were felt as errors or waits");
+    // Or as a call that waited out the 300 ms of downtime: a restart is short enough that
+    // waiting calls may ride it out without an error.
+    let slowest = t.slowest_lock_ms.load(Ordering::Relaxed);
+    assert!(
+        felt > 0 || slowest >= 200,
+        "the restarts were felt as errors, timeouts or long waits (slowest call {slowest} ms)"
+    );
     assert!(
         acquired > acquired_before_last_run,
         "the same manager acquires again after the restarts, by itself"
