@@ -16,14 +16,19 @@ use redis::AsyncCommands;
 const WRITERS: usize = 16;
 const UPDATES: usize = 25;
 
-async fn run(url: &str, record: &str, locked: bool) -> Result<i64, Box<dyn std::error::Error>> {
+async fn run(
+    url: &str,
+    lock_url: &str,
+    record: &str,
+    locked: bool,
+) -> Result<i64, Box<dyn std::error::Error>> {
     let client = redis::Client::open(url)?;
     let mut admin = client.get_multiplexed_async_connection().await?;
     let _: () = admin.hset(record, "balance", 0).await?;
 
     let mut writers = Vec::new();
     for _ in 0..WRITERS {
-        let locks = LockManager::connect(url).await?;
+        let locks = LockManager::connect(lock_url).await?;
         let mut db = client.get_multiplexed_async_connection().await?;
         let record = record.to_owned();
         writers.push(tokio::spawn(async move {
@@ -62,15 +67,18 @@ async fn run(url: &str, record: &str, locked: bool) -> Result<i64, Box<dyn std::
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    // The locks may live elsewhere (`LOCK_URL`, e.g. `zk://127.0.0.1:2181/examples` with the
+    // `zookeeper` feature); the data always lives in Redis.
+    let lock_url = std::env::var("LOCK_URL").unwrap_or_else(|_| url.clone());
     let record = format!("example:account:{}", uuid::Uuid::new_v4().simple());
     let expected = (WRITERS * UPDATES * 10) as i64;
 
-    let unlocked = run(&url, &record, false).await?;
+    let unlocked = run(&url, &lock_url, &record, false).await?;
     println!(
         "without the lock: balance {unlocked}, expected {expected} ({} updates lost)",
         (expected - unlocked) / 10
     );
-    let locked = run(&url, &record, true).await?;
+    let locked = run(&url, &lock_url, &record, true).await?;
     println!("with the lock:    balance {locked}, expected {expected}");
     if locked != expected {
         return Err("an update was lost under the lock".into());

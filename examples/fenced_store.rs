@@ -6,6 +6,10 @@
 //! "database" is a Redis hash written through a conditional update, the same shape as
 //! `UPDATE records SET value = $1, fence = $2 WHERE id = $3 AND fence <= $2` in SQL.
 //!
+//! Redis only: it shows a holder that stalls past its lease, which a process cannot
+//! stage on ZooKeeper by itself (there the lease is the session, kept alive by the client
+//! while the process lives).
+//!
 //! ```sh
 //! scripts/redis-up.sh && cargo run --example fenced_store
 //! ```

@@ -21,13 +21,16 @@ const RUNS: u32 = 20;
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    // The locks may live elsewhere (`LOCK_URL`, e.g. `zk://127.0.0.1:2181/examples` with the
+    // `zookeeper` feature); the data always lives in Redis.
+    let lock_url = std::env::var("LOCK_URL").unwrap_or_else(|_| url.clone());
     let client = redis::Client::open(url.as_str())?;
     let mut admin = client.get_multiplexed_async_connection().await?;
     let ns = format!("example:jobs:{}", uuid::Uuid::new_v4().simple());
 
     let mut workers = Vec::new();
     for worker in 0..WORKERS {
-        let locks = LockManager::connect(&url).await?;
+        let locks = LockManager::connect(&lock_url).await?;
         let mut conn = client.get_multiplexed_async_connection().await?;
         let ns = ns.clone();
         workers.push(tokio::spawn(async move {

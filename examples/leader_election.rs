@@ -1,6 +1,10 @@
 //! Leader election with a lease: one leader holds and extends the lease; when it dies
 //! without releasing, another candidate takes over within the TTL.
 //!
+//! Redis only: it shows a leader whose lease runs out after it dies, which a process
+//! cannot stage on ZooKeeper by itself (there the lease is the session, kept alive by the
+//! client while the process lives).
+//!
 //! ```sh
 //! scripts/redis-up.sh && cargo run --example leader_election
 //! ```
