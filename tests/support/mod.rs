@@ -121,10 +121,19 @@ pub(crate) fn redis_server_bin() -> String {
     std::env::var("DISTLOCK_REDIS_SERVER").unwrap_or_else(|_| "redis-server".to_owned())
 }
 
-/// A free TCP port on the loopback interface (racy by nature; good enough for tests).
+/// A free TCP port on the loopback interface. Racy by nature against other processes,
+/// but never the same port twice in one test binary: the system may hand a just-closed
+/// ephemeral port out again, and two servers started at once would then share one.
 pub fn free_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
-    listener.local_addr().expect("local addr").port()
+    static GIVEN: OnceLock<Mutex<std::collections::HashSet<u16>>> = OnceLock::new();
+    let given = GIVEN.get_or_init(Default::default);
+    loop {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+        let port = listener.local_addr().expect("local addr").port();
+        if given.lock().unwrap_or_else(|p| p.into_inner()).insert(port) {
+            return port;
+        }
+    }
 }
 
 /// A unique key for one test, so tests can share nothing by accident.
