@@ -21,7 +21,9 @@ use crate::options::{LockOptions, Ttl};
 use crate::protocol::rw::script as rw_script;
 use crate::protocol::script as lock_script;
 use crate::semaphore::{extend_one, extend_permits, grant, release_permit};
-use crate::store::{Acquire, BoxFuture, Extension, LeaseStore, ScriptRunner, Verdict};
+use crate::store::{
+    Acquire, BoxFuture, Extension, LeaseStore, ScriptRunner, Verdict, fence_ttl_ms,
+};
 
 /// The prefix a read-write lock's keys get after the manager's.
 const RW_PREFIX: &[u8] = b"rw:";
@@ -162,11 +164,6 @@ fn with_suffix(key: &LockKey, suffix: &[u8]) -> Vec<u8> {
     let mut out = key.lease().to_vec();
     out.extend_from_slice(suffix);
     out
-}
-
-fn fence_ttl_ms(ttl: Ttl) -> u64 {
-    const DAY_MS: u64 = 24 * 60 * 60 * 1000;
-    ttl.as_millis().saturating_mul(2).max(DAY_MS)
 }
 
 impl RwStore {

@@ -16,7 +16,9 @@ use crate::key::{LockKey, Token};
 use crate::manager::LockManager;
 use crate::options::{LockOptions, Ttl};
 use crate::protocol::semaphore::script;
-use crate::store::{Acquire, BoxFuture, Extension, LeaseStore, NodeAnswer, ScriptRunner, Verdict};
+use crate::store::{
+    Acquire, BoxFuture, Extension, LeaseStore, NodeAnswer, ScriptRunner, Verdict, fence_ttl_ms,
+};
 
 /// The prefix a semaphore's keys get after the manager's: its permits live at
 /// `<prefix>sem:{<name>}`, apart from any lock of the same name.
@@ -148,12 +150,6 @@ impl LockManager {
 struct PermitStore {
     scripts: Arc<dyn ScriptRunner>,
     permits: u32,
-}
-
-/// How long the fencing counter outlives the last grant, as for locks.
-fn fence_ttl_ms(ttl: Ttl) -> u64 {
-    const DAY_MS: u64 = 24 * 60 * 60 * 1000;
-    ttl.as_millis().saturating_mul(2).max(DAY_MS)
 }
 
 fn answer(value: &redis::Value) -> Result<NodeAnswer> {

@@ -73,6 +73,32 @@ macro_rules! fence_next {
     };
 }
 
+/// `next_fence(key, ttl_ms, t)`: the semaphore's and the read-write lock's fencing token,
+/// the same rule as [`ACQUIRE_FENCED`] (`max(counter + 1, server time in µs)`, the counter
+/// checked before it is used), as one Lua function for scripts whose keys and arguments sit
+/// elsewhere. `t` is the script's `TIME`; returns the token, or `false` and an error text.
+macro_rules! fence_fn {
+    () => {
+        r#"
+local function next_fence(key, ttl_ms, t)
+  local raw = redis.call('GET', key)
+  local last = 0
+  if raw then
+    if not string.match(raw, '^%d+$') or #raw > 16 or tonumber(raw) >= 9007199254740992 then
+      return false, 'ERR distlock: the fence counter ' .. key .. ' holds ' ..
+        string.sub(raw, 1, 32) .. ', not a counter below 2^53'
+    end
+    last = tonumber(raw)
+  end
+  local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
+  local fence = last + 1
+  if now_us > fence then fence = now_us end
+  redis.call('SET', key, string.format('%d', fence), 'PX', ttl_ms)
+  return fence
+end"#
+    };
+}
+
 /// Take the lease if the key is free and hand out a fencing token.
 ///
 /// `KEYS[1]` lease key, `KEYS[2]` fence counter key (same hash tag).

@@ -16,7 +16,9 @@
 /// `KEYS[1]` readers, `KEYS[2]` writer, `KEYS[3]` intent, `KEYS[4]` fence counter.
 /// `ARGV[1]` token, `ARGV[2]` TTL in ms, `ARGV[3]` `1` for a fencing token,
 /// `ARGV[4]` fence counter TTL in ms. Returns `{1, fence}` or `{0, ms to wait}`.
-pub const READ: &str = r#"
+pub const READ: &str = concat!(
+    fence_fn!(),
+    r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 for _, key in ipairs({KEYS[2], KEYS[3]}) do
@@ -31,25 +33,16 @@ end
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 local fence = 0
 if ARGV[3] == '1' then
-  local raw = redis.call('GET', KEYS[4])
-  local last = 0
-  if raw then
-if not string.match(raw, '^%d+$') or #raw > 16 or tonumber(raw) >= 9007199254740992 then
-  return redis.error_reply('ERR distlock: the fence counter ' .. KEYS[4] ..
-    ' holds ' .. string.sub(raw, 1, 32) .. ', not a counter below 2^53')
-end
-last = tonumber(raw)
-  end
-  local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
-  fence = last + 1
-  if now_us > fence then fence = now_us end
-  redis.call('SET', KEYS[4], string.format('%d', fence), 'PX', ARGV[4])
+  local err
+  fence, err = next_fence(KEYS[4], ARGV[4], t)
+  if not fence then return redis.error_reply(err) end
 end
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
 local longest = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
 redis.call('PEXPIREAT', KEYS[1], longest[2])
 return {1, fence}
-"#;
+"#
+);
 
 /// Take the write lease when no writer holds it and no reader holds a permit;
 /// otherwise leave an intent that stops new readers while this writer waits.
@@ -58,7 +51,9 @@ return {1, fence}
 /// `ARGV[1]` token, `ARGV[2]` TTL in ms, `ARGV[3]` `1` for a fencing token,
 /// `ARGV[4]` fence counter TTL in ms, `ARGV[5]` intent TTL in ms. Returns `{1, fence}`
 /// or `{0, ms to wait}` (at most half the intent's TTL, so a waiting writer renews it).
-pub const WRITE: &str = r#"
+pub const WRITE: &str = concat!(
+    fence_fn!(),
+    r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local intent_ttl = tonumber(ARGV[5])
@@ -79,26 +74,17 @@ if redis.call('ZCARD', KEYS[1]) > 0 then
 end
 local fence = 0
 if ARGV[3] == '1' then
-  local raw = redis.call('GET', KEYS[4])
-  local last = 0
-  if raw then
-if not string.match(raw, '^%d+$') or #raw > 16 or tonumber(raw) >= 9007199254740992 then
-  return redis.error_reply('ERR distlock: the fence counter ' .. KEYS[4] ..
-    ' holds ' .. string.sub(raw, 1, 32) .. ', not a counter below 2^53')
-end
-last = tonumber(raw)
-  end
-  local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
-  fence = last + 1
-  if now_us > fence then fence = now_us end
-  redis.call('SET', KEYS[4], string.format('%d', fence), 'PX', ARGV[4])
+  local err
+  fence, err = next_fence(KEYS[4], ARGV[4], t)
+  if not fence then return redis.error_reply(err) end
 end
 redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
 -- Every attempt has its own token, so the intent is not ours to compare: a writer got in,
 -- and any other waiting writer sets its intent again at its next attempt.
 redis.call('DEL', KEYS[3])
 return {1, fence}
-"#;
+"#
+);
 
 /// Give the write lease back if it still holds our token, and announce it to every
 /// waiter (`*`): readers may all go in.

@@ -17,7 +17,9 @@
 /// `ARGV[3]` N, `ARGV[4]` `1` for a fencing token, `ARGV[5]` fence counter TTL in ms.
 /// Returns `{1, fence}` (fence `0` when not asked for) or `{0, ms until the first
 /// permit expires}`.
-pub const ACQUIRE: &str = r#"
+pub const ACQUIRE: &str = concat!(
+    fence_fn!(),
+    r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local kind = redis.call('TYPE', KEYS[1])['ok']
@@ -28,19 +30,9 @@ redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[3]) then
   local fence = 0
   if ARGV[4] == '1' then
-local raw = redis.call('GET', KEYS[2])
-local last = 0
-if raw then
-  if not string.match(raw, '^%d+$') or #raw > 16 or tonumber(raw) >= 9007199254740992 then
-    return redis.error_reply('ERR distlock: the fence counter ' .. KEYS[2] ..
-      ' holds ' .. string.sub(raw, 1, 32) .. ', not a counter below 2^53')
-  end
-  last = tonumber(raw)
-end
-local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
-fence = last + 1
-if now_us > fence then fence = now_us end
-redis.call('SET', KEYS[2], string.format('%d', fence), 'PX', ARGV[5])
+    local err
+    fence, err = next_fence(KEYS[2], ARGV[5], t)
+    if not fence then return redis.error_reply(err) end
   end
   redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
   local longest = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
@@ -49,7 +41,8 @@ redis.call('SET', KEYS[2], string.format('%d', fence), 'PX', ARGV[5])
 end
 local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
 return {0, tonumber(first[2]) - now}
-"#;
+"#
+);
 
 /// Give a permit a new TTL if it is still held.
 ///

@@ -182,7 +182,7 @@ pub(crate) const RENEWALS_PER_CALL: usize = 1000;
 /// How long the fencing counter outlives the last acquisition: the larger of twice the
 /// lease TTL and one day. Tokens stay increasing after it expires because they never fall
 /// below the server's clock in microseconds.
-pub(super) fn fence_ttl_ms(ttl: Ttl) -> u64 {
+pub(crate) fn fence_ttl_ms(ttl: Ttl) -> u64 {
     const DAY_MS: u64 = 24 * 60 * 60 * 1000;
     ttl.as_millis().saturating_mul(2).max(DAY_MS)
 }
