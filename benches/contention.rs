@@ -19,206 +19,13 @@
 #[path = "../tests/support/mod.rs"]
 mod support;
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+#[path = "harness/contention.rs"]
+mod harness;
 
-use distlock::{Backoff, LockManager, LockOptions};
+use std::time::Duration;
 
-const HOLD: Duration = Duration::from_millis(1);
-const OUTSIDE: Duration = Duration::from_millis(1);
-
-/// Timestamps shared by all tasks of one run, in ns since `base`.
-struct Clock {
-    base: Instant,
-    last_release: AtomicU64,
-}
-
-impl Clock {
-    fn now(&self) -> u64 {
-        self.base.elapsed().as_nanos() as u64
-    }
-}
-
-#[derive(Default)]
-struct Samples {
-    waits: Vec<u64>,
-    handoffs: Vec<u64>,
-    acquisitions: u64,
-}
-
-impl Samples {
-    fn merge(&mut self, other: Samples) {
-        self.waits.extend(other.waits);
-        self.handoffs.extend(other.handoffs);
-        self.acquisitions += other.acquisitions;
-    }
-}
-
-fn pct(sorted: &[u64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
-    sorted[i] as f64 / 1e6
-}
-
-struct Row {
-    variant: String,
-    tasks: usize,
-    per_sec: f64,
-    handoff: [f64; 3],
-    wait: [f64; 3],
-}
-
-fn summarize(variant: &str, tasks: usize, run: Duration, mut s: Samples) -> Row {
-    s.waits.sort_unstable();
-    s.handoffs.sort_unstable();
-    let tri = |v: &[u64]| {
-        [
-            pct(v, 0.5),
-            pct(v, 0.99),
-            v.last().map_or(f64::NAN, |m| *m as f64 / 1e6),
-        ]
-    };
-    Row {
-        variant: variant.to_owned(),
-        tasks,
-        per_sec: s.acquisitions as f64 / run.as_secs_f64(),
-        handoff: tri(&s.handoffs),
-        wait: tri(&s.waits),
-    }
-}
-
-/// Records one acquisition: its wait, and the handoff since the last release started.
-fn acquired(clock: &Clock, samples: &mut Samples, asked_at: u64) {
-    let now = clock.now();
-    samples.waits.push(now - asked_at);
-    let released = clock.last_release.swap(0, Ordering::AcqRel);
-    if released != 0 && now >= released {
-        samples.handoffs.push(now - released);
-    }
-    samples.acquisitions += 1;
-}
-
-async fn run_distlock(
-    managers: &[LockManager],
-    key: &str,
-    tasks: usize,
-    run: Duration,
-    fair: bool,
-) -> Samples {
-    let clock = Arc::new(Clock {
-        base: Instant::now(),
-        last_release: AtomicU64::new(0),
-    });
-    let stop = Arc::new(AtomicBool::new(false));
-    let opts = LockOptions::new()
-        .with_ttl(Duration::from_secs(5))
-        .with_wait(Duration::from_secs(60))
-        .with_fair(fair)
-        .with_backoff(
-            Backoff::new()
-                .with_base(Duration::from_millis(1))
-                .with_cap(Duration::from_millis(50)),
-        );
-    let mut handles = Vec::new();
-    for t in 0..tasks {
-        let (locks, key, clock, stop) = (
-            managers[t % managers.len()].clone(),
-            key.to_owned(),
-            Arc::clone(&clock),
-            Arc::clone(&stop),
-        );
-        handles.push(tokio::spawn(async move {
-            let mut samples = Samples::default();
-            while !stop.load(Ordering::Relaxed) {
-                let asked = clock.now();
-                let guard = locks.lock_with(&key, opts).await.expect("lock");
-                acquired(&clock, &mut samples, asked);
-                tokio::time::sleep(HOLD).await;
-                clock.last_release.store(clock.now(), Ordering::Release);
-                guard.release().await.expect("release");
-                tokio::time::sleep(OUTSIDE).await;
-            }
-            samples
-        }));
-    }
-    tokio::time::sleep(run).await;
-    stop.store(true, Ordering::Relaxed);
-    let mut all = Samples::default();
-    for h in handles {
-        all.merge(h.await.expect("task"));
-    }
-    all
-}
-
-async fn run_baseline(
-    conn: redis::aio::MultiplexedConnection,
-    key: &str,
-    tasks: usize,
-    run: Duration,
-) -> Samples {
-    let clock = Arc::new(Clock {
-        base: Instant::now(),
-        last_release: AtomicU64::new(0),
-    });
-    let stop = Arc::new(AtomicBool::new(false));
-    let mutex = Arc::new(tokio::sync::Mutex::new(()));
-    // The commands distlock sends (its published protocol), by hand.
-    let release = Arc::new(redis::Script::new(distlock::protocol::RELEASE));
-    let lease = format!("distlock:{{{key}}}");
-    let channel = format!("{lease}:released");
-    let mut handles = Vec::new();
-    for _ in 0..tasks {
-        let (clock, stop, mutex, release) = (
-            Arc::clone(&clock),
-            Arc::clone(&stop),
-            Arc::clone(&mutex),
-            Arc::clone(&release),
-        );
-        let (lease, channel, mut conn) = (lease.clone(), channel.clone(), conn.clone());
-        handles.push(tokio::spawn(async move {
-            let mut samples = Samples::default();
-            let token = uuid::Uuid::new_v4().simple().to_string();
-            while !stop.load(Ordering::Relaxed) {
-                let asked = clock.now();
-                let held = mutex.lock().await;
-                let previous: Option<String> = redis::cmd("SET")
-                    .arg(&lease)
-                    .arg(&token)
-                    .arg("NX")
-                    .arg("PX")
-                    .arg(5000)
-                    .arg("GET")
-                    .query_async(&mut conn)
-                    .await
-                    .expect("acquire");
-                assert_eq!(previous, None, "the mutex hands over a free key");
-                acquired(&clock, &mut samples, asked);
-                tokio::time::sleep(HOLD).await;
-                clock.last_release.store(clock.now(), Ordering::Release);
-                let _: i64 = release
-                    .key(&lease)
-                    .arg(&token)
-                    .arg(&channel)
-                    .invoke_async(&mut conn)
-                    .await
-                    .expect("release");
-                drop(held);
-                tokio::time::sleep(OUTSIDE).await;
-            }
-            samples
-        }));
-    }
-    tokio::time::sleep(run).await;
-    stop.store(true, Ordering::Relaxed);
-    let mut all = Samples::default();
-    for h in handles {
-        all.merge(h.await.expect("task"));
-    }
-    all
-}
+use distlock::LockManager;
+use harness::{HOLD, OUTSIDE, print_rows, run_baseline, run_distlock, summarize};
 
 fn main() {
     let bench_mode = std::env::args().any(|a| a == "--bench");
@@ -301,34 +108,12 @@ fn main() {
         }
         rows
     });
-    println!();
-    println!(
-        "contention on one lock: hold {HOLD:?}, {OUTSIDE:?} outside, {run:?} per row, backend {:?}",
-        support::backend()
+    print_rows(
+        &format!(
+            "contention on one lock: hold {HOLD:?}, {OUTSIDE:?} outside, {run:?} per row, backend {:?}",
+            support::backend()
+        ),
+        None,
+        &rows,
     );
-    println!(
-        "| variant | tasks | handoffs/s | ratio to baseline | handoff p50 / p99 / max (ms) | wait p50 / p99 / max (ms) | max wait vs baseline |"
-    );
-    println!("|---|---|---|---|---|---|---|");
-    let mut baseline: Option<(f64, f64)> = None;
-    for r in &rows {
-        if r.variant.contains("baseline") {
-            baseline = Some((r.per_sec, r.wait[2]));
-        }
-        let (b_rate, b_max) = baseline.unwrap_or((r.per_sec, r.wait[2]));
-        println!(
-            "| {} | {} | {:.0} | {:.2} | {:.2} / {:.2} / {:.2} | {:.1} / {:.1} / {:.1} | {:.2}x |",
-            r.variant,
-            r.tasks,
-            r.per_sec,
-            r.per_sec / b_rate,
-            r.handoff[0],
-            r.handoff[1],
-            r.handoff[2],
-            r.wait[0],
-            r.wait[1],
-            r.wait[2],
-            r.wait[2] / b_max
-        );
-    }
 }

@@ -131,6 +131,14 @@
 //!   also sets the lease again on the nodes that lost it.
 //! - **Independent failures**: each node on its own machine, each URL a different server.
 //!
+//! Waiting: the manager subscribes on every node, and a release announced by any node it
+//! deleted the lease on wakes the longest-waiting waiter of each manager; a waiter counts
+//! as listening once subscribed on `N - majority + 1` nodes, so one failed node cannot
+//! silence a release. A caller that found the lock held asks the key's first node alone
+//! before the others, so contenders collide there instead of splitting the vote. Waiters
+//! of one manager are served first come, first served; across managers there is no queue
+//! (one queue over independent nodes would need the nodes to agree on its order).
+//!
 //! What it does not give: **fencing tokens.** [`LockGuard::fencing_token`] is `None`.
 //! Per-node counters grow independently (and failed attempts grow some of them), so no
 //! combination of the counters a majority returns is guaranteed to exceed the previous

@@ -133,6 +133,12 @@ impl<'a> Wait<'a> {
         true
     }
 
+    /// Whether an earlier attempt of this call found the lock held (or this call queued
+    /// behind other waiters of its manager): the lock is contended.
+    pub(crate) fn retrying(&self) -> bool {
+        self.attempts > 1 || self.waiter.is_some()
+    }
+
     /// The attempt took the lock.
     pub(crate) fn acquired(&self) {
         tracing::debug!(

@@ -8,22 +8,21 @@
 //! (what sends lease commands) and hands it to the manager; nothing below the manager knows
 //! how it was built.
 
-use std::collections::HashSet;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 
 use crate::connect::{check_server, connect_failed, open_client};
-use crate::error::{Error, NodeOutcome, QuorumError, QuorumOperation, Result};
+use crate::error::{Error, Result};
 use crate::key::validate_prefix;
 use crate::manager::LockManager;
 use crate::notify::Notifier;
 use crate::options::LockOptions;
-use crate::redlock::{Node, RedlockStore};
 use crate::store::{LeaseStore, RedisStore};
 
 mod deployments;
+mod redlock;
 
 /// The default key prefix: lock `jobs:nightly` lives at `distlock:{jobs:nightly}`.
 pub const DEFAULT_PREFIX: &str = "distlock:";
@@ -131,6 +130,10 @@ impl LockManagerBuilder {
     /// polling. Waiters share one subscription connection per manager and are woken in
     /// arrival order, one per release. A notification is only a shortcut: every wait is
     /// still bounded by the holder's remaining TTL, the backoff policy and the wait budget.
+    ///
+    /// Over several primaries ([`connect_redlock`](Self::connect_redlock)) the manager
+    /// subscribes on every node; [`build_redlock`](Self::build_redlock) announces releases
+    /// but has no client to subscribe with, so its waiters poll.
     ///
     /// Off, releases are not published and waiters poll with the backoff policy. Managers
     /// that compete for the same locks should agree: a manager with notifications off does
@@ -288,186 +291,6 @@ impl LockManagerBuilder {
             return Err(Error::invalid("timeout", "timeouts must be above zero"));
         }
         self.defaults.check(false).map(drop)
-    }
-
-    /// Connects to N independent Redis primaries and builds a manager whose locks hold on
-    /// a majority of them (the Redlock algorithm): the lock survives the loss of any
-    /// minority of nodes.
-    ///
-    /// Each URL gets its own reconnecting [`ConnectionManager`]. All nodes are contacted at
-    /// once; a majority must answer within the connect timeout, and nodes that do not are
-    /// kept and retried by every later call, so a manager can start while a minority is
-    /// down.
-    ///
-    /// The locks behave like single-primary locks (same guard, waiting, backoff, drop and
-    /// auto-extension) with these differences:
-    ///
-    /// - every acquire, extend and release goes to all N nodes at once, each node bounded
-    ///   by [`node_timeout`](Self::with_node_timeout);
-    /// - an acquire succeeds when a majority (`N/2 + 1`) set the lease and validity is left;
-    ///   the guard's [`valid_until`](crate::LockGuard::valid_until) is
-    ///   `start + ttl - drift`, so its remaining time is `ttl - elapsed - drift`. Any other
-    ///   outcome releases the lease again on every node before returning;
-    /// - "held by another owner" ([`Error::Contended`], [`Error::Timeout`]) when a majority
-    ///   answered but not for us; [`Error::Quorum`] (with every node's answer) when too few
-    ///   answered — returned at once, not waited out;
-    /// - extend and auto-extension need a majority of all N nodes, or the lease is lost
-    ///   ([`LostReason::NoQuorum`](crate::LostReason::NoQuorum)); a failed extend releases
-    ///   nothing. A successful [`LockGuard::extend`](crate::LockGuard::extend) also sets
-    ///   the lease again on nodes that lost it (restarted empty, or down at acquire);
-    /// - release is sent to all N; see [`LockGuard::release`](crate::LockGuard::release);
-    /// - waiters poll with the backoff policy (bounded by the holder's remaining TTL and
-    ///   the wait budget): release notifications ([`notify`](Self::with_notify)) are not used,
-    ///   since one subscription would tie every waiter to one node;
-    /// - [`fencing_token`](crate::LockGuard::fencing_token) is `None`: see the crate docs
-    ///   on [several primaries](crate#several-primaries-redlock).
-    ///
-    /// # Errors
-    ///
-    /// [`Error::InvalidArgument`] for no URL, a URL that does not parse, the same
-    /// `host:port` listed twice (two entries on one server would let one failure count
-    /// twice), or a bad option; [`Error::Quorum`] when fewer than a majority of nodes
-    /// answered.
-    ///
-    /// # Cancel safety
-    ///
-    /// Dropping the future abandons the connection attempts; nothing is left behind.
-    ///
-    /// # Example
-    ///
-    /// ```no_run
-    /// # async fn demo() -> distlock::Result<()> {
-    /// use std::time::Duration;
-    /// use distlock::LockManager;
-    ///
-    /// let locks = LockManager::builder()
-    ///     .with_node_timeout(Duration::from_millis(50))
-    ///     .connect_redlock([
-    ///         "redis://10.0.0.1:6379",
-    ///         "redis://10.0.0.2:6379",
-    ///         "redis://10.0.0.3:6379",
-    ///         "redis://10.0.0.4:6379",
-    ///         "redis://10.0.0.5:6379",
-    ///     ])
-    ///     .await?;
-    /// let guard = locks.lock("jobs:nightly").await?; // held on at least 3 of the 5
-    /// assert_eq!(guard.fencing_token(), None);
-    /// guard.release().await?;
-    /// # Ok(()) }
-    /// ```
-    pub async fn connect_redlock<I>(self, urls: I) -> Result<LockManager>
-    where
-        I: IntoIterator,
-        I::Item: AsRef<str>,
-    {
-        self.check()?;
-        let mut clients = Vec::new();
-        let mut seen = HashSet::new();
-        for url in urls {
-            let client = open_client(url.as_ref())?;
-            let name = client.get_connection_info().addr().to_string();
-            if !seen.insert(name.clone()) {
-                return Err(Error::invalid(
-                    "nodes",
-                    format!("{name} is listed twice; the nodes must be independent servers"),
-                ));
-            }
-            clients.push((name, client));
-        }
-        crate::redlock::check_node_count(clients.len())?;
-
-        // The per-call node timeout already bounds every call; the connection's response
-        // timeout only stops a frozen server from piling up requests.
-        let config = self.connection_config();
-        let mut conns = Vec::with_capacity(clients.len());
-        for (name, client) in clients {
-            // Lazy: a node that is down now is connected by a later call.
-            let conn = ConnectionManager::new_lazy_with_config(client, config.clone())?;
-            conns.push((name, conn));
-        }
-
-        let started = Instant::now();
-        let limit = self.connect_timeout;
-        let answers = crate::redlock::join_all(
-            conns
-                .iter()
-                .map(|(_, conn)| {
-                    let mut conn = conn.clone();
-                    crate::redlock::bounded(limit, async move {
-                        redis::cmd("PING")
-                            .query_async::<()>(&mut conn)
-                            .await
-                            .map_err(Error::from)
-                    })
-                })
-                .collect(),
-        )
-        .await;
-        let quorum = crate::redlock::majority(conns.len());
-        let reached = answers.iter().filter(|a| a.is_ok()).count();
-        for ((name, _), answer) in conns.iter().zip(&answers) {
-            if let Err(e) = answer {
-                tracing::warn!(node = name, error = %e, "node unreachable at connect; later calls retry it");
-            }
-        }
-        let nodes: Vec<Node<ConnectionManager>> = conns
-            .into_iter()
-            .map(|(name, conn)| Node::new(name, conn))
-            .collect();
-        let store = RedlockStore::new(nodes, self.node_timeout);
-        if reached < quorum {
-            return Err(Error::Quorum(Box::new(QuorumError {
-                operation: QuorumOperation::Connect,
-                key: String::new(),
-                needed: quorum,
-                nodes: store.reports(answers, |()| NodeOutcome::Confirmed),
-                elapsed: started.elapsed(),
-                validity_ran_out: false,
-            })));
-        }
-        Ok(self.with_notify(false).into_manager(Arc::new(store)))
-    }
-
-    /// Builds a manager whose locks hold on a majority of the independent Redis primaries
-    /// behind `conns` (the Redlock algorithm), from connections you already have. Behaves as
-    /// [`connect_redlock`](Self::connect_redlock) does, without contacting the nodes first;
-    /// errors and logs name the nodes `node 0`, `node 1`, … in the order given.
-    ///
-    /// Each connection must reach a different server: distlock cannot tell two connections
-    /// to one server apart, and such a pair would let one failure count twice.
-    ///
-    /// # Errors
-    ///
-    /// [`Error::InvalidArgument`] for no connection or a bad option.
-    ///
-    /// # Example
-    ///
-    /// ```no_run
-    /// # async fn demo() -> distlock::Result<()> {
-    /// let mut conns = Vec::new();
-    /// for url in ["redis://10.0.0.1", "redis://10.0.0.2", "redis://10.0.0.3"] {
-    ///     let client = redis::Client::open(url)?;
-    ///     conns.push(client.get_multiplexed_async_connection().await?);
-    /// }
-    /// let locks = distlock::LockManager::builder().build_redlock(conns)?;
-    /// let guard = locks.try_lock("cache:rebuild").await?;
-    /// guard.release().await?;
-    /// # Ok(()) }
-    /// ```
-    pub fn build_redlock<C, I>(self, conns: I) -> Result<LockManager>
-    where
-        I: IntoIterator<Item = C>,
-        C: ConnectionLike + Clone + Send + Sync + 'static,
-    {
-        self.check()?;
-        let nodes: Vec<Node<C>> = conns
-            .into_iter()
-            .enumerate()
-            .map(|(i, conn)| Node::new(format!("node {i}"), conn))
-            .collect();
-        crate::redlock::check_node_count(nodes.len())?;
-        let store = RedlockStore::new(nodes, self.node_timeout);
-        Ok(self.with_notify(false).into_manager(Arc::new(store)))
     }
 }
 

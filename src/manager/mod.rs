@@ -226,7 +226,11 @@ impl LockManager {
                             lease,
                             join: true,
                         });
-                    match self.attempt(&key, &request, queue, Some(deadline)).await {
+                    let retry = wait.retrying();
+                    match self
+                        .attempt(&key, &request, queue, Some(deadline), retry)
+                        .await
+                    {
                         Ok(Attempt::Taken(guard)) => {
                             // The acquire took the caller out of the queue.
                             if let Some(entry) = entry.as_mut() {
@@ -309,7 +313,7 @@ impl LockManager {
                 lease,
                 join: false,
             });
-            match self.attempt(&key, &request, queue, None).await? {
+            match self.attempt(&key, &request, queue, None, false).await? {
                 Attempt::Taken(guard) => Ok(guard),
                 Attempt::Held { pttl } => Err(Error::Contended {
                     key: key.display(),
@@ -418,13 +422,14 @@ impl LockManager {
 
     /// One acquire round trip with a fresh token; in fair mode (`queue`) through the lock's
     /// queue in Redis; with a `deadline`, a store with a queue of its own (ZooKeeper) waits
-    /// in it until then.
+    /// in it until then. `retry`: this call found the lock held before.
     async fn attempt(
         &self,
         key: &LockKey,
         request: &Checked,
         queue: Option<Queue<'_>>,
         deadline: Option<Instant>,
+        retry: bool,
     ) -> Result<Attempt> {
         // A lease that is a session has the session's TTL (or the hold-time cap, if
         // shorter) and is always kept alive.
@@ -473,6 +478,10 @@ impl LockManager {
                 .await
                 .map(|outcome| (outcome, sent)),
             (None, Some(waiting)) => waiting.await,
+            (None, None) if retry => store
+                .acquire_contended(key, &token, ttl, request.fencing)
+                .await
+                .map(|outcome| (outcome, sent)),
             (None, None) => store
                 .acquire(key, &token, ttl, request.fencing)
                 .await

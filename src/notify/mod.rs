@@ -24,6 +24,15 @@
 //! `acl-pubsub-default resetchannels`) turns notifications off for the manager, with one
 //! warning; its waiters poll. The connection closes when the manager is dropped, or after a
 //! short idle spell with no waiter.
+//!
+//! A manager over several primaries (Redlock) subscribes on every node, one task and
+//! connection per node, all feeding the one queue. A release is announced (payload `~`) by
+//! every node it deleted the lease on; the first message wakes one waiter, and the repeats
+//! from the other nodes wake nobody while that waiter has yet to act (a repeat that comes
+//! after it went back in line, because its attempt came before the release reached enough
+//! nodes, wakes it again). A waiter counts as listening once its channel is subscribed on
+//! `N - majority + 1` nodes: then every release a majority confirmed is announced by at
+//! least one node it listens to, so one failed node cannot silence a release.
 
 mod queue;
 mod task;
@@ -46,27 +55,32 @@ struct Inner {
     /// This manager's id (16 hex digits): fair mode's releases announce the next waiter on
     /// the lock's channel for its manager, `<channel>:<id>`, so only that manager hears it.
     id: [u8; 16],
-    client: redis::Client,
+    /// One per node: a single primary has one, a lock over several primaries one per node.
+    clients: Vec<redis::Client>,
+    /// On how many nodes a channel must be subscribed for its waiters to be listening.
+    need: usize,
     connect_timeout: Duration,
     timeout: Duration,
     state: Mutex<State>,
-    /// Wakes the subscription task: the wanted channels changed, or the manager is gone.
-    kick: Notify,
+    /// Wakes a node's subscription task: the wanted channels changed, or the manager is
+    /// gone. One per node.
+    kicks: Vec<Notify>,
     /// Wakes waiters that wait for their channel to be subscribed, on every change of the
     /// subscribed set, of `failures` and of `disabled`.
     changed: Notify,
 }
 
-#[derive(Default)]
 struct State {
     queues: Queues<Arc<Slot>>,
-    /// Channels the server confirmed on the current connection.
-    subscribed: HashSet<Box<[u8]>>,
+    /// Per node: the channels the server confirmed on the node's current connection.
+    subscribed: Vec<HashSet<Box<[u8]>>>,
     /// Bumped on every failed connection or subscription: a waiter waiting for its
-    /// subscription stops waiting and polls.
+    /// subscription stops waiting and polls, unless enough other nodes can still confirm.
     failures: u64,
-    /// A subscription task runs.
-    task: Option<u64>,
+    /// Per node: its last connection or subscription attempt failed.
+    failed: Vec<bool>,
+    /// Per node: the id of the subscription task that runs for it.
+    task: Vec<Option<u64>>,
     /// The id the next subscription task gets.
     next_task: u64,
     /// The server refused the subscription (`NOPERM`): waiters of this manager poll.
@@ -90,19 +104,56 @@ pub(crate) struct Waiter {
     slot: Arc<Slot>,
 }
 
+impl State {
+    fn new(nodes: usize) -> Self {
+        State {
+            queues: Queues::default(),
+            subscribed: vec![HashSet::new(); nodes],
+            failures: 0,
+            failed: vec![false; nodes],
+            task: vec![None; nodes],
+            next_task: 0,
+            disabled: false,
+            closed: false,
+        }
+    }
+
+    /// On how many nodes `channel` is subscribed.
+    fn subscribed_on(&self, channel: &[u8]) -> usize {
+        self.subscribed
+            .iter()
+            .filter(|node| node.contains(channel))
+            .count()
+    }
+}
+
 impl Notifier {
+    /// The notifications of a manager on one primary.
     pub(crate) fn new(client: redis::Client, connect_timeout: Duration, timeout: Duration) -> Self {
+        Self::over(vec![client], 1, connect_timeout, timeout)
+    }
+
+    /// The notifications of a manager over the nodes behind `clients`, listening once a
+    /// channel is subscribed on `need` of them (at least one, at most all).
+    pub(crate) fn over(
+        clients: Vec<redis::Client>,
+        need: usize,
+        connect_timeout: Duration,
+        timeout: Duration,
+    ) -> Self {
         let mut id = [0u8; 16];
         let random = uuid::Uuid::new_v4().simple().to_string();
         id.copy_from_slice(&random.as_bytes()[..16]);
+        let nodes = clients.len();
         Notifier {
             inner: Arc::new(Inner {
                 id,
-                client,
+                need: need.clamp(1, nodes.max(1)),
+                clients,
                 connect_timeout,
                 timeout,
-                state: Mutex::new(State::default()),
-                kick: Notify::new(),
+                state: Mutex::new(State::new(nodes)),
+                kicks: (0..nodes).map(|_| Notify::new()).collect(),
                 changed: Notify::new(),
             }),
         }
@@ -142,14 +193,16 @@ impl Notifier {
             // Queued before the subscription is confirmed: a release confirmed after the
             // subscription finds this waiter in the queue.
             state.queues.enqueue(channel, Arc::clone(&slot));
-            if state.task.is_none() {
-                let id = state.next_task;
-                state.next_task += 1;
-                state.task = Some(id);
-                runtime.spawn(task::run(Arc::clone(&self.inner), id));
+            for node in 0..state.task.len() {
+                if state.task[node].is_none() {
+                    let id = state.next_task;
+                    state.next_task += 1;
+                    state.task[node] = Some(id);
+                    runtime.spawn(task::run(Arc::clone(&self.inner), node, id));
+                }
             }
         }
-        self.inner.kick.notify_one();
+        self.inner.kick_all();
         Some(Waiter {
             inner: Arc::clone(&self.inner),
             channel: channel.into(),
@@ -161,7 +214,7 @@ impl Notifier {
 impl Drop for Notifier {
     fn drop(&mut self) {
         self.inner.state().closed = true;
-        self.inner.kick.notify_one();
+        self.inner.kick_all();
     }
 }
 
@@ -171,6 +224,13 @@ impl Inner {
         self.state
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Wakes every node's subscription task.
+    fn kick_all(&self) {
+        for kick in &self.kicks {
+            kick.notify_one();
+        }
     }
 
     /// Wakes the first waiter on `channel`.
@@ -206,6 +266,12 @@ impl Inner {
     fn on_message(&self, channel: &[u8], payload: &[u8]) {
         if payload.is_empty() {
             self.wake_one(channel);
+        } else if payload == b"~" {
+            // A release several nodes announce: one waiter acts on it.
+            let slot = self.state().queues.wake_one_unless_acting(channel);
+            if let Some(slot) = slot {
+                slot.wake.notify_one();
+            }
         } else if payload == b"*" {
             // A release several waiters can use at once (read permits, a writer's release).
             self.wake_channel(channel);
@@ -214,13 +280,18 @@ impl Inner {
         }
     }
 
-    /// Wakes everyone: the connection is gone and messages may have been missed.
-    fn connection_lost(&self, failed: bool) {
+    /// Wakes everyone: `node`'s connection is gone and messages may have been missed.
+    fn connection_lost(&self, node: usize, failed: bool) {
         let slots = {
             let mut state = self.state();
-            state.subscribed.clear();
+            if let Some(subscribed) = state.subscribed.get_mut(node) {
+                subscribed.clear();
+            }
             if failed {
                 state.failures += 1;
+                if let Some(flag) = state.failed.get_mut(node) {
+                    *flag = true;
+                }
             }
             state.queues.wake_all()
         };
@@ -235,11 +306,12 @@ impl Waiter {
     /// Whether the server has confirmed the subscription of this waiter's channel: a
     /// release published from now on wakes a waiter of this lock in this manager.
     pub(crate) fn listening(&self) -> bool {
-        self.inner.state().subscribed.contains(&self.channel)
+        self.inner.state().subscribed_on(&self.channel) >= self.inner.need
     }
 
     /// Waits until [`listening`](Self::listening), and returns `true`; or returns `false`
-    /// at `until`, or as soon as a subscription attempt fails or notifications are off.
+    /// at `until`, as soon as notifications are off, or when a subscription attempt fails
+    /// and too few nodes are left to confirm the subscription.
     pub(crate) async fn until_listening(&self, until: Instant) -> bool {
         let failures = self.inner.state().failures;
         loop {
@@ -248,10 +320,14 @@ impl Waiter {
             changed.as_mut().enable();
             {
                 let state = self.inner.state();
-                if state.subscribed.contains(&self.channel) {
+                if state.subscribed_on(&self.channel) >= self.inner.need {
                     return true;
                 }
-                if state.disabled || state.closed || state.failures != failures {
+                let working = state.failed.iter().filter(|failed| !**failed).count();
+                if state.disabled
+                    || state.closed
+                    || (state.failures != failures && working < self.inner.need)
+                {
                     return false;
                 }
             }
@@ -320,8 +396,8 @@ impl Drop for Waiter {
             next.wake.notify_one();
         }
         if idle {
-            // The task unsubscribes the channel nobody waits on.
-            self.inner.kick.notify_one();
+            // The tasks unsubscribe the channel nobody waits on.
+            self.inner.kick_all();
         }
     }
 }

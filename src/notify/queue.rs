@@ -57,6 +57,21 @@ impl<T: Clone> Queues<T> {
         Some(slot)
     }
 
+    /// Hands a notification to the first waiter in line unless a waiter of `channel` holds
+    /// one it has not yet acted on: an announcement several servers repeat (a release on
+    /// several primaries) wakes one waiter, and a repeat that arrives after that waiter
+    /// went back in line (its attempt came too early) wakes it again.
+    pub(super) fn wake_one_unless_acting(&mut self, channel: &[u8]) -> Option<T> {
+        if self
+            .channels
+            .get(channel)
+            .is_some_and(|q| !q.woken.is_empty())
+        {
+            return None;
+        }
+        self.wake_one(channel)
+    }
+
     /// Hands a notification to every waiter in line on `channel` (a release that several
     /// waiters can use at once: read permits); the caller wakes them.
     pub(super) fn wake_channel(&mut self, channel: &[u8]) -> Vec<T> {
@@ -171,6 +186,8 @@ mod tests {
         Register(u8),
         /// A release message arrives.
         Release,
+        /// A release announced by several servers: one of its messages arrives.
+        Announce,
         /// Waiter `i` wakes or times out, rearms and attempts.
         Attempt(u8),
         /// Waiter `i` is dropped (gave up, cancelled, or acquired).
@@ -243,7 +260,7 @@ mod tests {
             if m.owed && !m.registered.is_empty() {
                 assert!(!m.woken.is_empty(), "release lost: {m:?}");
             }
-            let mut steps = vec![Step::Release];
+            let mut steps = vec![Step::Release, Step::Announce];
             for i in 0..WAITERS {
                 if m.registered.contains(&i) {
                     steps.push(Step::Attempt(i));
@@ -263,8 +280,12 @@ mod tests {
                         // Registering precedes an attempt, which sees any earlier release.
                         owed = false;
                     }
-                    Step::Release => {
-                        let woke = q.wake_one(CH);
+                    Step::Release | Step::Announce => {
+                        let woke = if matches!(step, Step::Release) {
+                            q.wake_one(CH)
+                        } else {
+                            q.wake_one_unless_acting(CH)
+                        };
                         // Owed unless nobody waits at all, or a woken waiter already
                         // holds an earlier notification (one attempt serves both).
                         owed = !registered.is_empty();
@@ -328,6 +349,21 @@ mod tests {
         assert_eq!(q.find(CH, |s| *s == 1), Some(1));
         assert_eq!(q.find(CH, |s| *s == 3), None);
         assert!(q.is_first(CH, |s| *s == 2));
+    }
+
+    #[test]
+    fn a_repeated_announcement_wakes_nobody_while_a_woken_waiter_acts() {
+        let mut q = Queues::default();
+        q.enqueue(CH, 1u8);
+        q.enqueue(CH, 2u8);
+        assert_eq!(q.wake_one_unless_acting(CH), Some(1));
+        assert_eq!(q.wake_one_unless_acting(CH), None, "1 has not acted yet");
+        q.rearm(CH, |s| *s == 1);
+        assert_eq!(
+            q.wake_one_unless_acting(CH),
+            Some(1),
+            "1 came back too early: the repeat wakes it again"
+        );
     }
 
     #[test]

@@ -21,25 +21,26 @@ const RETRY_MIN: Duration = Duration::from_millis(50);
 /// The longest pause between two tries to (re)establish the subscription connection.
 const RETRY_MAX: Duration = Duration::from_secs(2);
 
-/// The subscription task of one manager: owns the connection, keeps the subscribed set
-/// equal to the set of channels somebody waits on, and hands each message to the queue.
-pub(super) async fn run(inner: Arc<Inner>, id: u64) {
+/// The subscription task of one node of a manager: owns the node's connection, keeps its
+/// subscribed set equal to the set of channels somebody waits on, and hands each message
+/// to the queue.
+pub(super) async fn run(inner: Arc<Inner>, node: usize, id: u64) {
     // However the task ends, even dropped unfinished with its runtime, the next waiter
     // starts a new one.
-    let _running = Running(Arc::clone(&inner), id);
+    let _running = Running(Arc::clone(&inner), node, id);
     let mut conn: Option<(PubSubSink, PubSubStream)> = None;
     let mut failures: u32 = 0;
     let mut idle_since: Option<Instant> = None;
     loop {
         // Registered before reading the state, so a change in between is not missed.
-        let kicked = inner.kick.notified();
+        let kicked = inner.kicks[node].notified();
         let mut kicked = std::pin::pin!(kicked);
         kicked.as_mut().enable();
         let (wanted, subscribed, closed) = {
             let state = inner.state();
             (
                 state.queues.wanted(),
-                state.subscribed.clone(),
+                state.subscribed[node].clone(),
                 state.closed,
             )
         };
@@ -52,11 +53,11 @@ pub(super) async fn run(inner: Arc<Inner>, id: u64) {
                 // Nothing to listen for: close, and end unless a waiter came meanwhile.
                 conn = None;
                 let mut state = inner.state();
-                state.subscribed.clear();
+                state.subscribed[node].clear();
                 if state.queues.wanted().is_empty() || state.closed {
                     // Cleared under the same lock as the decision: a waiter registering
                     // from now on starts a new task.
-                    state.task = None;
+                    state.task[node] = None;
                     return;
                 }
                 continue;
@@ -65,20 +66,23 @@ pub(super) async fn run(inner: Arc<Inner>, id: u64) {
             idle_since = None;
         }
         if conn.is_none() && !wanted.is_empty() {
-            match connect(&inner).await {
+            match connect(&inner, node).await {
                 Ok(opened) => conn = Some(opened),
                 Err(e) => {
                     failures += 1;
                     tracing::debug!(error = %e, "no subscription connection; waiters poll");
-                    inner.connection_lost(true);
-                    pause(&inner, retry_pause(failures)).await;
+                    inner.connection_lost(node, true);
+                    pause(&inner, node, retry_pause(failures)).await;
                     continue;
                 }
             }
         }
         if let Some((sink, _)) = conn.as_mut() {
-            match reconcile(&inner, sink, &wanted, &subscribed).await {
-                Ok(()) => failures = 0,
+            match reconcile(&inner, node, sink, &wanted, &subscribed).await {
+                Ok(()) => {
+                    failures = 0;
+                    inner.state().failed[node] = false;
+                }
                 Err(Refused::NoPermission(e)) => {
                     tracing::warn!(
                         error = %e,
@@ -87,15 +91,15 @@ pub(super) async fn run(inner: Arc<Inner>, id: u64) {
                     );
                     conn = None;
                     inner.state().disabled = true;
-                    inner.connection_lost(true);
+                    inner.connection_lost(node, true);
                     break;
                 }
                 Err(Refused::Failed(e)) => {
                     failures += 1;
                     tracing::debug!(error = %e, "subscription failed; waiters poll");
                     conn = None;
-                    inner.connection_lost(true);
-                    pause(&inner, retry_pause(failures)).await;
+                    inner.connection_lost(node, true);
+                    pause(&inner, node, retry_pause(failures)).await;
                     continue;
                 }
             }
@@ -119,7 +123,7 @@ pub(super) async fn run(inner: Arc<Inner>, id: u64) {
                 None => {
                     tracing::debug!("subscription connection closed; waking all waiters");
                     conn = None;
-                    inner.connection_lost(false);
+                    inner.connection_lost(node, false);
                 }
             },
             _ = kicked => {}
@@ -128,9 +132,9 @@ pub(super) async fn run(inner: Arc<Inner>, id: u64) {
     }
     drop(conn);
     let mut state = inner.state();
-    state.subscribed.clear();
-    if state.task == Some(id) {
-        state.task = None;
+    state.subscribed[node].clear();
+    if state.task[node] == Some(id) {
+        state.task[node] = None;
     }
     let slots = state.queues.wake_all();
     drop(state);
@@ -140,16 +144,17 @@ pub(super) async fn run(inner: Arc<Inner>, id: u64) {
     inner.changed.notify_waiters();
 }
 
-/// Clears the manager's "a task runs" mark when this task ends or is dropped, unless a
-/// newer task has taken it over already.
-struct Running(Arc<Inner>, u64);
+/// Clears the node's "a task runs" mark when this task ends or is dropped, unless a newer
+/// task has taken it over already.
+struct Running(Arc<Inner>, usize, u64);
 
 impl Drop for Running {
     fn drop(&mut self) {
-        let mut state = self.0.state();
-        if state.task == Some(self.1) {
-            state.task = None;
-            state.subscribed.clear();
+        let Running(inner, node, id) = self;
+        let mut state = inner.state();
+        if state.task[*node] == Some(*id) {
+            state.task[*node] = None;
+            state.subscribed[*node].clear();
         }
     }
 }
@@ -168,10 +173,10 @@ fn retry_pause(failures: u32) -> Duration {
 }
 
 /// Sleeps `pause`, or less if the manager is dropped meanwhile.
-async fn pause(inner: &Inner, pause: Duration) {
+async fn pause(inner: &Inner, node: usize, pause: Duration) {
     let until = tokio::time::Instant::now() + pause;
     loop {
-        let kicked = inner.kick.notified();
+        let kicked = inner.kicks[node].notified();
         if inner.state().closed {
             return;
         }
@@ -182,10 +187,13 @@ async fn pause(inner: &Inner, pause: Duration) {
     }
 }
 
-async fn connect(inner: &Inner) -> redis::RedisResult<(PubSubSink, PubSubStream)> {
-    let pubsub = tokio::time::timeout(inner.connect_timeout, inner.client.get_async_pubsub())
-        .await
-        .map_err(|_| timed_out("could not open the subscription connection in time"))??;
+async fn connect(inner: &Inner, node: usize) -> redis::RedisResult<(PubSubSink, PubSubStream)> {
+    let pubsub = tokio::time::timeout(
+        inner.connect_timeout,
+        inner.clients[node].get_async_pubsub(),
+    )
+    .await
+    .map_err(|_| timed_out("could not open the subscription connection in time"))??;
     Ok(pubsub.split())
 }
 
@@ -200,6 +208,7 @@ enum Refused {
 /// command at a time, each bounded by the command timeout.
 async fn reconcile(
     inner: &Inner,
+    node: usize,
     sink: &mut PubSubSink,
     wanted: &HashSet<Box<[u8]>>,
     subscribed: &HashSet<Box<[u8]>>,
@@ -207,7 +216,7 @@ async fn reconcile(
     for channel in wanted.difference(subscribed) {
         match tokio::time::timeout(inner.timeout, sink.subscribe(&**channel)).await {
             Ok(Ok(())) => {
-                inner.state().subscribed.insert(channel.clone());
+                inner.state().subscribed[node].insert(channel.clone());
                 inner.changed.notify_waiters();
             }
             Ok(Err(e)) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoPerm) => {
@@ -220,7 +229,7 @@ async fn reconcile(
     for channel in subscribed.difference(wanted) {
         // Whatever the answer, a channel nobody waits on is not kept: on failure the
         // connection, and with it every subscription, is dropped.
-        inner.state().subscribed.remove(channel);
+        inner.state().subscribed[node].remove(channel);
         match tokio::time::timeout(inner.timeout, sink.unsubscribe(&**channel)).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => return Err(Refused::Failed(e)),

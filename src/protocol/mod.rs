@@ -25,7 +25,9 @@
 //! - **Acquire with a fencing token**: [`ACQUIRE_FENCED`] (`EVALSHA`), keys lease and fence
 //!   counter, arguments token, TTL in ms, counter TTL in ms.
 //! - **Release**: [`RELEASE`], key lease, arguments token and (optionally) the release
-//!   channel; compare-and-delete, then an announcement on the channel.
+//!   channel and the announcement's payload; compare-and-delete, then an announcement on
+//!   the channel: empty (one waiter of each manager may go), or `~` from each node of a
+//!   lock over several primaries (each manager counts the repeats once).
 //! - **Extend**: [`EXTEND`], key lease, arguments token and TTL in ms; compare-and-`PEXPIRE`.
 //! - **Extend many** (auto-extension): [`EXTEND_MANY`], keys the leases, arguments token and
 //!   TTL in ms per lease.
@@ -137,7 +139,7 @@ return {0, redis.call('PTTL', KEYS[1])}
 /// Delete the lease only if it still holds our token, and announce it to waiters.
 ///
 /// `KEYS[1]` lease key. `ARGV[1]` token, `ARGV[2]` (optional) the channel to publish the release
-/// on.
+/// on, `ARGV[3]` (optional) the message to publish (empty if absent).
 ///
 /// The announcement is a courtesy: it runs under `pcall`, so a user without permission on
 /// the channel (Redis 7's default `acl-pubsub-default resetchannels`) still gets a release
@@ -146,7 +148,7 @@ pub const RELEASE: &str = r#"
 local v = redis.call('GET', KEYS[1])
 if v == ARGV[1] then
   redis.call('DEL', KEYS[1])
-  if ARGV[2] then redis.pcall('PUBLISH', ARGV[2], '') end
+  if ARGV[2] then redis.pcall('PUBLISH', ARGV[2], ARGV[3] or '') end
   return 1
 elseif v then
   return -1
@@ -397,9 +399,11 @@ mod tests {
             super::script::ACQUIRE_FENCED.sha(),
             "8a1e14b89848fc3911dd65bd38e5f8907422ab52"
         );
+        // RELEASE gained its optional payload (ARGV[3]) for locks over several primaries;
+        // a caller that sends two arguments gets the same behaviour as before.
         assert_eq!(
             super::script::RELEASE.sha(),
-            "140ab19974506ed8038ab4c51cde06826c05561e"
+            "8294ff361279f859e954d8be0cfd6d2653962811"
         );
     }
 }

@@ -18,10 +18,12 @@
 //! Node answers are classified the same way for every call, by the pure functions of
 //! [`vote`], which its unit tests pin down; [`fanout`] asks every node at once.
 
+mod acquire;
 mod fanout;
 mod vote;
 
 use std::future::Future;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use redis::aio::ConnectionLike;
@@ -37,8 +39,8 @@ use crate::store::{
 
 use fanout::no_answer;
 pub(crate) use fanout::{bounded, join_all};
+use vote::decide_verdict;
 pub(crate) use vote::majority;
-use vote::{AcquireDecision, decide_acquire, decide_verdict};
 
 /// One primary of the set.
 pub(crate) struct Node<C> {
@@ -52,12 +54,13 @@ where
     C: ConnectionLike + Clone + Send + Sync + 'static,
 {
     /// A node named `name` (for errors and logs) on `conn`: leases without a fencing
-    /// counter (a per-node counter is no token for the lock as a whole), releases not
-    /// announced, every call bounded by the store's node timeout.
-    pub(crate) fn new(name: String, conn: C) -> Self {
+    /// counter (a per-node counter is no token for the lock as a whole), releases announced
+    /// to waiters if `announce` (with the payload every node repeats, `~`), every call
+    /// bounded by the store's node timeout.
+    pub(crate) fn new(name: String, conn: C, announce: bool) -> Self {
         Node {
             name,
-            store: RedisStore::unfenced(conn, None),
+            store: RedisStore::unfenced(conn, None, announce),
         }
     }
 }
@@ -67,6 +70,8 @@ pub(crate) struct RedlockStore<C> {
     nodes: Vec<Node<C>>,
     quorum: usize,
     node_timeout: Duration,
+    /// Per node: when a contended acquire last found it failing as the key's first node.
+    failed_at: Mutex<Vec<Option<Instant>>>,
 }
 
 impl<C> RedlockStore<C>
@@ -77,8 +82,23 @@ where
     pub(crate) fn new(nodes: Vec<Node<C>>, node_timeout: Duration) -> Self {
         RedlockStore {
             quorum: majority(nodes.len()),
+            failed_at: Mutex::new(vec![None; nodes.len()]),
             nodes,
             node_timeout,
+        }
+    }
+
+    /// When node `i` last failed as a key's first node.
+    fn failed_at(&self, i: usize) -> Option<Instant> {
+        let at = self.failed_at.lock().unwrap_or_else(|p| p.into_inner());
+        at.get(i).copied().flatten()
+    }
+
+    /// Node `i` failed as a key's first node: leave it out of that order for a while.
+    fn note_failed(&self, i: usize) {
+        let mut at = self.failed_at.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(slot) = at.get_mut(i) {
+            *slot = Some(Instant::now());
         }
     }
 
@@ -98,9 +118,10 @@ where
         .await
     }
 
-    /// Compare-and-delete on the nodes `which`, all at once; failures are only logged,
-    /// since the TTL ends whatever a failed delete leaves.
-    async fn release_on(&self, which: &[usize], key: &LockKey, token: &Token) {
+    /// Compare-and-delete on the nodes `which`, all at once, announced to waiters if
+    /// `announce`; failures are only logged, since the TTL ends whatever a failed delete
+    /// leaves.
+    async fn release_on(&self, which: &[usize], key: &LockKey, token: &Token, announce: bool) {
         let limit = self.node_timeout;
         let calls = which
             .iter()
@@ -108,7 +129,11 @@ where
             .map(|node| async move {
                 (
                     node,
-                    bounded(limit, node.store.release_here(key, token)).await,
+                    bounded(
+                        limit,
+                        node.store.release_maybe_announced(key, token, announce),
+                    )
+                    .await,
                 )
             })
             .collect();
@@ -253,60 +278,17 @@ where
         ttl: Ttl,
         _fenced: bool,
     ) -> BoxFuture<'a, Result<Acquire>> {
-        Box::pin(async move {
-            // Validity counts from here, before the first node is asked: the manager's
-            // `valid_until` is measured from a moment earlier still, so it never claims
-            // more than this check allowed.
-            let started = Instant::now();
-            let answers = self
-                .ask(|node| node.acquire_here(key, token, ttl, false))
-                .await;
-            let elapsed = started.elapsed();
-            let in_time = Instant::now() < ttl.valid_until(started);
-            let decision = decide_acquire(&answers, self.quorum, in_time);
-            // Unless the lease is ours, undo every SET this attempt may have made: on the
-            // nodes that took it and on the ones that failed or timed out (the SET may have
-            // landed after the node timeout; a delete sent now follows it on the same
-            // connection). A node that answered "held" provably has no key of ours. If this
-            // future is dropped during the cleanup, the manager's abandoned-acquire release
-            // (on all nodes) covers it.
-            let maybe_ours: Vec<usize> = answers
-                .iter()
-                .enumerate()
-                .filter(|(_, a)| !matches!(a, Ok(Acquire::Held { .. })))
-                .map(|(i, _)| i)
-                .collect();
-            let outcome = match decision {
-                AcquireDecision::Taken => return Ok(Acquire::Taken { fence: None }),
-                AcquireDecision::Held { retry_after } => {
-                    tracing::debug!(
-                        key = %key,
-                        ?retry_after,
-                        "no majority: held by another owner"
-                    );
-                    Ok(Acquire::Held { pttl: retry_after })
-                }
-                AcquireDecision::NoQuorum { validity_ran_out } => {
-                    let error = QuorumError {
-                        operation: QuorumOperation::Acquire,
-                        key: key.display(),
-                        needed: self.quorum,
-                        nodes: self.reports(answers, |a| match a {
-                            Acquire::Taken { .. } => NodeOutcome::Confirmed,
-                            Acquire::Held { pttl } => {
-                                NodeOutcome::HeldByOther { retry_after: pttl }
-                            }
-                        }),
-                        elapsed,
-                        validity_ran_out,
-                    };
-                    tracing::warn!(error = %error, "acquire without quorum");
-                    Err(Error::Quorum(Box::new(error)))
-                }
-            };
-            self.release_on(&maybe_ours, key, token).await;
-            outcome
-        })
+        Box::pin(self.acquire_on(key, token, ttl, Instant::now(), Vec::new()))
+    }
+
+    fn acquire_contended<'a>(
+        &'a self,
+        key: &'a LockKey,
+        token: &'a Token,
+        ttl: Ttl,
+        _fenced: bool,
+    ) -> BoxFuture<'a, Result<Acquire>> {
+        Box::pin(self.acquire_leader_first(key, token, ttl))
     }
 
     fn extend<'a>(
@@ -405,6 +387,11 @@ where
                 .collect()
         })
     }
+}
+
+/// How many of `answers` are successful and match `is`.
+fn count<T>(answers: &[Result<T>], is: impl Fn(&T) -> bool) -> usize {
+    answers.iter().filter(|a| a.as_ref().is_ok_and(&is)).count()
 }
 
 /// At least one node.

@@ -18,6 +18,7 @@ use crate::options::Ttl;
 use crate::protocol::{Script, script};
 
 mod queue;
+mod release;
 mod scripts;
 
 pub(crate) use scripts::ScriptRunner;
@@ -79,6 +80,19 @@ pub(crate) trait LeaseStore: Send + Sync + 'static {
         ttl: Ttl,
         fenced: bool,
     ) -> BoxFuture<'a, Result<Acquire>>;
+
+    /// [`acquire`](Self::acquire) by a caller that found the lock held before: a store
+    /// may order its work so that contenders collide cheaply (several primaries ask the
+    /// key's first node alone first).
+    fn acquire_contended<'a>(
+        &'a self,
+        key: &'a LockKey,
+        token: &'a Token,
+        ttl: Ttl,
+        fenced: bool,
+    ) -> BoxFuture<'a, Result<Acquire>> {
+        self.acquire(key, token, ttl, fenced)
+    }
 
     /// Whether this store can hand out fencing tokens with the guarantee they promise
     /// (strictly increasing per lock).
@@ -194,6 +208,10 @@ pub(crate) struct RedisStore<C> {
     command_timeout: Option<Duration>,
     /// Publish each release on the lock's channel for waiters.
     announce_releases: bool,
+    /// What a release publishes, when not the empty message (which wakes one waiter): a
+    /// node of several primaries publishes `~`, which the waiters' managers count once
+    /// however many nodes repeat it.
+    release_payload: Option<&'static [u8]>,
     /// Whether acquire may hand out fencing tokens. A node of a Redlock set may not: a
     /// per-node counter is no token for the lock as a whole.
     fences: bool,
@@ -208,17 +226,19 @@ where
             conn,
             command_timeout,
             announce_releases,
+            release_payload: None,
             fences: true,
         }
     }
 
     /// A node of a lock over several primaries: acquire sets the lease only, without a
-    /// fencing counter, and releases are not announced (waiters of such locks poll).
-    pub(crate) fn unfenced(conn: C, command_timeout: Option<Duration>) -> Self {
+    /// fencing counter; releases are announced with the payload `~` if `announce`.
+    pub(crate) fn unfenced(conn: C, command_timeout: Option<Duration>, announce: bool) -> Self {
         RedisStore {
             conn,
             command_timeout,
-            announce_releases: false,
+            announce_releases: announce,
+            release_payload: Some(b"~"),
             fences: false,
         }
     }
@@ -383,43 +403,6 @@ where
             };
             let code: i64 = self.invoke(&script::EXTEND, call, &mut conn).await?;
             answer(code)
-        }
-    }
-
-    /// Compare-and-delete on this server, announced to waiters if the store does.
-    pub(crate) async fn release_here(&self, key: &LockKey, token: &Token) -> Result<NodeAnswer> {
-        let mut conn = self.conn.clone();
-        let call = |cmd: &mut redis::Cmd| self.release_args(cmd, key, token);
-        let code: i64 = self.invoke(release_script(key), call, &mut conn).await?;
-        answer(code)
-    }
-
-    /// [`release_here`](Self::release_here) with the script's body (`EVAL`), for a release
-    /// tried in the background after a failure: a server that lost its script cache runs
-    /// it in one round trip, where `EVALSHA` would need a `NOSCRIPT` answer first, an
-    /// answer a slow link may never deliver within the command timeout.
-    pub(crate) async fn release_by_body(&self, key: &LockKey, token: &Token) -> Result<NodeAnswer> {
-        let mut conn = self.conn.clone();
-        let eval = script_cmd(release_script(key), true, &|cmd| {
-            self.release_args(cmd, key, token)
-        });
-        let code: i64 = self.bounded(eval.query_async(&mut conn)).await?;
-        answer(code)
-    }
-
-    /// Key count, keys and arguments of the release script.
-    fn release_args(&self, cmd: &mut redis::Cmd, key: &LockKey, token: &Token) {
-        if key.is_queued() {
-            cmd.arg(3)
-                .arg(key.lease())
-                .arg(key.queue())
-                .arg(key.queue_expiry());
-        } else {
-            cmd.arg(1).arg(key.lease());
-        }
-        cmd.arg(token.as_bytes());
-        if self.announce_releases {
-            cmd.arg(key.released_channel());
         }
     }
 

@@ -81,12 +81,27 @@ async fn wait_until_gone(node: &RedisNode, name: &str, within: Duration) {
 
 /// After a node restarts, a client finds out on its next command (which fails) and then
 /// reconnects. Waits until `locks` reaches every node again: a probe lease shows up on all.
+/// Whether the lease `name` is on every one of `nodes` within `within`: an acquire returns
+/// once a majority took it, and the other nodes' SETs land a moment later.
+async fn on_every_node_within(nodes: &[RedisNode], name: &str, within: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    loop {
+        if tokens_on(nodes, name).await.iter().all(Option::is_some) {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 async fn until_every_node_answers(locks: &LockManager, nodes: &[RedisNode]) {
     let started = Instant::now();
     loop {
         let probe = unique_key("probe");
         if let Ok(guard) = locks.try_lock(&probe).await {
-            let everywhere = tokens_on(nodes, &probe).await.iter().all(Option::is_some);
+            let everywhere = on_every_node_within(nodes, &probe, Duration::from_secs(1)).await;
             let _ = guard.release().await;
             if everywhere {
                 return;
@@ -106,7 +121,7 @@ async fn until_every_node_answers(locks: &LockManager, nodes: &[RedisNode]) {
 async fn warm_up(locks: &LockManager, nodes: &[RedisNode]) {
     let probe = unique_key("warm-up");
     let guard = locks.try_lock(&probe).await.unwrap();
-    assert!(tokens_on(nodes, &probe).await.iter().all(Option::is_some));
+    assert!(on_every_node_within(nodes, &probe, PROMPTLY).await);
     guard.release().await.unwrap();
 }
 
@@ -158,6 +173,7 @@ async fn with_all_five_up_the_lease_lives_on_every_node_without_a_fencing_token(
     assert!(guard.valid_until() >= before + validity);
     assert!(guard.valid_until() <= after + validity);
 
+    assert!(on_every_node_within(&nodes, &name, PROMPTLY).await);
     let tokens = tokens_on(&nodes, &name).await;
     let first = tokens[0].clone().expect("node 0 holds the lease");
     assert!(
@@ -267,13 +283,12 @@ async fn a_node_slowed_past_the_node_timeout_by_a_proxy_counts_as_failed() {
     // A round trip through the proxy now takes 4 s, four node timeouts.
     let latency = Duration::from_secs(2);
     proxy.set(Fault::Latency(latency));
-    // Four fast nodes are a majority: the lock is taken once the slow node's time is up,
-    // without waiting for its answer.
+    // Four fast nodes are a majority: the lock is taken without waiting for the slow
+    // node's answer.
     let started = Instant::now();
     let guard = locks.try_lock_with(&name, ttl(30)).await.unwrap();
     assert!(started.elapsed() < 2 * latency, "{:?}", started.elapsed());
-    let live = tokens_on(&nodes[..4], &name).await;
-    assert!(live.iter().all(Option::is_some), "{live:?}");
+    assert!(on_every_node_within(&nodes[..4], &name, PROMPTLY).await);
     guard.release().await.unwrap();
     // The slow node runs the SET and then the release, late and in order.
     until_evalsha_calls(&nodes[4], calls + 2).await;
@@ -638,16 +653,19 @@ async fn dropping_an_acquire_mid_flight_leaves_no_key_on_any_node() {
         .unwrap();
     let name = unique_key("abandon");
     warm_up(&locks, &nodes).await;
-    let before = evalsha_calls(&nodes[4]).await;
-    nodes[4].pause().await;
+    let mut before = Vec::new();
+    for node in &nodes[2..] {
+        before.push(evalsha_calls(node).await);
+        node.pause().await;
+    }
 
     {
         let acquire = locks.try_lock_with(&name, ttl(60));
         tokio::pin!(acquire);
-        // Drive the acquire until the four live nodes have the lease, then drop it while it
-        // still waits for the paused one.
+        // Drive the acquire until the two live nodes have the lease, then drop it while it
+        // still waits for the paused ones (a majority is out of reach without them).
         let seen_everywhere_live = async {
-            while !tokens_on(&nodes[..4], &name)
+            while !tokens_on(&nodes[..2], &name)
                 .await
                 .iter()
                 .all(Option::is_some)
@@ -658,19 +676,21 @@ async fn dropping_an_acquire_mid_flight_leaves_no_key_on_any_node() {
         tokio::select! {
             result = &mut acquire => panic!("the acquire finished with a node paused: {result:?}"),
             seen = tokio::time::timeout(PROMPTLY, seen_everywhere_live) => {
-                seen.expect("the four live nodes got the lease");
+                seen.expect("the two live nodes got the lease");
             }
         }
     }
 
     // Released in the background long before the 60 s TTL.
-    for node in &nodes[..4] {
+    for node in &nodes[..2] {
         wait_until_gone(node, &name, PROMPTLY).await;
     }
-    // The paused node runs the SET, then the delete queued behind it.
-    nodes[4].resume().await;
-    until_evalsha_calls(&nodes[4], before + 2).await;
-    assert_eq!(token_on(&nodes[4], &name).await, None);
+    // Each paused node runs the SET, then the delete queued behind it.
+    for (node, before) in nodes[2..].iter().zip(before) {
+        node.resume().await;
+        until_evalsha_calls(node, before + 2).await;
+        assert_eq!(token_on(node, &name).await, None);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,0 +1,176 @@
+//! Acquiring over several primaries: every node at once, or, for a caller that already
+//! found the lock held, one node first.
+//!
+//! Under contention, contenders that each ask all N nodes at once can split the vote (each
+//! takes some nodes, nobody a majority) and all of them pay a round of cleanup. A caller
+//! that retries after finding the lock held therefore asks the key's *first node* (chosen
+//! by the key, so every contender picks the same one) alone first: one contender wins
+//! there, the others learn "held" for the price of one command and touch no other node.
+//! Only the winner asks the remaining nodes, and needs a majority as always: the order is
+//! an optimisation of who tries, never a change of what makes a lease ours. A first node
+//! that fails is skipped (every node asked at once) for [`SKIP_FAILED`].
+
+use std::time::{Duration, Instant};
+
+use redis::aio::ConnectionLike;
+
+use super::fanout::{bounded, join_until, no_answer};
+use super::vote::{AcquireDecision, decide_acquire};
+use super::{RedlockStore, count};
+use crate::error::{Error, NodeOutcome, QuorumError, QuorumOperation, Result};
+use crate::key::{LockKey, Token};
+use crate::options::Ttl;
+use crate::store::Acquire;
+
+/// How long a first node that failed is left out of the one-node-first order.
+pub(super) const SKIP_FAILED: Duration = Duration::from_secs(1);
+
+impl<C> RedlockStore<C>
+where
+    C: ConnectionLike + Clone + Send + Sync + 'static,
+{
+    /// The node a contended acquire of `key` asks first: the same for every contender.
+    fn first_node(&self, key: &LockKey) -> usize {
+        let hash = key.lease().iter().fold(0x811c_9dc5_u32, |h, b| {
+            (h ^ u32::from(*b)).wrapping_mul(0x0100_0193)
+        });
+        usize::try_from(hash).unwrap_or(0) % self.nodes.len().max(1)
+    }
+
+    /// An acquire by a caller that found the lock held before: the key's first node alone,
+    /// then (if it took the lease) the others; see the module docs.
+    pub(super) async fn acquire_leader_first(
+        &self,
+        key: &LockKey,
+        token: &Token,
+        ttl: Ttl,
+    ) -> Result<Acquire> {
+        let started = Instant::now();
+        let first = self.first_node(key);
+        let skip = self.nodes.len() < 2
+            || self
+                .failed_at(first)
+                .is_some_and(|at| at.elapsed() < SKIP_FAILED);
+        if skip {
+            return self.acquire_on(key, token, ttl, started, Vec::new()).await;
+        }
+        let limit = self.node_timeout;
+        let answer = bounded(
+            limit,
+            self.nodes[first].store.acquire_here(key, token, ttl, false),
+        )
+        .await;
+        if let Ok(Acquire::Held { pttl }) = answer {
+            // Nothing was set anywhere: no cleanup.
+            return Ok(Acquire::Held { pttl });
+        }
+        if answer.is_err() {
+            self.note_failed(first);
+        }
+        let mut known: Vec<Option<Result<Acquire>>> = self.nodes.iter().map(|_| None).collect();
+        known[first] = Some(answer);
+        self.acquire_on(key, token, ttl, started, known).await
+    }
+
+    /// Asks every node whose answer is not `known` (all of them if `known` is empty) at
+    /// once, until a majority took the lease or every node answered, and counts the votes
+    /// from `started`. Unless the lease is ours, releases it again wherever this attempt
+    /// may have set it.
+    pub(super) async fn acquire_on(
+        &self,
+        key: &LockKey,
+        token: &Token,
+        ttl: Ttl,
+        started: Instant,
+        known: Vec<Option<Result<Acquire>>>,
+    ) -> Result<Acquire> {
+        let limit = self.node_timeout;
+        let quorum = self.quorum;
+        let mut known = known;
+        known.resize_with(self.nodes.len(), || None);
+        let taken_before = known
+            .iter()
+            .filter(|a| matches!(a, Some(Ok(Acquire::Taken { .. }))))
+            .count();
+        // The nodes to ask now, and their index among all nodes.
+        let ask: Vec<usize> = (0..self.nodes.len())
+            .filter(|&i| known[i].is_none())
+            .collect();
+        // A majority of "taken" decides the vote: the slower nodes' answers cannot change
+        // it, and a lease they set is ours and released with the rest.
+        let asked = join_until(
+            ask.iter()
+                .map(|&i| {
+                    bounded(
+                        limit,
+                        self.nodes[i].store.acquire_here(key, token, ttl, false),
+                    )
+                })
+                .collect(),
+            |so_far| {
+                taken_before
+                    + so_far
+                        .iter()
+                        .filter(|a| matches!(a, Some(Ok(Acquire::Taken { .. }))))
+                        .count()
+                    >= quorum
+            },
+        )
+        .await;
+        for (i, answer) in ask.into_iter().zip(asked) {
+            known[i] = answer;
+        }
+        let answers: Vec<Result<Acquire>> = known
+            .into_iter()
+            .map(|answer| answer.unwrap_or_else(|| Err(no_answer(limit))))
+            .collect();
+        let elapsed = started.elapsed();
+        let in_time = Instant::now() < ttl.valid_until(started);
+        let decision = decide_acquire(&answers, self.quorum, in_time);
+        // Unless the lease is ours, undo every SET this attempt may have made: on the nodes
+        // that took it and on the ones that failed, timed out or were not waited for (the
+        // SET may land late; a delete sent now follows it on the same connection). A node
+        // that answered "held" provably has no key of ours. If this future is dropped
+        // during the cleanup, the manager's abandoned-acquire release (on all nodes)
+        // covers it.
+        let maybe_ours: Vec<usize> = answers
+            .iter()
+            .enumerate()
+            .filter(|(_, a)| !matches!(a, Ok(Acquire::Held { .. })))
+            .map(|(i, _)| i)
+            .collect();
+        // Waiters hear of the cleanup only if it may free the lock: not when another owner
+        // provably holds a majority, which a cleanup does not change.
+        let held = count(&answers, |a| matches!(a, Acquire::Held { .. }));
+        let announce = held < self.quorum;
+        let outcome = match decision {
+            AcquireDecision::Taken => return Ok(Acquire::Taken { fence: None }),
+            AcquireDecision::Held { retry_after } => {
+                let took = count(&answers, |a| matches!(a, Acquire::Taken { .. }));
+                if took > 0 && held < self.quorum {
+                    // Nobody has a majority as far as this attempt can tell.
+                    tracing::debug!(split_vote = true, key = %key, took, held, "split vote");
+                }
+                tracing::debug!(key = %key, ?retry_after, "no majority: held by another owner");
+                Ok(Acquire::Held { pttl: retry_after })
+            }
+            AcquireDecision::NoQuorum { validity_ran_out } => {
+                let error = QuorumError {
+                    operation: QuorumOperation::Acquire,
+                    key: key.display(),
+                    needed: self.quorum,
+                    nodes: self.reports(answers, |a| match a {
+                        Acquire::Taken { .. } => NodeOutcome::Confirmed,
+                        Acquire::Held { pttl } => NodeOutcome::HeldByOther { retry_after: pttl },
+                    }),
+                    elapsed,
+                    validity_ran_out,
+                };
+                tracing::warn!(error = %error, "acquire without quorum");
+                Err(Error::Quorum(Box::new(error)))
+            }
+        };
+        self.release_on(&maybe_ours, key, token, announce).await;
+        outcome
+    }
+}

@@ -1,0 +1,73 @@
+//! Compare-and-delete on one server: the release, announced to waiters or not.
+
+use redis::aio::ConnectionLike;
+
+use super::{NodeAnswer, RedisStore, answer, release_script, script_cmd};
+use crate::error::Result;
+use crate::key::{LockKey, Token};
+
+impl<C> RedisStore<C>
+where
+    C: ConnectionLike + Clone + Send + Sync + 'static,
+{
+    /// Compare-and-delete on this server, announced to waiters if the store does.
+    pub(crate) async fn release_here(&self, key: &LockKey, token: &Token) -> Result<NodeAnswer> {
+        let mut conn = self.conn.clone();
+        let call = |cmd: &mut redis::Cmd| self.release_args(cmd, key, token);
+        let code: i64 = self.invoke(release_script(key), call, &mut conn).await?;
+        answer(code)
+    }
+
+    /// [`release_here`](Self::release_here), announced only if `announce` and the store
+    /// announces releases.
+    pub(crate) async fn release_maybe_announced(
+        &self,
+        key: &LockKey,
+        token: &Token,
+        announce: bool,
+    ) -> Result<NodeAnswer> {
+        if announce || !self.announce_releases {
+            return self.release_here(key, token).await;
+        }
+        let quiet = RedisStore {
+            conn: self.conn.clone(),
+            command_timeout: self.command_timeout,
+            announce_releases: false,
+            release_payload: None,
+            fences: self.fences,
+        };
+        quiet.release_here(key, token).await
+    }
+
+    /// [`release_here`](Self::release_here) with the script's body (`EVAL`), for a release
+    /// tried in the background after a failure: a server that lost its script cache runs
+    /// it in one round trip, where `EVALSHA` would need a `NOSCRIPT` answer first, an
+    /// answer a slow link may never deliver within the command timeout.
+    pub(crate) async fn release_by_body(&self, key: &LockKey, token: &Token) -> Result<NodeAnswer> {
+        let mut conn = self.conn.clone();
+        let eval = script_cmd(release_script(key), true, &|cmd| {
+            self.release_args(cmd, key, token)
+        });
+        let code: i64 = self.bounded(eval.query_async(&mut conn)).await?;
+        answer(code)
+    }
+
+    /// Key count, keys and arguments of the release script.
+    fn release_args(&self, cmd: &mut redis::Cmd, key: &LockKey, token: &Token) {
+        if key.is_queued() {
+            cmd.arg(3)
+                .arg(key.lease())
+                .arg(key.queue())
+                .arg(key.queue_expiry());
+        } else {
+            cmd.arg(1).arg(key.lease());
+        }
+        cmd.arg(token.as_bytes());
+        if self.announce_releases {
+            cmd.arg(key.released_channel());
+            if let Some(payload) = self.release_payload {
+                cmd.arg(payload);
+            }
+        }
+    }
+}

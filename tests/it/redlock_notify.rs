@@ -1,0 +1,210 @@
+//! Waiting on a lock over five primaries: release notifications from every node, one
+//! failed node unable to silence a release, contended retries that touch one node, and
+//! nothing left subscribed or connected afterwards.
+
+use crate::support;
+
+use std::time::{Duration, Instant};
+
+use distlock::{Backoff, LockManager, LockOptions};
+use support::{Baseline, RedisNode, unique_key};
+
+/// Generous next to a loopback round trip on a loaded machine.
+const NODE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The holder's lease: far longer than any handoff the tests accept, so an expiry cannot
+/// explain a handoff.
+const HOLDER_TTL: Duration = Duration::from_secs(30);
+
+/// Polling cannot explain a handoff faster than this (5 s between attempts, no jitter).
+const POLL: Duration = Duration::from_secs(5);
+
+/// What the tests accept for a handoff by notification: well under one poll.
+const HANDOFF_LIMIT: Duration = Duration::from_millis(2500);
+
+fn slow_polling(wait: Duration) -> LockOptions {
+    LockOptions::new()
+        .with_ttl(HOLDER_TTL)
+        .with_wait(wait)
+        .with_backoff(
+            Backoff::new()
+                .with_base(POLL)
+                .with_cap(POLL)
+                .with_jitter(false),
+        )
+}
+
+async fn five_nodes() -> Vec<RedisNode> {
+    let (a, b, c, d, e) = tokio::join!(
+        RedisNode::start(),
+        RedisNode::start(),
+        RedisNode::start(),
+        RedisNode::start(),
+        RedisNode::start()
+    );
+    vec![a, b, c, d, e]
+}
+
+async fn redlock(nodes: &[RedisNode]) -> LockManager {
+    LockManager::builder()
+        .with_node_timeout(NODE_TIMEOUT)
+        .connect_redlock(nodes.iter().map(RedisNode::url))
+        .await
+        .unwrap()
+}
+
+async fn channels_on(node: &RedisNode) -> usize {
+    support::subscribed_channels(&mut node.conn().await)
+        .await
+        .len()
+}
+
+/// Waits until the waiter's channel is subscribed on at least `nodes` of `all`.
+async fn until_subscribed_on(all: &[RedisNode], nodes: usize) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut on = 0;
+        for node in all {
+            if channels_on(node).await > 0 {
+                on += 1;
+            }
+        }
+        if on >= nodes {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "subscribed on {on} nodes, wanted {nodes}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Takes the lock in `holder`, starts a waiter in `waiters`, waits until it listens,
+/// runs `meanwhile`, releases, and returns how long the waiter took to get the lock.
+async fn handoff(
+    nodes: &[RedisNode],
+    holder: &LockManager,
+    waiters: &LockManager,
+    listening_on: usize,
+    meanwhile: impl std::future::Future<Output = ()>,
+) -> Duration {
+    let name = unique_key("redlock-wake");
+    let guard = holder
+        .lock_with(&name, LockOptions::new().with_ttl(HOLDER_TTL))
+        .await
+        .unwrap();
+    let waiter = {
+        let (waiters, name) = (waiters.clone(), name.clone());
+        tokio::spawn(async move {
+            let got = waiters
+                .lock_with(&name, slow_polling(Duration::from_secs(60)))
+                .await;
+            (got, Instant::now())
+        })
+    };
+    until_subscribed_on(nodes, listening_on).await;
+    meanwhile.await;
+    let released = Instant::now();
+    guard.release().await.unwrap();
+    let (got, at) = tokio::time::timeout(Duration::from_secs(60), waiter)
+        .await
+        .expect("the waiter ends within its budget")
+        .unwrap();
+    got.expect("the waiter gets the lock")
+        .release()
+        .await
+        .unwrap();
+    at.duration_since(released)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_on_five_nodes_wakes_the_waiter_and_leaves_nothing_subscribed() {
+    let nodes = five_nodes().await;
+    let holder = redlock(&nodes).await;
+    let waiters = redlock(&nodes).await;
+    // Warm both managers up, then record what each node looks like at rest.
+    for locks in [&holder, &waiters] {
+        locks
+            .try_lock(unique_key("warm"))
+            .await
+            .unwrap()
+            .release()
+            .await
+            .unwrap();
+    }
+    let mut baselines = Vec::new();
+    for node in &nodes {
+        baselines.push(Baseline::take(node).await);
+    }
+
+    let took = handoff(&nodes, &holder, &waiters, 5, async {}).await;
+    assert!(
+        took < HANDOFF_LIMIT,
+        "handoff took {took:?}; polling would take {POLL:?}, the holder's TTL is {HOLDER_TTL:?}"
+    );
+    eprintln!("release to next holder over five nodes: {took:?}");
+    for (node, baseline) in nodes.iter().zip(&baselines) {
+        // No key, no channel, the subscription connections closed.
+        baseline.assert_settled(node, Duration::from_secs(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_failed_nodes_of_five_cannot_silence_a_release() {
+    let nodes = five_nodes().await;
+    let holder = redlock(&nodes).await;
+    let waiters = redlock(&nodes).await;
+    // Whichever nodes the subscriptions ride on, stopping two leaves three: enough.
+    let took = handoff(&nodes, &holder, &waiters, 5, async {
+        nodes[1].stop().await;
+        nodes[3].stop().await;
+    })
+    .await;
+    assert!(
+        took < HANDOFF_LIMIT,
+        "handoff took {took:?} with two nodes down; polling would take {POLL:?}"
+    );
+    eprintln!("release to next holder with two of five nodes down: {took:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_against_a_held_lock_touch_only_the_keys_first_node() {
+    let nodes = five_nodes().await;
+    let holder = redlock(&nodes).await;
+    let waiter = LockManager::builder()
+        .with_node_timeout(NODE_TIMEOUT)
+        .with_notify(false)
+        .connect_redlock(nodes.iter().map(RedisNode::url))
+        .await
+        .unwrap();
+    let name = unique_key("redlock-first-node");
+    let guard = holder
+        .lock_with(&name, LockOptions::new().with_ttl(HOLDER_TTL))
+        .await
+        .unwrap();
+    let mut before = Vec::new();
+    for node in &nodes {
+        before.push(support::command_calls(&mut node.conn().await, "set").await);
+    }
+    // Polls every 20 ms for 600 ms: about 30 attempts.
+    let polling = LockOptions::new()
+        .with_wait(Duration::from_millis(600))
+        .with_backoff(
+            Backoff::new()
+                .with_base(Duration::from_millis(20))
+                .with_cap(Duration::from_millis(20))
+                .with_jitter(false),
+        );
+    let err = waiter.lock_with(&name, polling).await.unwrap_err();
+    assert!(err.is_held_by_other(), "{err:?}");
+    let mut calls = Vec::new();
+    for (node, before) in nodes.iter().zip(&before) {
+        calls.push(support::command_calls(&mut node.conn().await, "set").await - before);
+    }
+    calls.sort_unstable();
+    // The first attempt asks every node once; every retry asks one node, the same one.
+    assert_eq!(calls[..4], [1, 1, 1, 1], "SETs per node: {calls:?}");
+    assert!(calls[4] >= 5, "the retries went to one node: {calls:?}");
+    guard.release().await.unwrap();
+}
