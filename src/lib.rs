@@ -213,7 +213,7 @@
 //! |---|---|---|---|
 //! | `distlock_acquire_total` | counter | `outcome`: `acquired`, `contended`, `timeout`, `error` | finished acquire calls: [`LockManager::lock`], [`try_lock`](LockManager::try_lock), their `_with` forms, and the acquire of [`with_lock`](LockManager::with_lock) |
 //! | `distlock_wait_seconds` | histogram | `outcome` (as above) | how long each of those calls took |
-//! | `distlock_lost_total` | counter | `reason`: `expired`, `taken`, `unreachable`, `max_hold_reached`, `no_quorum` | leases lost while held ([`LostReason`]), counted once per lease, when distlock finds the loss (an extend, a release, the auto-extension task, or the drop of a guard whose lease ran out) |
+//! | `distlock_lost_total` | counter | `reason`: `expired`, `taken`, `unreachable`, `max_hold_reached`, `no_quorum`, `not_replicated` | leases lost while held ([`LostReason`]), counted once per lease, when distlock finds the loss (an extend, a release, the auto-extension task, or the drop of a guard whose lease ran out) |
 //! | `distlock_hold_seconds` | histogram | `ended`: `released`, `lost` | how long each lease was held: from just before its acquire was sent to its release or drop, or to the moment its loss was found |
 //! | `distlock_held_leases` | gauge | none | leases held now: acquired and not yet released, dropped or found lost |
 //!
@@ -266,7 +266,9 @@ pub use key::{MAX_KEY_LEN, MAX_PREFIX_LEN};
 pub use lease::LeaseHandle;
 pub use manager::LockManager;
 pub use multi::MultiGuard;
-pub use options::{LockOptions, MAX_QUEUE_LEASE, MAX_TTL, MIN_QUEUE_LEASE, MIN_TTL};
+pub use options::{
+    LockOptions, MAX_QUEUE_LEASE, MAX_REPLICA_TIMEOUT, MAX_TTL, MIN_QUEUE_LEASE, MIN_TTL, Replicas,
+};
 pub use rwlock::RwLock;
 pub use semaphore::Semaphore;
 

@@ -20,6 +20,7 @@ impl LockManager {
                 notifier: self.shared.notifier.clone(),
                 prefix,
                 defaults: self.shared.defaults,
+                replicas: self.shared.replicas,
             }),
         }
     }

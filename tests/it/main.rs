@@ -30,6 +30,7 @@ mod partition;
 #[cfg(all(feature = "deadpool", feature = "bb8"))]
 mod pools;
 mod redlock;
+mod replicas;
 mod restart;
 mod rwlock;
 mod security;
