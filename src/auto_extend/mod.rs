@@ -383,8 +383,8 @@ async fn extend_batch(inner: &Inner, mut batch: Vec<Item>) {
             // few replicas: as unconfirmed (a promoted replica may have the old expiry),
             // retried, and lost as `NotReplicated` if the deadline comes first.
             Ok(Verdict::Lost(_)) | Err(_) => {
-                if matches!(result, Err(Error::NotReplicated { .. })) {
-                    lease.set_short_of_replicas(true);
+                if lease.replicas.is_some() {
+                    lease.set_short_of_replicas(matches!(result, Err(Error::NotReplicated { .. })));
                 }
                 failed += 1;
                 if first_error.is_none() {

@@ -246,6 +246,13 @@ where
         false
     }
 
+    fn replica_acks(&self) -> Result<()> {
+        // Independent primaries have no replicas of one another to wait for.
+        Err(crate::store::no_replicas(
+            "a lock over several independent primaries (Redlock)",
+        ))
+    }
+
     fn acquire<'a>(
         &'a self,
         key: &'a LockKey,

@@ -31,6 +31,8 @@ mod partition;
 mod pools;
 mod redlock;
 mod replicas;
+#[cfg(feature = "sentinel")]
+mod replicas_failover;
 mod restart;
 mod rwlock;
 mod security;
