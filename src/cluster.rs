@@ -87,6 +87,12 @@ impl LeaseStore for ClusterStore {
         self.inner.fences()
     }
 
+    fn replica_acks(&self) -> Result<()> {
+        // `WAIT` would have to go to the key's primary on a connection of its own; not
+        // routed yet, so refused rather than broadcast or ignored.
+        Err(crate::store::no_replicas("a Redis Cluster manager"))
+    }
+
     fn extend<'a>(
         &'a self,
         key: &'a LockKey,

@@ -146,6 +146,13 @@ impl LockGuard {
     /// or `Expired` / `Taken` when the nodes that answered say so). A failed extend releases
     /// nothing: the keys left on some nodes go with [`release`](Self::release) or drop.
     ///
+    /// A lease taken with [`LockOptions::with_replicas`](crate::LockOptions::with_replicas)
+    /// is extended with `WAIT` in the same round trip: if fewer replicas acknowledged the
+    /// extension, it returns [`Error::NotReplicated`] and the lease stays held, but
+    /// [`valid_until`](Self::valid_until) stays at the earlier of the old deadline and the
+    /// new one (a promoted replica may still have the old expiry); a later acknowledged
+    /// extend moves it on.
+    ///
     /// # Cancel safety
     ///
     /// Dropping the future before it completes leaves the lease as it was or extended on
@@ -158,7 +165,7 @@ impl LockGuard {
     /// # Errors
     ///
     /// [`Error::Lost`], [`Error::Redis`] (the outcome is unknown; the local deadline is
-    /// unchanged), [`Error::InvalidArgument`] for a TTL outside
+    /// unchanged), [`Error::NotReplicated`] (see above), [`Error::InvalidArgument`] for a TTL outside
     /// [`MIN_TTL`](crate::MIN_TTL)..=[`MAX_TTL`](crate::MAX_TTL).
     ///
     /// # Example
@@ -199,7 +206,17 @@ impl LockGuard {
             }
             let pending = PendingExtend::new(lease, op);
             // On error `pending` is dropped: the outcome is unknown and keeps counting.
-            let verdict = self.store.extend(&lease.key, &lease.token, ttl).await?;
+            // A replica-acknowledged lease that too few replicas acknowledged is
+            // `Error::NotReplicated` here: `pending` keeps counting the extend as unknown,
+            // so the deadline stays the earlier of the old one and the new one.
+            let verdict = match lease.replicas {
+                Some(replicas) => {
+                    self.store
+                        .extend_replicated(&lease.key, &lease.token, ttl, replicas)
+                        .await?
+                }
+                None => self.store.extend(&lease.key, &lease.token, ttl).await?,
+            };
             if verdict != Verdict::Done {
                 pending.refused();
                 return self.judge(verdict, || {});

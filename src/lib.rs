@@ -134,10 +134,11 @@
 //! Waiting: the manager subscribes on every node, and a release announced by any node it
 //! deleted the lease on wakes the longest-waiting waiter of each manager; a waiter counts
 //! as listening once subscribed on `N - majority + 1` nodes, so one failed node cannot
-//! silence a release. A caller that found the lock held asks the key's first node alone
-//! before the others, so contenders collide there instead of splitting the vote. Waiters
-//! of one manager are served first come, first served; across managers there is no queue
-//! (one queue over independent nodes would need the nodes to agree on its order).
+//! silence a release. Once contenders have collided on a key, a caller that found it held
+//! asks the key's first node alone before the others, so contenders meet there instead of
+//! splitting the vote. Waiters of one manager are served first come, first served; across
+//! managers there is no queue (one queue over independent nodes would need the nodes to
+//! agree on its order).
 //!
 //! What it does not give: **fencing tokens.** [`LockGuard::fencing_token`] is `None`.
 //! Per-node counters grow independently (and failed attempts grow some of them), so no
@@ -221,7 +222,7 @@
 //! |---|---|---|---|
 //! | `distlock_acquire_total` | counter | `outcome`: `acquired`, `contended`, `timeout`, `error` | finished acquire calls: [`LockManager::lock`], [`try_lock`](LockManager::try_lock), their `_with` forms, and the acquire of [`with_lock`](LockManager::with_lock) |
 //! | `distlock_wait_seconds` | histogram | `outcome` (as above) | how long each of those calls took |
-//! | `distlock_lost_total` | counter | `reason`: `expired`, `taken`, `unreachable`, `max_hold_reached`, `no_quorum` | leases lost while held ([`LostReason`]), counted once per lease, when distlock finds the loss (an extend, a release, the auto-extension task, or the drop of a guard whose lease ran out) |
+//! | `distlock_lost_total` | counter | `reason`: `expired`, `taken`, `unreachable`, `max_hold_reached`, `no_quorum`, `not_replicated` | leases lost while held ([`LostReason`]), counted once per lease, when distlock finds the loss (an extend, a release, the auto-extension task, or the drop of a guard whose lease ran out) |
 //! | `distlock_hold_seconds` | histogram | `ended`: `released`, `lost` | how long each lease was held: from just before its acquire was sent to its release or drop, or to the moment its loss was found |
 //! | `distlock_held_leases` | gauge | none | leases held now: acquired and not yet released, dropped or found lost |
 //!
@@ -274,7 +275,9 @@ pub use key::{MAX_KEY_LEN, MAX_PREFIX_LEN};
 pub use lease::LeaseHandle;
 pub use manager::LockManager;
 pub use multi::MultiGuard;
-pub use options::{LockOptions, MAX_QUEUE_LEASE, MAX_TTL, MIN_QUEUE_LEASE, MIN_TTL};
+pub use options::{
+    LockOptions, MAX_QUEUE_LEASE, MAX_REPLICA_TIMEOUT, MAX_TTL, MIN_QUEUE_LEASE, MIN_TTL, Replicas,
+};
 pub use rwlock::RwLock;
 pub use semaphore::Semaphore;
 

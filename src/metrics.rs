@@ -55,6 +55,7 @@ fn reason(reason: LostReason) -> &'static str {
         LostReason::MaxHoldReached => "max_hold_reached",
         LostReason::Released => "released",
         LostReason::NoQuorum => "no_quorum",
+        LostReason::NotReplicated => "not_replicated",
     }
 }
 

@@ -35,6 +35,9 @@ struct Shared {
     current: Mutex<Option<(u64, MultiplexedConnection)>>,
     /// A client for the primary found at connect (for the subscription connection).
     first: Mutex<Option<redis::Client>>,
+    /// A client for the primary found last, with the discovery it came from (for
+    /// connections of their own: replica-acknowledged calls).
+    latest: Mutex<Option<(u64, redis::Client)>>,
     config: AsyncConnectionConfig,
     connect_timeout: Duration,
     db: i64,
@@ -83,6 +86,7 @@ impl SentinelConnection {
                 sentinels: tokio::sync::Mutex::new(client),
                 current: Mutex::new(None),
                 first: Mutex::new(None),
+                latest: Mutex::new(None),
                 config: AsyncConnectionConfig::new()
                     .set_connection_timeout(Some(connect_timeout))
                     .set_response_timeout(Some(response_timeout)),
@@ -133,6 +137,11 @@ impl SentinelConnection {
                 "Sentinel named the primary"
             );
             *current = Some((generation, conn.clone()));
+            *self
+                .shared
+                .latest
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner) = Some((generation, client.clone()));
             let mut first = self
                 .shared
                 .first
@@ -150,6 +159,34 @@ impl SentinelConnection {
                 self.shared.connect_timeout
             ))),
         }
+    }
+
+    /// A new connection of its own to the primary the Sentinels name now, without a
+    /// response timeout (its user bounds each call), and the discovery it came from.
+    pub(crate) async fn open_dedicated(&self) -> redis::RedisResult<(u64, MultiplexedConnection)> {
+        let (generation, _) = self.primary().await?;
+        let client = self
+            .shared
+            .latest
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let Some((found, client)) = client.filter(|(g, _)| *g == generation) else {
+            return Err(crate::error::timed_out(
+                "the primary changed while a connection to it was opened",
+            ));
+        };
+        let config = self.shared.config.clone().set_response_timeout(None);
+        let conn = client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await?;
+        Ok((found, conn))
+    }
+
+    /// The discovery the current primary comes from; `None` while the Sentinels must be
+    /// asked again.
+    pub(crate) fn primary_generation(&self) -> Option<u64> {
+        self.shared.current().as_ref().map(|(g, _)| *g)
     }
 
     /// A client for the primary the Sentinels named at connect.

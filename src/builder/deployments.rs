@@ -1,18 +1,15 @@
-//! Constructors for the deployments behind cargo features: Redis Sentinel and Redis
-//! Cluster. Same builder, same configuration, one file so the builder stays readable.
+//! Constructors for the deployments behind cargo features: Redis Sentinel, Redis
+//! Cluster and ZooKeeper. Same builder, same configuration, one file so the builder stays readable.
 
-#[cfg(feature = "cluster")]
+#[cfg(any(feature = "cluster", feature = "zookeeper"))]
 use std::sync::Arc;
 
-#[cfg(any(feature = "sentinel", feature = "cluster"))]
 use super::LockManagerBuilder;
 #[cfg(feature = "cluster")]
 use crate::connect::{check_server, connect_failed, open_client};
-#[cfg(feature = "cluster")]
+#[cfg(any(feature = "cluster", not(feature = "zookeeper")))]
 use crate::error::Error;
-#[cfg(any(feature = "sentinel", feature = "cluster"))]
 use crate::error::Result;
-#[cfg(any(feature = "sentinel", feature = "cluster"))]
 use crate::manager::LockManager;
 #[cfg(feature = "cluster")]
 use crate::store::RedisStore;
@@ -80,7 +77,10 @@ impl LockManagerBuilder {
             self.pubsub = conn.primary_client();
         }
         self.connection_times_out = true;
-        self.build(conn)
+        // Replica-acknowledged calls get connections of their own to the primary the
+        // Sentinels name, opened when used.
+        let lane = crate::store::AckLane::new(conn.clone(), self.command_timeout);
+        self.build_with_lane(conn, Some(lane))
     }
 
     /// Connects to a Redis Cluster through any of its nodes (cargo feature `cluster`).
@@ -148,6 +148,38 @@ impl LockManagerBuilder {
             self.pubsub = clients.into_iter().next();
         }
         let store = RedisStore::new(conn, None, self.notify);
-        Ok(self.into_manager(Arc::new(crate::cluster::ClusterStore::new(store))))
+        self.into_manager(Arc::new(crate::cluster::ClusterStore::new(store)))
+    }
+}
+
+impl LockManagerBuilder {
+    /// Connects to a ZooKeeper ensemble (`zk://host1:2181,host2:2181/chroot`, `zookeeper`
+    /// feature) and builds a manager whose locks are ephemeral sequential nodes: fair
+    /// (first come, first served), the lease is the session, the fencing token the node's
+    /// creation zxid. [`connect`](Self::connect) calls it for a `zk://` URL. See the crate
+    /// docs on [ZooKeeper](crate#redis-or-zookeeper) for what the options mean there: the
+    /// default options' TTL is the session timeout asked for (the server negotiates it).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidArgument`] for a bad URL or prefix, or without the `zookeeper`
+    /// feature; `Error::ZooKeeper` when no session could be opened within the connect
+    /// timeout.
+    pub async fn connect_zookeeper(self, url: &str) -> Result<LockManager> {
+        self.check()?;
+        #[cfg(feature = "zookeeper")]
+        {
+            use crate::zookeeper::{Sessions, Target, ZkStore};
+            let target = Target::parse(url)?;
+            let timeout = self.defaults.ttl();
+            let sessions = Sessions::open(target, timeout, self.connect_timeout).await?;
+            let store = ZkStore::new(sessions, &self.prefix, self.command_timeout)?;
+            self.with_notify(false).into_manager(Arc::new(store))
+        }
+        #[cfg(not(feature = "zookeeper"))]
+        Err(Error::invalid(
+            "url",
+            format!("{url}: ZooKeeper needs distlock's `zookeeper` cargo feature"),
+        ))
     }
 }

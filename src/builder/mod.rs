@@ -18,11 +18,12 @@ use crate::error::{Error, Result};
 use crate::key::validate_prefix;
 use crate::manager::LockManager;
 use crate::notify::Notifier;
-use crate::options::LockOptions;
-use crate::store::{LeaseStore, RedisStore};
+use crate::options::{LockOptions, Replicas};
+use crate::store::{AckLane, ClientSource, LeaseStore, RedisStore};
 
 mod deployments;
 mod redlock;
+mod replicas;
 
 /// The default key prefix: lock `jobs:nightly` lives at `distlock:{jobs:nightly}`.
 pub const DEFAULT_PREFIX: &str = "distlock:";
@@ -63,6 +64,7 @@ pub struct LockManagerBuilder {
     notify: bool,
     pubsub: Option<redis::Client>,
     connection_times_out: bool,
+    replicas: Option<Replicas>,
 }
 
 impl Default for LockManagerBuilder {
@@ -76,6 +78,7 @@ impl Default for LockManagerBuilder {
             pubsub: None,
             connection_times_out: false,
             node_timeout: DEFAULT_NODE_TIMEOUT,
+            replicas: None,
         }
     }
 }
@@ -213,7 +216,13 @@ impl LockManagerBuilder {
             }
         };
         check_server(&mut conn, url, false).await?;
-        self.build(conn)
+        // Replica-acknowledged calls get connections of their own, opened when used.
+        let source = ClientSource {
+            client: open_client(url)?,
+            connect_timeout: self.connect_timeout,
+        };
+        let lane = AckLane::new(source, self.command_timeout);
+        self.build_with_lane(conn, Some(lane))
     }
 
     /// Builds the manager on a connection you already have: a [`ConnectionManager`], a
@@ -228,10 +237,22 @@ impl LockManagerBuilder {
     where
         C: ConnectionLike + Clone + Send + Sync + 'static,
     {
+        self.build_with_lane(conn, None)
+    }
+
+    /// [`build`](Self::build), with connections of their own for replica-acknowledged
+    /// calls where the builder can open them.
+    fn build_with_lane<C>(self, conn: C, lane: Option<AckLane>) -> Result<LockManager>
+    where
+        C: ConnectionLike + Clone + Send + Sync + 'static,
+    {
         self.check()?;
         let timer = (!self.connection_times_out).then_some(self.command_timeout);
-        let store = RedisStore::new(conn, timer, self.notify);
-        Ok(self.into_manager(Arc::new(store)))
+        let mut store = RedisStore::new(conn, timer, self.notify);
+        if let Some(lane) = lane {
+            store = store.with_ack_lane(lane);
+        }
+        self.into_manager(Arc::new(store))
     }
 
     /// Builds the manager on a connection pool you already have: a
@@ -256,11 +277,15 @@ impl LockManagerBuilder {
         let conn = crate::pool::Pooled::new(pool, self.command_timeout);
         // The pooled connection bounds every command itself, checkout included.
         let store = RedisStore::new(conn, None, self.notify);
-        Ok(self.into_manager(Arc::new(store)))
+        self.into_manager(Arc::new(store))
     }
 
     /// The manager over any store: where its leases live is the store's business.
-    fn into_manager(self, store: Arc<dyn LeaseStore>) -> LockManager {
+    /// [`Error::InvalidArgument`] if the manager waits for replicas and the store cannot.
+    fn into_manager(self, store: Arc<dyn LeaseStore>) -> Result<LockManager> {
+        if self.replicas.is_some() {
+            store.replica_acks()?;
+        }
         let notifier = match (self.notify, self.pubsub) {
             (true, Some(client)) => Some(Notifier::new(
                 client,
@@ -269,7 +294,13 @@ impl LockManagerBuilder {
             )),
             _ => None,
         };
-        LockManager::from_parts(store, notifier, self.prefix.into(), self.defaults)
+        Ok(LockManager::from_parts(
+            store,
+            notifier,
+            self.prefix.into(),
+            self.defaults,
+            self.replicas,
+        ))
     }
 
     /// The configuration of every reconnecting connection a builder opens: the connect
@@ -290,39 +321,11 @@ impl LockManagerBuilder {
         {
             return Err(Error::invalid("timeout", "timeouts must be above zero"));
         }
-        self.defaults.check(false).map(drop)
-    }
-}
-
-impl LockManagerBuilder {
-    /// Connects to a ZooKeeper ensemble (`zk://host1:2181,host2:2181/chroot`, `zookeeper`
-    /// feature) and builds a manager whose locks are ephemeral sequential nodes: fair
-    /// (first come, first served), the lease is the session, the fencing token the node's
-    /// creation zxid. [`connect`](Self::connect) calls it for a `zk://` URL. See the crate
-    /// docs on [ZooKeeper](crate#redis-or-zookeeper) for what the options mean there: the
-    /// default options' TTL is the session timeout asked for (the server negotiates it).
-    ///
-    /// # Errors
-    ///
-    /// [`Error::InvalidArgument`] for a bad URL or prefix, or without the `zookeeper`
-    /// feature; `Error::ZooKeeper` when no session could be opened within the connect
-    /// timeout.
-    pub async fn connect_zookeeper(self, url: &str) -> Result<LockManager> {
-        self.check()?;
-        #[cfg(feature = "zookeeper")]
-        {
-            use crate::zookeeper::{Sessions, Target, ZkStore};
-            let target = Target::parse(url)?;
-            let timeout = self.defaults.ttl();
-            let sessions = Sessions::open(target, timeout, self.connect_timeout).await?;
-            let store = ZkStore::new(sessions, &self.prefix, self.command_timeout)?;
-            Ok(self.with_notify(false).into_manager(Arc::new(store)))
+        let defaults = self.defaults.check(false)?;
+        if let Some(replicas) = self.replicas {
+            replicas.check(defaults.ttl.as_duration())?;
         }
-        #[cfg(not(feature = "zookeeper"))]
-        Err(Error::invalid(
-            "url",
-            format!("{url}: ZooKeeper needs distlock's `zookeeper` cargo feature"),
-        ))
+        Ok(())
     }
 }
 

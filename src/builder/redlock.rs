@@ -12,6 +12,7 @@ use crate::error::{Error, NodeOutcome, QuorumError, QuorumOperation, Result};
 use crate::manager::LockManager;
 use crate::notify::Notifier;
 use crate::redlock::{Node, RedlockStore};
+use crate::store::LeaseStore;
 
 impl LockManagerBuilder {
     /// Connects to N independent Redis primaries and builds a manager whose locks hold on
@@ -48,9 +49,10 @@ impl LockManagerBuilder {
     ///   backoff policy and the budget. Waiters are served first come, first served within
     ///   one manager; across managers there is no queue (see the crate docs on
     ///   [several primaries](crate#several-primaries-redlock));
-    /// - a caller that found the lock held asks the key's first node alone first and the
-    ///   other nodes only if it took the lease there, so contenders collide on one node
-    ///   instead of splitting the vote; a failing first node is skipped;
+    /// - once contenders have collided on a key, a caller that found it held asks the key's
+    ///   first node alone first and the other nodes only if it took the lease there, so
+    ///   contenders meet on one node instead of splitting the vote; a failing first node
+    ///   is skipped;
     /// - [`fencing_token`](crate::LockGuard::fencing_token) is `None`: see the crate docs
     ///   on [several primaries](crate#several-primaries-redlock).
     ///
@@ -163,11 +165,16 @@ impl LockManagerBuilder {
         let notifier = self
             .notify
             .then(|| Notifier::over(pubsub, need, self.connect_timeout, self.command_timeout));
+        let store: Arc<dyn LeaseStore> = Arc::new(store);
+        if self.replicas.is_some() {
+            store.replica_acks()?;
+        }
         Ok(LockManager::from_parts(
-            Arc::new(store),
+            store,
             notifier,
             self.prefix.into(),
             self.defaults,
+            self.replicas,
         ))
     }
 
@@ -210,6 +217,6 @@ impl LockManagerBuilder {
             .collect();
         crate::redlock::check_node_count(nodes.len())?;
         let store = RedlockStore::new(nodes, self.node_timeout);
-        Ok(self.with_notify(false).into_manager(Arc::new(store)))
+        self.with_notify(false).into_manager(Arc::new(store))
     }
 }

@@ -25,6 +25,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// | [`Lost`](Error::Lost) | a lease this caller held is no longer its own | stop touching the protected resource |
 /// | [`Redis`](Error::Redis) | the server or the network failed (includes response timeouts) | retry later, alert |
 /// | [`Quorum`](Error::Quorum) | several primaries: too few of them answered for a majority | retry later, alert |
+/// | [`NotReplicated`](Error::NotReplicated) | fewer replicas acknowledged the lease's write than asked | retry later, alert |
 /// | [`InvalidArgument`](Error::InvalidArgument) | a key or an option cannot be used | fix the call |
 ///
 /// "Held by another owner" ([`Contended`](Error::Contended), [`Timeout`](Error::Timeout))
@@ -101,6 +102,37 @@ pub enum Error {
     #[error("{0}")]
     Quorum(Box<QuorumError>),
 
+    /// Fewer replicas acknowledged a lease's write within the timeout than
+    /// [`LockOptions::with_replicas`](crate::LockOptions::with_replicas) asked for.
+    ///
+    /// From an acquire: the lease was taken on the primary and then deleted again
+    /// (compare-and-delete with its token; if that failed too, it is released in the
+    /// background), so the caller holds nothing. From [`LockGuard::extend`](crate::LockGuard::extend):
+    /// the primary extended the lease, but the guard keeps only the earlier of the old
+    /// deadline and the new one, since a promoted replica may still have the old expiry.
+    ///
+    /// ```
+    /// # fn report(err: distlock::Error) {
+    /// if let distlock::Error::NotReplicated { acknowledged, requested, .. } = &err {
+    ///     eprintln!("only {acknowledged} of {requested} replicas acknowledged the lease");
+    /// }
+    /// # }
+    /// ```
+    #[error(
+        "lock {key}: {acknowledged} of {requested} replicas acknowledged the lease's write \
+         within {timeout:?}"
+    )]
+    NotReplicated {
+        /// The lock's name, as the caller gave it (lossy UTF-8, shortened).
+        key: String,
+        /// How many replicas acknowledged (`WAIT`'s answer).
+        acknowledged: u32,
+        /// How many were asked for.
+        requested: u32,
+        /// How long the primary waited for them.
+        timeout: Duration,
+    },
+
     /// A ZooKeeper request failed (`zookeeper` feature): connection, session or server;
     /// see [`ZooKeeperError::is_transient`].
     #[cfg(feature = "zookeeper")]
@@ -122,6 +154,11 @@ impl Error {
     /// `true` for [`Error::Redis`]: the server or the network failed.
     pub fn is_redis(&self) -> bool {
         matches!(self, Error::Redis(_))
+    }
+
+    /// `true` for [`Error::NotReplicated`]: fewer replicas acknowledged than asked.
+    pub fn is_not_replicated(&self) -> bool {
+        matches!(self, Error::NotReplicated { .. })
     }
 
     /// `true` for [`Error::Quorum`]: too few of several primaries answered.
@@ -209,6 +246,11 @@ pub enum LostReason {
     /// A lease over several primaries (Redlock) could not be confirmed on a majority of
     /// them: too many nodes failed, timed out or no longer had the lease.
     NoQuorum,
+    /// Auto-extensions of a replica-acknowledged lease
+    /// ([`LockOptions::with_replicas`](crate::LockOptions::with_replicas)) reached the
+    /// primary, but none was acknowledged by enough replicas before the lease's validity
+    /// deadline, counted from the last acknowledged one.
+    NotReplicated,
 }
 
 impl fmt::Display for LostReason {
@@ -220,6 +262,9 @@ impl fmt::Display for LostReason {
             LostReason::MaxHoldReached => "the hold-time cap was reached",
             LostReason::Released => "the lease was released",
             LostReason::NoQuorum => "a majority of the lock's nodes did not confirm the lease",
+            LostReason::NotReplicated => {
+                "too few replicas acknowledged the lease's extensions in time"
+            }
         })
     }
 }
@@ -233,7 +278,7 @@ pub struct InvalidArgument {
 
 impl InvalidArgument {
     /// Which argument was rejected: `"key"`, `"ttl"`, `"wait"`, `"backoff"`, `"url"`,
-    /// `"prefix"`, `"timeout"` or `"nodes"`.
+    /// `"prefix"`, `"timeout"`, `"nodes"` or `"replicas"`.
     pub fn what(&self) -> &'static str {
         self.what
     }

@@ -40,6 +40,8 @@ pub(crate) struct LeaseState {
     pub(crate) auto_extended: bool,
     /// Auto-extension stopped because the hold-time cap was reached.
     pub(crate) hold_capped: bool,
+    /// The last auto-extension reached the primary but too few replicas acknowledged it.
+    pub(crate) short_of_replicas: bool,
     /// The latest send time of a command the server confirmed (acquire, extend, auto-extension).
     confirmed_sent: Instant,
     /// Commands that may be the last one the server ran (see the type's docs).
@@ -131,6 +133,7 @@ impl LeaseState {
             lost: None,
             auto_extended: false,
             hold_capped: false,
+            short_of_replicas: false,
             confirmed_sent: sent,
             candidates: Candidates::one(Candidate {
                 op: OpId(0),
@@ -254,6 +257,9 @@ impl LeaseState {
     pub(crate) fn deadline_reason(&self) -> LostReason {
         if self.hold_capped {
             LostReason::MaxHoldReached
+        } else if self.auto_extended && self.short_of_replicas {
+            // Auto-extensions got through, but never with their acknowledgement.
+            LostReason::NotReplicated
         } else if self.auto_extended {
             // No auto-extension got through before the deadline: failed, or stuck in flight.
             LostReason::Unreachable

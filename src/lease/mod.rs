@@ -11,7 +11,7 @@ mod belief;
 
 use crate::error::LostReason;
 use crate::key::{LockKey, Token};
-use crate::options::Ttl;
+use crate::options::{Replicas, Ttl};
 
 pub(crate) use belief::{LeaseState, OpId};
 
@@ -20,6 +20,8 @@ pub(crate) struct Lease {
     pub(crate) key: LockKey,
     pub(crate) token: Token,
     pub(crate) fence: Option<u64>,
+    /// Replica acknowledgement every extension of this lease waits for, if any.
+    pub(crate) replicas: Option<Replicas>,
     state: Mutex<LeaseState>,
     /// Wakes `wait_lost` futures on every change of `state`.
     changed: Notify,
@@ -39,9 +41,17 @@ impl Lease {
             key,
             token,
             fence,
+            replicas: None,
             state: Mutex::new(LeaseState::new(ttl, sent, replied)),
             changed: Notify::new(),
         }
+    }
+
+    /// This lease's extensions wait for `replicas` (see
+    /// [`LockOptions::with_replicas`](crate::options::LockOptions::with_replicas)).
+    pub(crate) fn with_replicas(mut self, replicas: Option<Replicas>) -> Self {
+        self.replicas = replicas;
+        self
     }
 
     fn lock(&self) -> MutexGuard<'_, LeaseState> {
@@ -163,6 +173,16 @@ impl Lease {
         self.send_if_modified(|state| {
             let changed = state.auto_extended != auto_extended;
             state.auto_extended = auto_extended;
+            (changed, ())
+        });
+    }
+
+    /// Records whether the last auto-extension reached the primary but too few replicas
+    /// acknowledged it: the reason given if the deadline passes before one is.
+    pub(crate) fn set_short_of_replicas(&self, short: bool) {
+        self.send_if_modified(|state| {
+            let changed = state.short_of_replicas != short;
+            state.short_of_replicas = short;
             (changed, ())
         });
     }

@@ -7,9 +7,22 @@ use super::{LockManager, Shared};
 use crate::auto_extend::AutoExtender;
 use crate::error::Result;
 use crate::key::LockKey;
+use crate::options::LockOptions;
 use crate::store::{LeaseStore, ScriptRunner};
 
 impl LockManager {
+    /// The keys of lock `name` under this manager's prefix, in fair mode if `options` ask.
+    pub(super) fn key_for(&self, name: &[u8], options: &LockOptions) -> Result<LockKey> {
+        let key = LockKey::new(&self.shared.prefix, name)?;
+        if !options.fair() {
+            return Ok(key);
+        }
+        if !self.shared.store.queues() {
+            return Err(super::no_queue());
+        }
+        Ok(key.queued())
+    }
+
     /// A manager over another store on the same connection (a semaphore's), with this
     /// one's notifications and default options, and keys under `prefix`.
     pub(crate) fn derived(&self, store: Arc<dyn LeaseStore>, prefix: Box<[u8]>) -> LockManager {
@@ -20,6 +33,7 @@ impl LockManager {
                 notifier: self.shared.notifier.clone(),
                 prefix,
                 defaults: self.shared.defaults,
+                replicas: self.shared.replicas,
             }),
         }
     }

@@ -16,12 +16,13 @@ use crate::key::{LockKey, Token};
 use crate::lease::{Lease, LeaseHandle};
 use crate::metrics::Meter;
 use crate::notify::Notifier;
-use crate::options::{Checked, LockOptions};
+use crate::options::{Checked, LockOptions, Replicas};
 use crate::store::{Acquire, LeaseStore, Queue, no_queue};
 use crate::wait::{InQueue, Wait};
 
 mod cleanup;
 mod derived;
+mod replicas;
 
 use cleanup::{PendingAcquire, QueueEntry, waiter_id};
 
@@ -63,6 +64,8 @@ struct Shared {
     notifier: Option<Arc<Notifier>>,
     prefix: Box<[u8]>,
     defaults: LockOptions,
+    /// Replica acknowledgement for every lock whose options leave it to the manager.
+    replicas: Option<Replicas>,
 }
 
 impl fmt::Debug for LockManager {
@@ -87,6 +90,7 @@ impl LockManager {
         notifier: Option<Notifier>,
         prefix: Box<[u8]>,
         defaults: LockOptions,
+        replicas: Option<Replicas>,
     ) -> Self {
         crate::metrics::describe();
         LockManager {
@@ -96,6 +100,7 @@ impl LockManager {
                 notifier: notifier.map(Arc::new),
                 prefix,
                 defaults,
+                replicas,
             }),
         }
     }
@@ -191,7 +196,7 @@ impl LockManager {
         started: Instant,
     ) -> Result<LockGuard> {
         let key = self.key_for(key, options)?;
-        let request = options.check(auto_extend_default)?;
+        let request = self.request(options, auto_extend_default)?;
         let deadline = started.checked_add(request.wait).ok_or_else(|| {
             Error::invalid("wait", "the wait budget overflows the monotonic clock")
         })?;
@@ -298,7 +303,7 @@ impl LockManager {
     /// [`try_lock_with`](Self::try_lock_with) without its metrics.
     async fn try_once(&self, key: &[u8], options: LockOptions) -> Result<LockGuard> {
         let key = self.key_for(key, &options)?;
-        let request = options.check(false)?;
+        let request = self.request(&options, false)?;
         let span = tracing::debug_span!(
             "distlock.try_lock",
             key = %key,
@@ -408,18 +413,6 @@ impl LockManager {
         }
     }
 
-    /// The keys of lock `name` under this manager's prefix, in fair mode if `options` ask.
-    fn key_for(&self, name: &[u8], options: &LockOptions) -> Result<LockKey> {
-        let key = LockKey::new(&self.shared.prefix, name)?;
-        if !options.fair() {
-            return Ok(key);
-        }
-        if !self.shared.store.queues() {
-            return Err(no_queue());
-        }
-        Ok(key.queued())
-    }
-
     /// One acquire round trip with a fresh token; in fair mode (`queue`) through the lock's
     /// queue in Redis; with a `deadline`, a store with a queue of its own (ZooKeeper) waits
     /// in it until then. `retry`: this call found the lock held before.
@@ -452,6 +445,10 @@ impl LockManager {
                  the guarantee (see the crate docs on Redlock)",
             ));
         }
+        if let Some(replicas) = request.replicas {
+            self.replicas_usable(queue.is_some())?;
+            tracing::trace!(count = replicas.count(), "waiting for replicas");
+        }
         if auto_extend && runtime.is_none() {
             return Err(Error::invalid(
                 "auto_extend",
@@ -478,18 +475,28 @@ impl LockManager {
                 .await
                 .map(|outcome| (outcome, sent)),
             (None, Some(waiting)) => waiting.await,
-            (None, None) if retry => store
-                .acquire_contended(key, &token, ttl, request.fencing)
-                .await
-                .map(|outcome| (outcome, sent)),
-            (None, None) => store
-                .acquire(key, &token, ttl, request.fencing)
-                .await
-                .map(|outcome| (outcome, sent)),
+            (None, None) => match request.replicas {
+                Some(replicas) => {
+                    store
+                        .acquire_replicated(key, &token, ttl, request.fencing, replicas)
+                        .await
+                }
+                None if retry => {
+                    store
+                        .acquire_contended(key, &token, ttl, request.fencing)
+                        .await
+                }
+                None => store.acquire(key, &token, ttl, request.fencing).await,
+            }
+            .map(|outcome| (outcome, sent)),
         };
         // From here on the outcome is known (or an error is returned): on error the
         // armed `pending` cleans up, since the SET may have landed before the failure.
-        let (outcome, sent) = outcome?;
+        let (outcome, sent) = match outcome {
+            // Taken, but too few replicas acknowledged it: deleted again before returning.
+            Err(e @ Error::NotReplicated { .. }) => return Err(self.undo(&mut pending, e).await),
+            other => other?,
+        };
         let replied = Instant::now();
         if let Acquire::Taken { .. } = outcome
             && replied >= ttl.valid_until(sent)
@@ -508,7 +515,8 @@ impl LockManager {
         match outcome {
             Acquire::Taken { fence } => {
                 tracing::debug!(token = token.short(), ?fence, "acquired");
-                let lease = Arc::new(Lease::new(key.clone(), token, fence, ttl, sent, replied));
+                let lease = Lease::new(key.clone(), token, fence, ttl, sent, replied);
+                let lease = Arc::new(lease.with_replicas(request.replicas));
                 let meter = Meter::start(sent);
                 let extension = match (&runtime, auto_extend) {
                     (Some(runtime), true) => Some(self.shared.auto_extender.register(

@@ -1,20 +1,23 @@
 //! Acquiring over several primaries: every node at once, or, for a caller that already
-//! found the lock held, one node first.
+//! found the lock held while contenders collide on it, one node first.
 //!
 //! Under contention, contenders that each ask all N nodes at once can split the vote (each
-//! takes some nodes, nobody a majority) and all of them pay a round of cleanup. A caller
-//! that retries after finding the lock held therefore asks the key's *first node* (chosen
-//! by the key, so every contender picks the same one) alone first: one contender wins
-//! there, the others learn "held" for the price of one command and touch no other node.
-//! Only the winner asks the remaining nodes, and needs a majority as always: the order is
-//! an optimisation of who tries, never a change of what makes a lease ours. A first node
-//! that fails is skipped (every node asked at once) for [`SKIP_FAILED`].
+//! takes some nodes, nobody a majority) and all of them pay a round of cleanup. So once an
+//! attempt on a key has *collided* (it took some nodes and still lost: another contender
+//! got there in between), a caller that retries after finding the lock held asks the key's
+//! *first node* (chosen by the key, so every contender picks the same one) alone first,
+//! for [`COLLISION_MEMORY`]: one contender wins there, the others learn "held" for the
+//! price of one command and touch no other node. Only the winner asks the remaining nodes,
+//! and needs a majority as always: the order is an optimisation of who tries, never a
+//! change of what makes a lease ours. Without a recent collision (one waiter woken per
+//! release) the extra round trip is not paid. A first node that fails is skipped (every
+//! node asked at once) for [`SKIP_FAILED`].
 
 use std::time::{Duration, Instant};
 
 use redis::aio::ConnectionLike;
 
-use super::fanout::{bounded, join_until, no_answer};
+use super::fanout::{bounded, join_all, no_answer};
 use super::vote::{AcquireDecision, decide_acquire};
 use super::{RedlockStore, count};
 use crate::error::{Error, NodeOutcome, QuorumError, QuorumOperation, Result};
@@ -25,11 +28,39 @@ use crate::store::Acquire;
 /// How long a first node that failed is left out of the one-node-first order.
 pub(super) const SKIP_FAILED: Duration = Duration::from_secs(1);
 
+/// How long after a collision on a key its retries ask the first node alone first.
+pub(super) const COLLISION_MEMORY: Duration = Duration::from_secs(1);
+
+/// Keys remembered at most; older collisions are forgotten first.
+const COLLISIONS_KEPT: usize = 1024;
+
+/// The keys whose acquires collided lately, with when.
+#[derive(Default)]
+pub(super) struct Collisions(std::collections::HashMap<Box<[u8]>, Instant>);
+
+impl Collisions {
+    fn note(&mut self, key: &[u8]) {
+        if self.0.len() >= COLLISIONS_KEPT {
+            self.0.retain(|_, at| at.elapsed() < COLLISION_MEMORY);
+        }
+        if self.0.len() < COLLISIONS_KEPT {
+            self.0.insert(key.into(), Instant::now());
+        }
+    }
+
+    fn recent(&self, key: &[u8]) -> bool {
+        self.0
+            .get(key)
+            .is_some_and(|at| at.elapsed() < COLLISION_MEMORY)
+    }
+}
+
 impl<C> RedlockStore<C>
 where
     C: ConnectionLike + Clone + Send + Sync + 'static,
 {
-    /// The node a contended acquire of `key` asks first: the same for every contender.
+    /// The node a contended acquire of `key` asks first, the same for every contender:
+    /// FNV-1a (32 bit) of the lease key, modulo the number of nodes.
     fn first_node(&self, key: &LockKey) -> usize {
         let hash = key.lease().iter().fold(0x811c_9dc5_u32, |h, b| {
             (h ^ u32::from(*b)).wrapping_mul(0x0100_0193)
@@ -37,8 +68,14 @@ where
         usize::try_from(hash).unwrap_or(0) % self.nodes.len().max(1)
     }
 
-    /// An acquire by a caller that found the lock held before: the key's first node alone,
-    /// then (if it took the lease) the others; see the module docs.
+    /// The keys whose acquires collided lately.
+    fn collisions(&self) -> std::sync::MutexGuard<'_, Collisions> {
+        self.collisions.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// An acquire by a caller that found the lock held before: after a recent collision on
+    /// the key, its first node alone, then (if it took the lease) the others; see the
+    /// module docs.
     pub(super) async fn acquire_leader_first(
         &self,
         key: &LockKey,
@@ -48,6 +85,7 @@ where
         let started = Instant::now();
         let first = self.first_node(key);
         let skip = self.nodes.len() < 2
+            || !self.collisions().recent(key.lease())
             || self
                 .failed_at(first)
                 .is_some_and(|at| at.elapsed() < SKIP_FAILED);
@@ -73,7 +111,7 @@ where
     }
 
     /// Asks every node whose answer is not `known` (all of them if `known` is empty) at
-    /// once, until a majority took the lease or every node answered, and counts the votes
+    /// once, and counts the votes
     /// from `started`. Unless the lease is ours, releases it again wherever this attempt
     /// may have set it.
     pub(super) async fn acquire_on(
@@ -85,20 +123,16 @@ where
         known: Vec<Option<Result<Acquire>>>,
     ) -> Result<Acquire> {
         let limit = self.node_timeout;
-        let quorum = self.quorum;
         let mut known = known;
         known.resize_with(self.nodes.len(), || None);
-        let taken_before = known
-            .iter()
-            .filter(|a| matches!(a, Some(Ok(Acquire::Taken { .. }))))
-            .count();
         // The nodes to ask now, and their index among all nodes.
         let ask: Vec<usize> = (0..self.nodes.len())
             .filter(|&i| known[i].is_none())
             .collect();
-        // A majority of "taken" decides the vote: the slower nodes' answers cannot change
-        // it, and a lease they set is ours and released with the rest.
-        let asked = join_until(
+        // Every node is waited for (or its timeout): a SET abandoned before its connection
+        // sent it would leave the lease on fewer nodes than answered, one failure closer to
+        // losing its majority.
+        let asked = join_all(
             ask.iter()
                 .map(|&i| {
                     bounded(
@@ -107,18 +141,10 @@ where
                     )
                 })
                 .collect(),
-            |so_far| {
-                taken_before
-                    + so_far
-                        .iter()
-                        .filter(|a| matches!(a, Some(Ok(Acquire::Taken { .. }))))
-                        .count()
-                    >= quorum
-            },
         )
         .await;
         for (i, answer) in ask.into_iter().zip(asked) {
-            known[i] = answer;
+            known[i] = Some(answer);
         }
         let answers: Vec<Result<Acquire>> = known
             .into_iter()
@@ -128,8 +154,8 @@ where
         let in_time = Instant::now() < ttl.valid_until(started);
         let decision = decide_acquire(&answers, self.quorum, in_time);
         // Unless the lease is ours, undo every SET this attempt may have made: on the nodes
-        // that took it and on the ones that failed, timed out or were not waited for (the
-        // SET may land late; a delete sent now follows it on the same connection). A node
+        // that took it and on the ones that failed or timed out (the SET may land late; a
+        // delete sent now follows it on the same connection). A node
         // that answered "held" provably has no key of ours. If this future is dropped
         // during the cleanup, the manager's abandoned-acquire release (on all nodes)
         // covers it.
@@ -147,6 +173,11 @@ where
             AcquireDecision::Taken => return Ok(Acquire::Taken { fence: None }),
             AcquireDecision::Held { retry_after } => {
                 let took = count(&answers, |a| matches!(a, Acquire::Taken { .. }));
+                if took > 0 {
+                    // Another contender got some nodes in between: retries of this key
+                    // go to its first node alone for a while.
+                    self.collisions().note(key.lease());
+                }
                 if took > 0 && held < self.quorum {
                     // Nobody has a majority as far as this attempt can tell.
                     tracing::debug!(split_vote = true, key = %key, took, held, "split vote");

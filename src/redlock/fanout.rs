@@ -50,34 +50,6 @@ pub(crate) async fn join_all<F: Future>(futures: Vec<F>) -> Vec<F::Output> {
     .await
 }
 
-/// [`join_all`], but returns as soon as `enough` holds for the outputs so far (`None` for a
-/// future not done yet). The futures not done are dropped: a command they already handed
-/// to their connection still runs on the server, its reply is ignored.
-pub(crate) async fn join_until<F: Future>(
-    futures: Vec<F>,
-    enough: impl Fn(&[Option<F::Output>]) -> bool,
-) -> Vec<Option<F::Output>> {
-    let mut pending: Vec<Pin<Box<F>>> = futures.into_iter().map(Box::pin).collect();
-    let mut outputs: Vec<Option<F::Output>> = pending.iter().map(|_| None).collect();
-    poll_fn(move |cx| {
-        let mut all_done = true;
-        for (future, output) in pending.iter_mut().zip(outputs.iter_mut()) {
-            if output.is_none() {
-                match future.as_mut().poll(cx) {
-                    Poll::Ready(value) => *output = Some(value),
-                    Poll::Pending => all_done = false,
-                }
-            }
-        }
-        if all_done || enough(&outputs) {
-            Poll::Ready(std::mem::take(&mut outputs))
-        } else {
-            Poll::Pending
-        }
-    })
-    .await
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -108,21 +80,5 @@ mod tests {
             .await
             .expect("join_all polls every future, not one after another");
         assert_eq!(out, [0, 1, 2]);
-    }
-
-    #[tokio::test]
-    async fn join_until_returns_once_enough_have_answered() {
-        let futures: Vec<Pin<Box<dyn Future<Output = u8> + Send>>> = vec![
-            Box::pin(async { 0 }),
-            Box::pin(std::future::pending()),
-            Box::pin(async { 2 }),
-        ];
-        let out = tokio::time::timeout(
-            Duration::from_secs(5),
-            join_until(futures, |done| done.iter().flatten().count() >= 2),
-        )
-        .await
-        .expect("two answers are enough");
-        assert_eq!(out, [Some(0), None, Some(2)]);
     }
 }

@@ -72,6 +72,8 @@ pub(crate) struct RedlockStore<C> {
     node_timeout: Duration,
     /// Per node: when a contended acquire last found it failing as the key's first node.
     failed_at: Mutex<Vec<Option<Instant>>>,
+    /// The keys whose acquires collided lately (see [`acquire`]).
+    collisions: Mutex<acquire::Collisions>,
 }
 
 impl<C> RedlockStore<C>
@@ -83,6 +85,7 @@ where
         RedlockStore {
             quorum: majority(nodes.len()),
             failed_at: Mutex::new(vec![None; nodes.len()]),
+            collisions: Mutex::new(acquire::Collisions::default()),
             nodes,
             node_timeout,
         }
@@ -269,6 +272,13 @@ where
     fn fences(&self) -> bool {
         // A per-node counter is no token for the lock as a whole.
         false
+    }
+
+    fn replica_acks(&self) -> Result<()> {
+        // Independent primaries have no replicas of one another to wait for.
+        Err(crate::store::no_replicas(
+            "a lock over several independent primaries (Redlock)",
+        ))
     }
 
     fn acquire<'a>(

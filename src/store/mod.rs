@@ -14,16 +14,19 @@ use redis::aio::ConnectionLike;
 
 use crate::error::{Error, LostReason, Result};
 use crate::key::{LockKey, Token};
-use crate::options::Ttl;
+use crate::options::{Replicas, Ttl};
 use crate::protocol::{Script, script};
 
+mod lease_store;
 mod queue;
 mod release;
+mod replicas;
 mod scripts;
 
 pub(crate) use scripts::ScriptRunner;
 
 pub(crate) use queue::{Queue, no_queue};
+pub(crate) use replicas::{AckLane, ClientSource};
 
 /// A boxed, `Send` future borrowed for `'a`.
 pub(crate) type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -173,6 +176,53 @@ pub(crate) trait LeaseStore: Send + Sync + 'static {
         None
     }
 
+    /// Whether leases here can wait for replica acknowledgement
+    /// ([`LockOptions::with_replicas`](crate::options::LockOptions::with_replicas)): `Ok`
+    /// for a single primary; otherwise the [`Error::InvalidArgument`] that says why not.
+    fn replica_acks(&self) -> Result<()> {
+        Err(no_replicas("this kind of lock"))
+    }
+
+    /// [`acquire`](Self::acquire) followed by `WAIT` on the same primary, in one round
+    /// trip: [`Error::NotReplicated`] when the lease was taken but too few replicas
+    /// acknowledged it (the caller releases it). Only where
+    /// [`replica_acks`](Self::replica_acks) is `Ok`.
+    fn acquire_replicated<'a>(
+        &'a self,
+        _key: &'a LockKey,
+        _token: &'a Token,
+        _ttl: Ttl,
+        _fenced: bool,
+        _replicas: Replicas,
+    ) -> BoxFuture<'a, Result<Acquire>> {
+        Box::pin(std::future::ready(Err(no_replicas("this kind of lock"))))
+    }
+
+    /// [`extend`](Self::extend) followed by `WAIT`: [`Error::NotReplicated`] when the
+    /// primary extended the lease but too few replicas acknowledged it.
+    fn extend_replicated<'a>(
+        &'a self,
+        _key: &'a LockKey,
+        _token: &'a Token,
+        _ttl: Ttl,
+        _replicas: Replicas,
+    ) -> BoxFuture<'a, Result<Verdict>> {
+        Box::pin(std::future::ready(Err(no_replicas("this kind of lock"))))
+    }
+
+    /// [`extend_many`](Self::extend_many) followed by `WAIT`, for leases that all wait
+    /// for `replicas`.
+    fn extend_many_replicated<'a>(
+        &'a self,
+        batch: &'a [Extension],
+        _replicas: Replicas,
+    ) -> BoxFuture<'a, Vec<Result<Verdict>>> {
+        let err = no_replicas("this kind of lock");
+        Box::pin(std::future::ready(
+            batch.iter().map(|_| Err(err.clone())).collect(),
+        ))
+    }
+
     /// Scripts of other lease kinds (semaphore permits) on this store's connection, where
     /// the store is one server (or one slot's server) per key; `None` where a lease spans
     /// several independent servers.
@@ -215,6 +265,9 @@ pub(crate) struct RedisStore<C> {
     /// Whether acquire may hand out fencing tokens. A node of a Redlock set may not: a
     /// per-node counter is no token for the lock as a whole.
     fences: bool,
+    /// Connections of their own for replica-acknowledged calls (their `WAIT` blocks the
+    /// connection it is sent on); without them such calls use `conn`.
+    acks: Option<Arc<AckLane>>,
 }
 
 impl<C> RedisStore<C>
@@ -228,7 +281,14 @@ where
             announce_releases,
             release_payload: None,
             fences: true,
+            acks: None,
         }
+    }
+
+    /// Replica-acknowledged calls use `lane`'s connections instead of the shared one.
+    pub(crate) fn with_ack_lane(mut self, lane: AckLane) -> Self {
+        self.acks = Some(Arc::new(lane));
+        self
     }
 
     /// A node of a lock over several primaries: acquire sets the lease only, without a
@@ -240,6 +300,7 @@ where
             announce_releases: announce,
             release_payload: Some(b"~"),
             fences: false,
+            acks: None,
         }
     }
 
@@ -304,6 +365,17 @@ fn release_script(key: &LockKey) -> &'static Script {
     } else {
         &script::RELEASE
     }
+}
+
+/// The refusal of replica acknowledgement where `what` has no single primary to ask.
+pub(crate) fn no_replicas(what: &str) -> Error {
+    Error::invalid(
+        "replicas",
+        format!(
+            "{what} cannot wait for replica acknowledgement (`WAIT` needs the one primary that \
+             took the write): use a single primary or Sentinel, or leave the option off"
+        ),
+    )
 }
 
 fn answer(code: i64) -> Result<NodeAnswer> {
@@ -446,80 +518,5 @@ where
             }
             out
         }
-    }
-}
-
-impl<C> LeaseStore for RedisStore<C>
-where
-    C: ConnectionLike + Clone + Send + Sync + 'static,
-{
-    fn acquire<'a>(
-        &'a self,
-        key: &'a LockKey,
-        token: &'a Token,
-        ttl: Ttl,
-        fenced: bool,
-    ) -> BoxFuture<'a, Result<Acquire>> {
-        Box::pin(self.acquire_here(key, token, ttl, fenced))
-    }
-
-    fn fences(&self) -> bool {
-        self.fences
-    }
-
-    fn extend<'a>(
-        &'a self,
-        key: &'a LockKey,
-        token: &'a Token,
-        ttl: Ttl,
-    ) -> BoxFuture<'a, Result<Verdict>> {
-        Box::pin(async move { self.extend_here(key, token, ttl).await.map(Verdict::from) })
-    }
-
-    fn release<'a>(&'a self, key: &'a LockKey, token: &'a Token) -> BoxFuture<'a, Result<Verdict>> {
-        Box::pin(async move { self.release_here(key, token).await.map(Verdict::from) })
-    }
-
-    fn release_in_background<'a>(
-        &'a self,
-        key: &'a LockKey,
-        token: &'a Token,
-    ) -> BoxFuture<'a, Result<Verdict>> {
-        Box::pin(async move { self.release_by_body(key, token).await.map(Verdict::from) })
-    }
-
-    fn queues(&self) -> bool {
-        // A node of a Redlock set does not announce releases and gives no fences: it keeps
-        // no queue either.
-        self.fences
-    }
-
-    fn acquire_queued<'a>(
-        &'a self,
-        key: &'a LockKey,
-        token: &'a Token,
-        ttl: Ttl,
-        fenced: bool,
-        queue: Queue<'a>,
-    ) -> BoxFuture<'a, Result<Acquire>> {
-        Box::pin(self.acquire_queued_here(key, token, ttl, fenced, queue))
-    }
-
-    fn leave_queue<'a>(&'a self, key: &'a LockKey, waiter: &'a [u8]) -> BoxFuture<'a, Result<()>> {
-        Box::pin(self.leave_queue_here(key, waiter))
-    }
-
-    fn extend_many<'a>(&'a self, batch: &'a [Extension]) -> BoxFuture<'a, Vec<Result<Verdict>>> {
-        Box::pin(async move {
-            self.extend_many_here(batch)
-                .await
-                .into_iter()
-                .map(|answer| answer.map(Verdict::from))
-                .collect()
-        })
-    }
-
-    fn scripts(&self) -> Option<Arc<dyn ScriptRunner>> {
-        Some(Arc::new(self.clone()))
     }
 }

@@ -29,13 +29,8 @@ where
         if announce || !self.announce_releases {
             return self.release_here(key, token).await;
         }
-        let quiet = RedisStore {
-            conn: self.conn.clone(),
-            command_timeout: self.command_timeout,
-            announce_releases: false,
-            release_payload: None,
-            fences: self.fences,
-        };
+        let mut quiet = self.clone();
+        quiet.announce_releases = false;
         quiet.release_here(key, token).await
     }
 

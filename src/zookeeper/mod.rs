@@ -359,6 +359,11 @@ impl LeaseStore for ZkStore {
         true
     }
 
+    fn replica_acks(&self) -> Result<()> {
+        // A ZooKeeper write is acknowledged by a quorum already.
+        Err(crate::store::no_replicas("a ZooKeeper manager"))
+    }
+
     fn extend<'a>(
         &'a self,
         _key: &'a LockKey,

@@ -31,6 +31,9 @@ mod partition;
 mod pools;
 mod redlock;
 mod redlock_notify;
+mod replicas;
+#[cfg(feature = "sentinel")]
+mod replicas_failover;
 mod restart;
 mod rwlock;
 mod security;

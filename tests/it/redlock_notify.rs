@@ -168,26 +168,23 @@ async fn two_failed_nodes_of_five_cannot_silence_a_release() {
     eprintln!("release to next holder with two of five nodes down: {took:?}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn retries_against_a_held_lock_touch_only_the_keys_first_node() {
-    let nodes = five_nodes().await;
-    let holder = redlock(&nodes).await;
-    let waiter = LockManager::builder()
-        .with_node_timeout(NODE_TIMEOUT)
-        .with_notify(false)
-        .connect_redlock(nodes.iter().map(RedisNode::url))
-        .await
-        .unwrap();
-    let name = unique_key("redlock-first-node");
-    let guard = holder
-        .lock_with(&name, LockOptions::new().with_ttl(HOLDER_TTL))
-        .await
-        .unwrap();
+/// The node a contended retry asks first, by the documented rule: FNV-1a (32 bit) of the
+/// lease key, modulo the number of nodes.
+fn first_node(name: &str, nodes: usize) -> usize {
+    let hash = support::lease_key(name)
+        .bytes()
+        .fold(0x811c_9dc5_u32, |h, b| {
+            (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+        });
+    hash as usize % nodes
+}
+
+/// SETs each node ran while `waiter` polled `name` for 600 ms (about 30 attempts).
+async fn sets_while_polling(nodes: &[RedisNode], waiter: &LockManager, name: &str) -> Vec<u64> {
     let mut before = Vec::new();
-    for node in &nodes {
+    for node in nodes {
         before.push(support::command_calls(&mut node.conn().await, "set").await);
     }
-    // Polls every 20 ms for 600 ms: about 30 attempts.
     let polling = LockOptions::new()
         .with_wait(Duration::from_millis(600))
         .with_backoff(
@@ -196,15 +193,74 @@ async fn retries_against_a_held_lock_touch_only_the_keys_first_node() {
                 .with_cap(Duration::from_millis(20))
                 .with_jitter(false),
         );
-    let err = waiter.lock_with(&name, polling).await.unwrap_err();
+    let err = waiter.lock_with(name, polling).await.unwrap_err();
     assert!(err.is_held_by_other(), "{err:?}");
     let mut calls = Vec::new();
     for (node, before) in nodes.iter().zip(&before) {
         calls.push(support::command_calls(&mut node.conn().await, "set").await - before);
     }
-    calls.sort_unstable();
-    // The first attempt asks every node once; every retry asks one node, the same one.
-    assert_eq!(calls[..4], [1, 1, 1, 1], "SETs per node: {calls:?}");
-    assert!(calls[4] >= 5, "the retries went to one node: {calls:?}");
+    calls
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_collision_retries_touch_only_the_keys_first_node() {
+    let nodes = five_nodes().await;
+    let holder = redlock(&nodes).await;
+    let waiter = LockManager::builder()
+        .with_node_timeout(NODE_TIMEOUT)
+        .with_notify(false)
+        .connect_redlock(nodes.iter().map(RedisNode::url))
+        .await
+        .unwrap();
+
+    // Held on all five: every attempt finds it held everywhere and took nothing, so no
+    // contender collided: retries ask every node, no extra round trip.
+    let held = unique_key("redlock-no-collision");
+    let guard = holder
+        .lock_with(&held, LockOptions::new().with_ttl(HOLDER_TTL))
+        .await
+        .unwrap();
+    let calls = sets_while_polling(&nodes, &waiter, &held).await;
+    assert!(calls.iter().all(|&c| c >= 5), "SETs per node: {calls:?}");
     guard.release().await.unwrap();
+
+    // Another owner's lease on three nodes, the key's first node among them: the first
+    // attempt takes the two free nodes and still loses (a collision); every retry after
+    // it asks the first node alone.
+    let name = unique_key("redlock-collision");
+    let first = first_node(&name, nodes.len());
+    let others: Vec<usize> = (0..nodes.len()).filter(|&i| i != first).take(2).collect();
+    for i in [first, others[0], others[1]] {
+        let _: () = redis::cmd("SET")
+            .arg(support::lease_key(&name))
+            .arg("another-owner")
+            .arg("PX")
+            .arg(30_000)
+            .query_async(&mut nodes[i].conn().await)
+            .await
+            .unwrap();
+    }
+    let calls = sets_while_polling(&nodes, &waiter, &name).await;
+    for (i, c) in calls.iter().enumerate() {
+        if i == first {
+            assert!(*c >= 5, "the retries went to the first node: {calls:?}");
+        } else {
+            assert_eq!(
+                *c, 1,
+                "node {i} was asked once, by the first attempt: {calls:?}"
+            );
+        }
+    }
+    // Nothing of the waiter's is left: the two free nodes are free again.
+    for (i, node) in nodes.iter().enumerate() {
+        let value: Option<String> = redis::cmd("GET")
+            .arg(support::lease_key(&name))
+            .query_async(&mut node.conn().await)
+            .await
+            .unwrap();
+        let expected = [first, others[0], others[1]]
+            .contains(&i)
+            .then(|| "another-owner".to_owned());
+        assert_eq!(value, expected, "node {i}");
+    }
 }

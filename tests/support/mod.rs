@@ -32,6 +32,7 @@ pub mod cluster;
 pub mod hostile;
 pub mod logs;
 pub mod proxy;
+pub mod replicated;
 pub mod sentinel;
 pub mod tls;
 

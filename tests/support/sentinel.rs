@@ -189,6 +189,27 @@ impl SentinelSet {
         total
     }
 
+    /// Sends `signal` to the data server on `port` (SIGSTOP pauses it, SIGCONT resumes
+    /// it, SIGKILL is `kill -9`).
+    pub fn signal_server(&self, port: u16, signal: libc::c_int) {
+        let at = self
+            .servers
+            .iter()
+            .position(|p| *p == port)
+            .expect("one of the set's servers");
+        let children = self.children.lock().unwrap();
+        super::replicated::signal(&children[at], signal);
+    }
+
+    /// Waits until the Sentinels name `port` as primary and it says so itself.
+    pub async fn wait_promoted(&self, port: u16) {
+        wait_for(&format!("{port} promoted"), || async move {
+            let role = info(port, "replication").await?;
+            Some(role.contains("role:master") && self.primary_port().await == port)
+        })
+        .await;
+    }
+
     /// A plain connection to one of the data servers, for assertions.
     pub async fn server_conn(&self, port: u16) -> redis::aio::MultiplexedConnection {
         conn(port).await.expect("the server answers")
@@ -198,6 +219,8 @@ impl SentinelSet {
 impl Drop for SentinelSet {
     fn drop(&mut self) {
         for child in self.children.get_mut().unwrap().iter_mut() {
+            // A paused server must be able to die.
+            super::replicated::signal(child, libc::SIGCONT);
             let _ = child.kill();
             let _ = child.wait();
         }
@@ -207,7 +230,7 @@ impl Drop for SentinelSet {
     }
 }
 
-async fn conn(port: u16) -> Option<redis::aio::MultiplexedConnection> {
+pub(crate) async fn conn(port: u16) -> Option<redis::aio::MultiplexedConnection> {
     let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).ok()?;
     tokio::time::timeout(
         Duration::from_secs(5),
@@ -218,7 +241,7 @@ async fn conn(port: u16) -> Option<redis::aio::MultiplexedConnection> {
     .ok()
 }
 
-async fn info(port: u16, section: &str) -> Option<String> {
+pub(crate) async fn info(port: u16, section: &str) -> Option<String> {
     let mut conn = conn(port).await?;
     redis::cmd("INFO")
         .arg(section)
@@ -249,7 +272,7 @@ fn flat(values: &[redis::Value]) -> Vec<String> {
 }
 
 /// Polls `check` every 100 ms until it says `Some(true)`; panics after 30 s.
-async fn wait_for<F, Fut>(what: &str, check: F)
+pub(crate) async fn wait_for<F, Fut>(what: &str, check: F)
 where
     F: Fn() -> Fut,
     Fut: std::future::Future<Output = Option<bool>>,

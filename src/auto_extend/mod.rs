@@ -21,10 +21,10 @@ use tokio::runtime::Handle;
 use tokio::sync::Notify;
 use tracing::Instrument;
 
-use crate::error::LostReason;
+use crate::error::{Error, LostReason, Result};
 use crate::lease::{Lease, OpId};
 use crate::metrics::Meter;
-use crate::options::Ttl;
+use crate::options::{Replicas, Ttl};
 use crate::store::{Extension, LeaseStore, Verdict};
 
 /// The auto-extension task of one manager (started on demand, gone when nothing is registered).
@@ -328,7 +328,8 @@ async fn extend_batch(inner: &Inner, mut batch: Vec<Item>) {
         return;
     }
     let extensions: Vec<Extension> = batch.iter().map(|item| item.extension.clone()).collect();
-    let results = inner.store.extend_many(&extensions).await;
+    let replicas: Vec<Option<Replicas>> = batch.iter().map(|item| item.lease.replicas).collect();
+    let results = extend_grouped(inner.store.as_ref(), &extensions, &replicas).await;
     let done = Instant::now();
     let mut registry = inner.registry();
     let mut failed = 0usize;
@@ -351,6 +352,9 @@ async fn extend_batch(inner: &Inner, mut batch: Vec<Item>) {
         }
         match result {
             Ok(Verdict::Done) => {
+                if lease.replicas.is_some() {
+                    lease.set_short_of_replicas(false);
+                }
                 if !lease.confirm_extend(op) {
                     if let Some(entry) = registry.entries.remove(&id) {
                         entry
@@ -375,7 +379,13 @@ async fn extend_batch(inner: &Inner, mut batch: Vec<Item>) {
             }
             // Too few nodes of a multi-primary lease confirmed this round: like an
             // unreachable server, retried until the lease's own deadline decides.
+            // A replica-acknowledged lease extended on the primary but acknowledged by too
+            // few replicas: as unconfirmed (a promoted replica may have the old expiry),
+            // retried, and lost as `NotReplicated` if the deadline comes first.
             Ok(Verdict::Lost(_)) | Err(_) => {
+                if lease.replicas.is_some() {
+                    lease.set_short_of_replicas(matches!(result, Err(Error::NotReplicated { .. })));
+                }
                 failed += 1;
                 if first_error.is_none() {
                     first_error = Some(match &result {
@@ -402,143 +412,43 @@ async fn extend_batch(inner: &Inner, mut batch: Vec<Item>) {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::key::{LockKey, Token};
-
-    fn ttl(ms: u64) -> Ttl {
-        Ttl::new(Duration::from_millis(ms)).unwrap()
+/// `extend_many` of `batch`, the leases that wait for replicas apart (one call per
+/// acknowledgement setting, the calls sent together): one result per lease, in order.
+async fn extend_grouped(
+    store: &dyn LeaseStore,
+    batch: &[Extension],
+    replicas: &[Option<Replicas>],
+) -> Vec<Result<Verdict>> {
+    if replicas.iter().all(Option::is_none) {
+        return store.extend_many(batch).await;
     }
-
-    fn lease(name: &str, ms: u64, sent: Instant) -> Arc<Lease> {
-        let key = LockKey::new(b"t:", name.as_bytes()).unwrap();
-        Arc::new(Lease::new(
-            key,
-            Token::generate(),
-            None,
-            ttl(ms),
-            sent,
-            sent,
-        ))
-    }
-
-    fn registry(leases: &[(Arc<Lease>, Option<Instant>)]) -> Registry {
-        let mut registry = Registry::default();
-        for (lease, hold_until) in leases {
-            lease.set_auto_extended(true);
-            let id = registry.next_id;
-            registry.next_id += 1;
-            registry.entries.insert(
-                id,
-                Entry {
-                    lease: Arc::clone(lease),
-                    not_before: None,
-                    hold_until: *hold_until,
-                    acquired_at: Instant::now(),
-                    meter: Meter::default(),
-                },
-            );
+    let mut groups: Vec<(Option<Replicas>, Vec<usize>)> = Vec::new();
+    for (at, setting) in replicas.iter().enumerate() {
+        match groups.iter_mut().find(|(s, _)| s == setting) {
+            Some((_, members)) => members.push(at),
+            None => groups.push((*setting, vec![at])),
         }
-        registry
     }
-
-    fn names(plan: &Plan) -> Vec<String> {
-        match plan {
-            Plan::Extend(batch) => {
-                let mut names: Vec<String> = batch
-                    .iter()
-                    .map(|item| String::from_utf8_lossy(item.lease.key.name()).into_owned())
-                    .collect();
-                names.sort();
-                names
+    let calls = groups.iter().map(|(setting, members)| {
+        let slice: Vec<Extension> = members.iter().map(|&i| batch[i].clone()).collect();
+        async move {
+            match setting {
+                Some(replicas) => store.extend_many_replicated(&slice, *replicas).await,
+                None => store.extend_many(&slice).await,
             }
-            _ => Vec::new(),
+        }
+    });
+    let answers = crate::redlock::join_all(calls.collect()).await;
+    let mut out: Vec<Option<Result<Verdict>>> = batch.iter().map(|_| None).collect();
+    for ((_, members), results) in groups.iter().zip(answers) {
+        for (&at, result) in members.iter().zip(results) {
+            out[at] = Some(result);
         }
     }
-
-    #[test]
-    fn nothing_registered_stops_the_task() {
-        let mut registry = Registry {
-            running: Some(0),
-            ..Registry::default()
-        };
-        assert!(matches!(plan_at(&mut registry, Instant::now()), Plan::Stop));
-        assert_eq!(
-            registry.running, None,
-            "a later registration starts a new task"
-        );
-    }
-
-    #[test]
-    fn a_lease_is_extended_a_third_of_its_ttl_after_it_was_sent() {
-        let sent = Instant::now();
-        let mut registry = registry(&[(lease("a", 3_000, sent), None)]);
-        match plan_at(&mut registry, sent) {
-            Plan::Sleep(until) => assert_eq!(until, sent + Duration::from_secs(1)),
-            _ => panic!("nothing is due yet"),
-        }
-        let due = sent + Duration::from_secs(1);
-        assert_eq!(names(&plan_at(&mut registry, due)), ["a"]);
-    }
-
-    #[test]
-    fn leases_due_within_one_period_ride_in_the_same_batch() {
-        let sent = Instant::now();
-        let mut registry = registry(&[
-            (lease("a", 3_000, sent), None),
-            (lease("b", 3_000, sent + Duration::from_millis(500)), None),
-            (lease("c", 30_000, sent), None),
-        ]);
-        // At a's due time, b is due within a's period (1 s): extended early, together.
-        // c is due 9 s later: left alone.
-        let plan = plan_at(&mut registry, sent + Duration::from_secs(1));
-        assert_eq!(names(&plan), ["a", "b"]);
-    }
-
-    #[test]
-    fn the_extension_that_reaches_the_hold_cap_is_the_last_and_gives_only_what_is_left() {
-        let sent = Instant::now();
-        let a = lease("a", 3_000, sent);
-        let cap = sent + Duration::from_millis(2_000);
-        let mut registry = registry(&[(Arc::clone(&a), Some(cap))]);
-        let now = sent + Duration::from_secs(1);
-        match plan_at(&mut registry, now) {
-            Plan::Extend(batch) => {
-                assert_eq!(batch.len(), 1);
-                assert!(batch[0].last);
-                assert_eq!(
-                    batch[0].extension.ttl,
-                    ttl(1_000),
-                    "exactly the hold time left"
-                );
-            }
-            _ => panic!("due"),
-        }
-        assert!(registry.entries.is_empty(), "no longer registered");
-        assert!(a.state().hold_capped);
-    }
-
-    #[test]
-    fn lost_leases_are_dropped_from_the_registry() {
-        let sent = Instant::now();
-        let a = lease("a", 3_000, sent);
-        let mut registry = registry(&[(Arc::clone(&a), None)]);
-        a.mark_lost(crate::error::LostReason::Taken);
-        assert!(matches!(plan_at(&mut registry, sent), Plan::Stop));
-    }
-
-    #[test]
-    fn a_failed_extension_is_retried_no_sooner_than_its_pause() {
-        let sent = Instant::now();
-        let mut registry = registry(&[(lease("a", 3_000, sent), None)]);
-        let retry = sent + Duration::from_millis(1_300);
-        for entry in registry.entries.values_mut() {
-            entry.not_before = Some(retry);
-        }
-        match plan_at(&mut registry, sent + Duration::from_secs(1)) {
-            Plan::Sleep(until) => assert_eq!(until, retry),
-            _ => panic!("not before the retry pause"),
-        }
-    }
+    out.into_iter()
+        .map(|r| r.unwrap_or_else(|| Err(Error::unexpected_reply("no answer for a lease"))))
+        .collect()
 }
+
+#[cfg(test)]
+mod tests;

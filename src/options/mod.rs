@@ -5,6 +5,11 @@ use std::time::{Duration, Instant};
 use crate::backoff::Backoff;
 use crate::error::{Error, Result};
 
+mod replicas;
+
+use replicas::ReplicaChoice;
+pub use replicas::{MAX_REPLICA_TIMEOUT, Replicas};
+
 /// The shortest lease TTL accepted: 10 ms.
 ///
 /// A lease's validity is its TTL minus a clock-drift allowance of `ttl/100 + 2 ms`, counted
@@ -55,6 +60,7 @@ pub struct LockOptions {
     fencing: bool,
     fair: bool,
     queue_lease: Duration,
+    replicas: ReplicaChoice,
 }
 
 impl Default for LockOptions {
@@ -75,6 +81,7 @@ impl LockOptions {
             fencing: false,
             fair: false,
             queue_lease: Duration::from_secs(1),
+            replicas: ReplicaChoice::Manager,
         }
     }
 
@@ -159,6 +166,76 @@ impl LockOptions {
     pub const fn with_fair(mut self, on: bool) -> Self {
         self.fair = on;
         self
+    }
+
+    /// Replica-acknowledged leases (off by default, or as the manager says:
+    /// [`LockManagerBuilder::with_replicas`](crate::LockManagerBuilder::with_replicas)): the
+    /// acquire, every [`extend`](crate::LockGuard::extend) and every auto-extension is
+    /// followed on the same primary, in the same round trip, by `WAIT count timeout`, and
+    /// counts only if at least `count` replicas acknowledged it within `timeout`.
+    ///
+    /// - An acquire that fewer replicas acknowledged fails with [`Error::NotReplicated`]
+    ///   (it says how many of how many) after its lease is deleted again
+    ///   (compare-and-delete with its token); it is not retried by a waiting
+    ///   [`lock`](crate::LockManager::lock).
+    /// - An extend that fewer replicas acknowledged fails with [`Error::NotReplicated`] and
+    ///   the lease stays held, but only until the earlier of its old deadline and the new
+    ///   one: a promoted replica may still have the old expiry. An auto-extension that falls
+    ///   short is retried (every tenth of the TTL); if none is acknowledged in time the lease
+    ///   is lost with [`LostReason::NotReplicated`](crate::LostReason::NotReplicated).
+    ///
+    /// **What it buys**: a lease the replicas acknowledged survives a failover to one of
+    /// them, which narrows the window in which a failover can hand the lock to a second
+    /// owner. **What it does not**: it is not consensus. Sentinel may promote a replica that
+    /// did not acknowledge (with more replicas than `count`), the acknowledged write is in
+    /// the replica's memory, not on its disk, and a lease written to the old primary after
+    /// it was cut off can still be lost. Use fencing tokens where that matters.
+    /// **What it costs**: one replication round trip per acquire and extend (measured in
+    /// the README), up to `timeout` when a replica lags, and a connection of its own while
+    /// the acquire waits (see the builder).
+    ///
+    /// Checked when used: `count` ≥ 1, `timeout` between 1 ms and [`MAX_REPLICA_TIMEOUT`]
+    /// and shorter than the TTL, else [`Error::InvalidArgument`]. Only a single primary
+    /// (`connect`, `build`, `build_pool`, `connect_sentinel`) has replicas to wait for:
+    /// elsewhere (Redlock, Cluster, ZooKeeper, semaphores and read-write locks) asking for it
+    /// is [`Error::InvalidArgument`].
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use distlock::LockOptions;
+    ///
+    /// let opts = LockOptions::new().with_replicas(1, Duration::from_millis(100));
+    /// let replicas = opts.replicas().unwrap();
+    /// assert_eq!((replicas.count(), replicas.timeout()), (1, Duration::from_millis(100)));
+    /// assert_eq!(opts.without_replicas().replicas(), None);
+    /// ```
+    pub const fn with_replicas(mut self, count: u32, timeout: Duration) -> Self {
+        self.replicas = ReplicaChoice::On(Replicas::new(count, timeout));
+        self
+    }
+
+    /// No replica acknowledgement for this call, whatever the manager's setting.
+    pub const fn without_replicas(mut self) -> Self {
+        self.replicas = ReplicaChoice::Off;
+        self
+    }
+
+    /// The replica acknowledgement these options ask for; `None` when off or left to the
+    /// manager (set with [`with_replicas`](Self::with_replicas)).
+    pub const fn replicas(&self) -> Option<Replicas> {
+        match self.replicas {
+            ReplicaChoice::On(replicas) => Some(replicas),
+            _ => None,
+        }
+    }
+
+    /// The acknowledgement a call with these options asks for, given its manager's.
+    pub(crate) fn replicas_or(&self, manager: Option<Replicas>) -> Option<Replicas> {
+        match self.replicas {
+            ReplicaChoice::Manager => manager,
+            ReplicaChoice::Off => None,
+            ReplicaChoice::On(replicas) => Some(replicas),
+        }
     }
 
     /// Whether waiters queue in Redis in arrival order (set with
@@ -250,7 +327,12 @@ impl LockOptions {
                 ),
             ));
         }
+        let replicas = match self.replicas {
+            ReplicaChoice::On(replicas) => Some(replicas.check(ttl.as_duration())?),
+            _ => None,
+        };
         Ok(Checked {
+            replicas,
             ttl,
             wait: self.wait,
             backoff: self.backoff,
@@ -274,6 +356,9 @@ pub(crate) struct Checked {
     pub(crate) fencing: bool,
     /// Fair mode, with its queue entry lease.
     pub(crate) fair: Option<Duration>,
+    /// Replica acknowledgement asked for by the options themselves (the manager resolves
+    /// its own setting: [`LockOptions::replicas_or`]).
+    pub(crate) replicas: Option<Replicas>,
 }
 
 /// A checked lease TTL.
