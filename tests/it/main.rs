@@ -29,6 +29,7 @@ mod notify_faults;
 mod partition;
 #[cfg(all(feature = "deadpool", feature = "bb8"))]
 mod pools;
+mod primitive_belief;
 mod redlock;
 mod restart;
 mod rwlock;
