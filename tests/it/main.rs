@@ -30,6 +30,7 @@ mod partition;
 #[cfg(all(feature = "deadpool", feature = "bb8"))]
 mod pools;
 mod primitive_belief;
+mod primitive_cancellation;
 mod redlock;
 mod restart;
 mod rwlock;
