@@ -218,10 +218,10 @@ async fn primitive_futures_dropped_at_random_points_leave_nothing_behind_and_no_
                 continue;
             }
             Op::Extend => {
-                // A permit, a read guard and a write guard in turn, each with a 2 s lease;
+                // A permit, a read guard and a write guard in turn, each with a 10 s lease;
                 // a cut extend to 60 s must never leave the guard believing more than the
-                // server grants.
-                let short = LockOptions::new().with_ttl(Duration::from_secs(2));
+                // server grants (a 10 s belief of a 60 s entry is safe, not the reverse).
+                let short = LockOptions::new().with_ttl(Duration::from_secs(10));
                 let (guard, entry) = match (i / OPS.len()) % 3 {
                     0 => {
                         let sem = locks.semaphore(&name, 1).unwrap();
