@@ -67,11 +67,12 @@ async fn sections(
         .collect()
 }
 
-/// The most sections of each kind open at once, swept over their start and end times
-/// (an end at the same instant as a start counts as before it).
+/// The most sections open at once, `[others, writers]` (kind `w` is a writer's), swept
+/// over their start and end times; panics as soon as `forbidden` says the open sections
+/// may not be open together.
 fn most_at_once(
     sections: &[(u64, u64, String, u32)],
-    overlap: impl Fn(&str, &[usize; 2]) -> bool,
+    forbidden: impl Fn(&[usize; 2]) -> bool,
 ) -> [usize; 2] {
     let mut events: Vec<(u64, bool, usize)> = Vec::new();
     for (start, end, kind, _) in sections {
@@ -79,7 +80,8 @@ fn most_at_once(
         events.push((*start, true, k));
         events.push((*end, false, k));
     }
-    // Ends (false) sort before starts (true) at the same instant.
+    // An end sorts before a start at the same instant (a section ends before its lease is
+    // given back, the next begins after its grant: they cannot share an instant).
     events.sort();
     let (mut open, mut most) = ([0usize; 2], [0usize; 2]);
     for (_, starts, k) in events {
@@ -87,8 +89,10 @@ fn most_at_once(
             open[k] += 1;
             most[k] = most[k].max(open[k]);
             assert!(
-                !overlap(if k == 1 { "w" } else { "r" }, &open),
-                "sections overlap: open {open:?}"
+                !forbidden(&open),
+                "sections overlap: {} others and {} writers open at once",
+                open[0],
+                open[1]
             );
         } else {
             open[k] -= 1;
@@ -134,7 +138,7 @@ async fn semaphore_never_has_more_than_n_holders_across_processes() {
     assert_eq!(count, total, "the counter of grants is exact");
     let inside: i64 = raw.get(format!("{prefix}:in")).await.unwrap();
     assert_eq!(inside, 0, "every holder counted itself out");
-    let most = most_at_once(&all, |_, open| open[0] > PERMITS)[0];
+    let most = most_at_once(&all, |open| open[0] > PERMITS)[0];
     assert_eq!(
         most, PERMITS,
         "{PROCESSES} processes filled all {PERMITS} permits at some point"
@@ -223,7 +227,7 @@ async fn rwlock_never_has_a_writer_with_a_reader_or_another_writer_across_proces
         assert_eq!(inside, 0, "{key}: every holder counted itself out");
     }
     // A writer's section never overlaps another section of either kind.
-    let most = most_at_once(&all, |_, open| open[1] > 1 || (open[1] == 1 && open[0] > 0));
+    let most = most_at_once(&all, |open| open[1] > 1 || (open[1] == 1 && open[0] > 0));
     assert!(
         most[0] >= 2,
         "readers did share the lock: at most {} at once",
