@@ -1,15 +1,18 @@
-//! Futures of the semaphore, the read-write lock and `lock_all` dropped at random points:
-//! whatever await they were cut at, nothing is left behind once the background cleanup
-//! ran (no permit, no reader, no writer key, no intent, no lock key), an acquire that
-//! returned holds its entries on the server, and a cut extend never leaves a guard
-//! believing more than the server grants.
+//! Futures of the semaphore, the read-write lock and `lock_all` dropped at random points,
+//! and after each of their awaits in turn: whatever await they were cut at, nothing is
+//! left behind once the background cleanup ran (no permit, no reader, no writer key, no
+//! intent, no lock key), an acquire that returned holds its entries on the server, and a
+//! cut extend never leaves a guard believing more than the server grants.
 
 use crate::primitive_belief::{Belief, KeyView, token_prefix, view, within_truth};
 use crate::support;
 
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use distlock::{LockGuard, LockManager, LockOptions};
+use distlock::{Backoff, LockGuard, LockManager, LockOptions, MultiGuard};
 use rand::rngs::SmallRng;
 use rand::{RngExt, SeedableRng};
 use redis::AsyncCommands;
@@ -313,4 +316,201 @@ async fn keys_under(raw: &mut MultiplexedConnection, prefix: &str) -> Vec<String
     }
     keys.retain(|k| !k.ends_with(":fence"));
     keys
+}
+
+/// Polls the future until it has returned `Pending` `cuts` times, then hands it back
+/// unfinished (`Err`), stopped at that await, unless it finished first (`Ok`). The future
+/// is only polled again when its waker fires, so each cut lands on a later await than the
+/// one before.
+struct CutAfter<F> {
+    fut: Option<F>,
+    cuts: usize,
+}
+
+impl<F: Future + Unpin> Future for CutAfter<F> {
+    type Output = Result<F::Output, F>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let fut = self.fut.as_mut().expect("polled after it finished");
+        match Pin::new(fut).poll(cx) {
+            Poll::Ready(out) => Poll::Ready(Ok(out)),
+            Poll::Pending if self.cuts == 0 => {
+                Poll::Ready(Err(self.fut.take().expect("still there")))
+            }
+            Poll::Pending => {
+                self.cuts -= 1;
+                Poll::Pending
+            }
+        }
+    }
+}
+
+/// How long a cut future is kept, unpolled, before it is dropped: at once (a request not
+/// yet written is never sent), or after its request left and its reply came back unread.
+const LINGER: [Duration; 2] = [Duration::ZERO, Duration::from_millis(8)];
+
+/// What a swept call returned.
+enum Got {
+    One(LockGuard, Entry),
+    All(MultiGuard, Vec<String>),
+}
+
+type Call<'a> = Pin<Box<dyn Future<Output = distlock::Result<Got>> + Send + 'a>>;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn primitive_futures_dropped_after_each_of_their_awaits_leave_nothing_behind() {
+    let node = RedisNode::start().await;
+    let proxy = FaultProxy::start(node.port()).await;
+    proxy.set(Fault::Latency(Duration::from_millis(1)));
+    let mut raw = node.conn().await;
+    let baseline = Baseline::take(&node).await;
+    let locks = LockManager::connect(&proxy.url()).await.unwrap();
+    let prefix = unique_key("psweep");
+    let long = LockOptions::new().with_ttl(LONG_TTL);
+    // Waiting calls poll often, so a handful of cuts reach deep into their waits.
+    let waiting = long.with_wait(WAIT).with_backoff(
+        Backoff::new()
+            .with_base(Duration::from_millis(1))
+            .with_cap(Duration::from_millis(5)),
+    );
+    let full = locks.semaphore(format!("{prefix}:full"), 1).unwrap();
+    let full_permit = full.acquire_with(long).await.unwrap();
+    let read_held = locks.rw_lock(format!("{prefix}:read-held")).unwrap();
+    let reader = read_held.read_with(long).await.unwrap();
+    let write_held = locks.rw_lock(format!("{prefix}:write-held")).unwrap();
+    let writer = write_held.write_with(long).await.unwrap();
+    let blocker_name = format!("{prefix}:zz-blocker");
+    let blocker = locks.try_lock_with(&blocker_name, long).await.unwrap();
+
+    let kinds = [
+        "acquire",
+        "read",
+        "write",
+        "lock_all",
+        "acquire waiting",
+        "read waiting",
+        "write waiting",
+        "lock_all waiting",
+    ];
+    let mut calls = 0usize;
+    for ((o, kind), linger) in kinds
+        .iter()
+        .enumerate()
+        .flat_map(|k| LINGER.map(|l| (k, l)))
+    {
+        // Free calls are swept until one finishes; waiting calls never can.
+        let (mut cuts, most) = if kind.ends_with("waiting") {
+            (0, 12)
+        } else {
+            (0, 200)
+        };
+        loop {
+            let name = format!("{prefix}:{o}:{}:{cuts}", linger.as_millis());
+            let sem = locks.semaphore(&name, 2).unwrap();
+            let rw = locks.rw_lock(&name).unwrap();
+            let names = vec![
+                format!("{name}:a"),
+                format!("{name}:b"),
+                format!("{name}:c"),
+            ];
+            let blocked = vec![
+                format!("{name}:a"),
+                format!("{name}:b"),
+                blocker_name.clone(),
+            ];
+            let call: Call<'_> = match *kind {
+                "acquire" => Box::pin(async {
+                    let g = sem.acquire_with(long).await?;
+                    Ok(Got::One(g, Entry::Member(sem_key(&name))))
+                }),
+                "read" => Box::pin(async {
+                    let g = rw.read_with(long).await?;
+                    Ok(Got::One(g, Entry::Member(rw_key(&name))))
+                }),
+                "write" => Box::pin(async {
+                    let g = rw.write_with(long).await?;
+                    Ok(Got::One(g, Entry::Key(format!("{}:w", rw_key(&name)))))
+                }),
+                "lock_all" => Box::pin(async {
+                    let all = locks.lock_all_with(&names, long).await?;
+                    Ok(Got::All(all, names.clone()))
+                }),
+                "acquire waiting" => Box::pin(async {
+                    let g = full.acquire_with(waiting).await?;
+                    Ok(Got::One(g, Entry::Member(String::new())))
+                }),
+                "read waiting" => Box::pin(async {
+                    let g = write_held.read_with(waiting).await?;
+                    Ok(Got::One(g, Entry::Member(String::new())))
+                }),
+                "write waiting" => Box::pin(async {
+                    let g = read_held.write_with(waiting).await?;
+                    Ok(Got::One(g, Entry::Member(String::new())))
+                }),
+                _ => Box::pin(async {
+                    let all = locks.lock_all_with(&blocked, waiting).await?;
+                    Ok(Got::All(all, Vec::new()))
+                }),
+            };
+            calls += 1;
+            let out = match (CutAfter {
+                fut: Some(call),
+                cuts,
+            })
+            .await
+            {
+                Ok(out) => Some(out),
+                Err(unfinished) => {
+                    tokio::time::sleep(linger).await;
+                    drop(unfinished);
+                    None
+                }
+            };
+            let Some(out) = out else {
+                cuts += 1;
+                if cuts < most {
+                    continue;
+                }
+                assert!(kind.ends_with("waiting"), "{kind} never finished");
+                eprintln!("{kind}: dropped at each of its first {cuts} awaits ({linger:?} later)");
+                break;
+            };
+            assert!(
+                !kind.ends_with("waiting"),
+                "{kind}: the blocker holds it: {}",
+                out.is_ok()
+            );
+            match out.unwrap() {
+                Got::One(guard, entry) => {
+                    assert_true_hold(&mut raw, &guard, &entry).await;
+                    guard.release().await.unwrap();
+                }
+                Got::All(all, names) => {
+                    for (guard, name) in all.guards().iter().zip(&names) {
+                        assert_true_hold(&mut raw, guard, &Entry::Key(lease_key(name))).await;
+                    }
+                    all.release().await.unwrap();
+                }
+            }
+            eprintln!(
+                "{kind}: dropped at each of its {cuts} awaits ({linger:?} later), then let finish"
+            );
+            break;
+        }
+    }
+    full_permit.release().await.unwrap();
+    reader.release().await.unwrap();
+    writer.release().await.unwrap();
+    blocker.release().await.unwrap();
+    let started = Instant::now();
+    let left = loop {
+        let left = keys_under(&mut raw, &prefix).await;
+        if left.is_empty() || started.elapsed() > Duration::from_secs(15) {
+            break left;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(left.is_empty(), "left behind after {calls} calls: {left:?}");
+    drop((locks, full, read_held, write_held));
+    baseline.assert_settled(&node, Duration::from_secs(8)).await;
 }
