@@ -7,6 +7,9 @@
 
 mod support;
 
+#[path = "processes/primitives.rs"]
+mod primitives;
+
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;

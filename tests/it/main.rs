@@ -29,6 +29,8 @@ mod notify_faults;
 mod partition;
 #[cfg(all(feature = "deadpool", feature = "bb8"))]
 mod pools;
+mod primitive_belief;
+mod primitive_cancellation;
 mod redlock;
 mod redlock_notify;
 mod replicas;

@@ -50,6 +50,7 @@ async fn all_or_none_and_release_takes_them_all() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn overlapping_sets_in_opposite_orders_never_deadlock_and_counters_stay_exact() {
     let node = RedisNode::start().await;
+    let baseline = Baseline::take(&node).await;
     let names: Vec<String> = (0..3).map(|i| unique_key(&format!("ring{i}"))).collect();
     // Each task asks for two of the three names, in its own order: without one global
     // order, two of them would soon hold one lock each and wait for the other's.
@@ -92,11 +93,14 @@ async fn overlapping_sets_in_opposite_orders_never_deadlock_and_counters_stay_ex
         let count: u64 = raw.get(format!("{name}:count")).await.unwrap();
         assert_eq!(count, 25 * sets, "{name}");
     }
+    drop(raw);
+    baseline.assert_settled(&node, Duration::from_secs(5)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn losing_any_lock_of_the_set_resolves_lost_with_its_name() {
     let node = RedisNode::start().await;
+    let baseline = Baseline::take(&node).await;
     let locks = LockManager::connect(&node.url()).await.unwrap();
     let names = [unique_key("lostA"), unique_key("lostB")];
     let opts = LockOptions::new()
@@ -115,6 +119,10 @@ async fn losing_any_lock_of_the_set_resolves_lost_with_its_name() {
     assert!(all.release().await.unwrap_err().is_lost());
     let first: bool = raw.exists(lease_key(&names[0])).await.unwrap();
     assert!(!first, "the lock still held was released");
+    // The other owner's value is the test's own; nothing of distlock's may be left.
+    let _: () = raw.del(lease_key(&names[1])).await.unwrap();
+    drop((locks, raw));
+    baseline.assert_settled(&node, Duration::from_secs(5)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -62,6 +62,7 @@ async fn readers_share_writers_exclude_and_nothing_is_left() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn never_a_writer_with_a_reader_or_another_writer_across_managers() {
     let node = RedisNode::start().await;
+    let baseline = Baseline::take(&node).await;
     let name = unique_key("rw-mix");
     let readers_in = Arc::new(AtomicUsize::new(0));
     let writers_in = Arc::new(AtomicUsize::new(0));
@@ -116,11 +117,13 @@ async fn never_a_writer_with_a_reader_or_another_writer_across_managers() {
         most_readers.load(Ordering::SeqCst) >= 2,
         "readers did share the lock"
     );
+    baseline.assert_settled(&node, Duration::from_secs(5)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_writer_gets_in_under_a_constant_stream_of_readers() {
     let node = RedisNode::start().await;
+    let baseline = Baseline::take(&node).await;
     let name = unique_key("rw-starve");
     let locks = LockManager::connect(&node.url()).await.unwrap();
     let rw = locks.rw_lock(&name).unwrap();
@@ -167,6 +170,8 @@ async fn a_writer_gets_in_under_a_constant_stream_of_readers() {
         *worst < Duration::from_millis(1000),
         "writer waited {worst:?}"
     );
+    drop((locks, rw, reader_managers));
+    baseline.assert_settled(&node, Duration::from_secs(5)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

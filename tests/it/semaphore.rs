@@ -62,7 +62,8 @@ async fn never_more_than_n_holders_across_managers_and_nothing_left() {
 async fn a_crashed_holders_permit_comes_back_within_its_ttl() {
     let node = RedisNode::start().await;
     let locks = LockManager::connect(&node.url()).await.unwrap();
-    let sem = locks.semaphore(unique_key("sem-crash"), 1).unwrap();
+    let name = unique_key("sem-crash");
+    let sem = locks.semaphore(&name, 1).unwrap();
     let ttl = Duration::from_millis(500);
     let taken = Instant::now();
     let permit = sem
@@ -92,11 +93,15 @@ async fn a_crashed_holders_permit_comes_back_within_its_ttl() {
         "soon after its TTL: {after:?}"
     );
     next.release().await.unwrap();
+    // The vanished holder's permit was reclaimed: the set is gone with the last permit.
+    let mut raw = node.conn().await;
+    support::wait_until_gone(&mut raw, &permits_key(&name), Duration::from_secs(5)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn permits_are_leases_fenced_extended_and_lost_like_locks() {
     let node = RedisNode::start().await;
+    let baseline = Baseline::take(&node).await;
     let locks = LockManager::connect(&node.url()).await.unwrap();
     let name = unique_key("sem-lease");
     let sem = locks.semaphore(&name, 2).unwrap();
@@ -134,11 +139,14 @@ async fn permits_are_leases_fenced_extended_and_lost_like_locks() {
         .expect("lost within an auto-extension period or two");
     assert_eq!(reason, LostReason::Expired);
     assert!(a.release().await.unwrap_err().is_lost());
+    drop((c, sem, locks, raw));
+    baseline.assert_settled(&node, Duration::from_secs(5)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_release_wakes_a_waiting_acquire() {
     let node = RedisNode::start().await;
+    let baseline = Baseline::take(&node).await;
     let locks = LockManager::connect(&node.url()).await.unwrap();
     let sem = locks.semaphore(unique_key("sem-wake"), 1).unwrap();
     let held = sem
@@ -168,6 +176,8 @@ async fn a_release_wakes_a_waiting_acquire() {
         after < Duration::from_secs(1),
         "woken by the release: {after:?}"
     );
+    drop((sem, locks));
+    baseline.assert_settled(&node, Duration::from_secs(5)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
