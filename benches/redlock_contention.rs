@@ -10,7 +10,8 @@
 //! Each task loops: wait for the lock, hold it 1 ms, release, spend 1 ms outside (the
 //! harness of the `contention` bench). Per size (8, 32, 128 tasks): the baseline; Redlock
 //! with one manager; Redlock with the tasks spread over 8 managers (as 8 processes would
-//! be); and each of those with release notifications off (waiters poll). A split vote is
+//! be), in the default mode and in fair mode; and one and 8 managers with release
+//! notifications off (waiters poll). A split vote is
 //! an acquire whose nodes answered but gave nobody a majority as far as it can tell: it
 //! took some nodes and fewer than a majority of the others were held. The count comes from
 //! distlock's `split_vote` debug event. `DISTLOCK_CONTENTION_SECS` sets the seconds per row
@@ -56,9 +57,10 @@ async fn row(
     key: &str,
     tasks: usize,
     run: Duration,
+    fair: bool,
 ) -> Row {
     let before = SPLIT_VOTES.load(Ordering::Relaxed);
-    let samples = run_distlock(managers, key, tasks, run, false).await;
+    let samples = run_distlock(managers, key, tasks, run, fair).await;
     let splits = SPLIT_VOTES.load(Ordering::Relaxed) - before;
     let acquisitions = samples.acquisitions.max(1);
     let mut row = summarize(variant, tasks, run, samples);
@@ -135,22 +137,25 @@ fn main() {
             );
             baseline.extra = "-".into();
             rows.push(baseline);
-            for (variant, set, name) in [
-                ("Redlock (5 nodes), 1 manager", &one, "one"),
-                ("Redlock (5 nodes), 8 managers", &eight, "eight"),
+            for (variant, set, name, fair) in [
+                ("Redlock (5 nodes), 1 manager", &one, "one", false),
+                ("Redlock (5 nodes), 8 managers", &eight, "eight", false),
+                ("Redlock (5 nodes), 8 managers, fair", &eight, "fair", true),
                 (
                     "Redlock (5 nodes), 1 manager, polling",
                     &one_polling,
                     "one-poll",
+                    false,
                 ),
                 (
                     "Redlock (5 nodes), 8 managers, polling",
                     &eight_polling,
                     "eight-poll",
+                    false,
                 ),
             ] {
                 let key = format!("bench:redlock:{name}:{tasks}");
-                rows.push(row(variant, set, &key, tasks, run).await);
+                rows.push(row(variant, set, &key, tasks, run, fair).await);
             }
         }
         rows

@@ -137,8 +137,10 @@
 //! silence a release. Once contenders have collided on a key, a caller that found it held
 //! asks the key's first node alone before the others, so contenders meet there instead of
 //! splitting the vote. Waiters of one manager are served first come, first served; across
-//! managers there is no queue (one queue over independent nodes would need the nodes to
-//! agree on its order).
+//! managers, [`LockOptions::with_fair`] keeps the waiter queue on the key's first node (a
+//! queue all nodes agreed on would need consensus): waiters are served in arrival order
+//! while that node is up, and as without fair mode while it is down; mutual exclusion
+//! never depends on the queue.
 //!
 //! What it does not give: **fencing tokens.** [`LockGuard::fencing_token`] is `None`.
 //! Per-node counters grow independently (and failed attempts grow some of them), so no

@@ -47,7 +47,8 @@ impl LockManagerBuilder {
     ///   `N - majority + 1` nodes, so one failed node cannot silence a release. Every wait
     ///   is still bounded by the holder's remaining TTL (as a majority reports it), the
     ///   backoff policy and the budget. Waiters are served first come, first served within
-    ///   one manager; across managers there is no queue (see the crate docs on
+    ///   one manager; across managers in [fair mode](crate::LockOptions::with_fair), whose
+    ///   queue lives on the key's first node (see the crate docs on
     ///   [several primaries](crate#several-primaries-redlock));
     /// - once contenders have collided on a key, a caller that found it held asks the key's
     ///   first node alone first and the other nodes only if it took the lease there, so

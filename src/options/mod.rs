@@ -161,8 +161,9 @@ impl LockOptions {
     /// It has a price, measured in the README: the acquire is a Lua script (server clock,
     /// the queue) instead of the plain `SET NX PX`, the release a script that also reads the
     /// queue, and waiters refresh their entries. Every caller of one lock must use the same
-    /// mode: a caller without fair mode does not see the queue. Only a single primary
-    /// queues: over several primaries (Redlock) it is [`Error::InvalidArgument`].
+    /// mode: a caller without fair mode does not see the queue. Over several primaries
+    /// (Redlock) the queue lives on the key's first node only: waiters are served in
+    /// arrival order while it is up, and as without fair mode while it is down.
     pub const fn with_fair(mut self, on: bool) -> Self {
         self.fair = on;
         self

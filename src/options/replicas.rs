@@ -4,12 +4,12 @@ use std::time::Duration;
 
 use crate::error::{Error, Result};
 
-/// The longest [`LockOptions::with_replicas`] timeout accepted: 60 s. `WAIT` holds its
+/// The longest [`LockOptions::with_replicas`](crate::LockOptions::with_replicas) timeout accepted: 60 s. `WAIT` holds its
 /// connection and the acquire for that long when replicas lag.
 pub const MAX_REPLICA_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Replica acknowledgement of a lease's writes: `n` replicas within `timeout` (set with
-/// [`LockOptions::with_replicas`] or [`LockManagerBuilder::with_replicas`](crate::LockManagerBuilder::with_replicas)).
+/// [`LockOptions::with_replicas`](crate::LockOptions::with_replicas) or [`LockManagerBuilder::with_replicas`](crate::LockManagerBuilder::with_replicas)).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Replicas {
     count: u32,

@@ -23,7 +23,7 @@ use super::{RedlockStore, count};
 use crate::error::{Error, NodeOutcome, QuorumError, QuorumOperation, Result};
 use crate::key::{LockKey, Token};
 use crate::options::Ttl;
-use crate::store::Acquire;
+use crate::store::{Acquire, Queue};
 
 /// How long a first node that failed is left out of the one-node-first order.
 pub(super) const SKIP_FAILED: Duration = Duration::from_secs(1);
@@ -203,5 +203,60 @@ where
         };
         self.release_on(&maybe_ours, key, token, announce).await;
         outcome
+    }
+}
+
+impl<C> RedlockStore<C>
+where
+    C: ConnectionLike + Clone + Send + Sync + 'static,
+{
+    /// Fair mode: the waiter queue lives on the key's first node only. The caller is
+    /// granted the lease there only at the head of that queue (or with nobody queued), and
+    /// then asks the other nodes for a majority as always. While the first node fails,
+    /// waiters are served as without fair mode (every node at once); the majority rule
+    /// never depends on the queue.
+    pub(super) async fn acquire_fair(
+        &self,
+        key: &LockKey,
+        token: &Token,
+        ttl: Ttl,
+        queue: Queue<'_>,
+    ) -> Result<Acquire> {
+        let started = Instant::now();
+        let first = self.first_node(key);
+        let limit = self.node_timeout;
+        let answer = bounded(
+            limit,
+            self.nodes[first]
+                .store
+                .acquire_queued_here(key, token, ttl, false, queue),
+        )
+        .await;
+        if let Ok(Acquire::Held { pttl }) = answer {
+            // Queued (or refreshed) on the first node; nothing set anywhere.
+            return Ok(Acquire::Held { pttl });
+        }
+        if let Err(e) = &answer {
+            tracing::debug!(key = %key, error = %e, "the fair queue's node failed; asking every node");
+            self.note_failed(first);
+        }
+        let mut known: Vec<Option<Result<Acquire>>> = self.nodes.iter().map(|_| None).collect();
+        known[first] = Some(answer);
+        self.acquire_on(key, token, ttl, started, known).await
+    }
+
+    /// Fair mode: `waiter` leaves the queue on the key's first node.
+    pub(super) async fn leave_fair_queue(&self, key: &LockKey, waiter: &[u8]) -> Result<()> {
+        let first = self.first_node(key);
+        bounded(
+            self.node_timeout,
+            self.nodes[first].store.leave_queue_here(key, waiter),
+        )
+        .await
+    }
+
+    /// The index of the node that keeps `key`'s fair queue.
+    pub(super) fn queue_node(&self, key: &LockKey) -> usize {
+        self.first_node(key)
     }
 }

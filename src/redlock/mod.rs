@@ -34,7 +34,8 @@ use crate::error::{
 use crate::key::{LockKey, Token};
 use crate::options::Ttl;
 use crate::store::{
-    Acquire, BoxFuture, Extension, LeaseStore, NodeAnswer, RENEWALS_PER_CALL, RedisStore, Verdict,
+    Acquire, BoxFuture, Extension, LeaseStore, NodeAnswer, Queue, RENEWALS_PER_CALL, RedisStore,
+    Verdict,
 };
 
 use fanout::no_answer;
@@ -197,7 +198,30 @@ where
     /// release, see [`RedisStore::release_by_body`]).
     async fn release_all(&self, key: &LockKey, token: &Token, by_body: bool) -> Result<Verdict> {
         let started = Instant::now();
-        let answers = if by_body {
+        let answers = if key.is_queued() {
+            // Fair mode: the node with the queue last, so that when it names the next
+            // waiter the other nodes have let the lease go already.
+            let first = self.queue_node(key);
+            let limit = self.node_timeout;
+            let mut answers: Vec<Option<Result<NodeAnswer>>> = join_all(
+                (0..self.nodes.len())
+                    .map(|i| async move {
+                        if i == first {
+                            None
+                        } else {
+                            Some(bounded(limit, self.release_one(i, key, token, by_body)).await)
+                        }
+                    })
+                    .collect(),
+            )
+            .await;
+            answers[first] =
+                Some(bounded(limit, self.release_one(first, key, token, by_body)).await);
+            answers
+                .into_iter()
+                .map(|a| a.unwrap_or_else(|| Err(fanout::no_answer(limit))))
+                .collect()
+        } else if by_body {
             self.ask(|node| node.release_by_body(key, token)).await
         } else {
             self.ask(|node| node.release_here(key, token)).await
@@ -226,6 +250,22 @@ where
                 }
                 Ok(verdict)
             }
+        }
+    }
+
+    /// Compare-and-delete on node `i`; `by_body` sends the script's body.
+    async fn release_one(
+        &self,
+        i: usize,
+        key: &LockKey,
+        token: &Token,
+        by_body: bool,
+    ) -> Result<NodeAnswer> {
+        let store = &self.nodes[i].store;
+        if by_body {
+            store.release_by_body(key, token).await
+        } else {
+            store.release_here(key, token).await
         }
     }
 
@@ -272,6 +312,25 @@ where
     fn fences(&self) -> bool {
         // A per-node counter is no token for the lock as a whole.
         false
+    }
+
+    fn queues(&self) -> bool {
+        true
+    }
+
+    fn acquire_queued<'a>(
+        &'a self,
+        key: &'a LockKey,
+        token: &'a Token,
+        ttl: Ttl,
+        _fenced: bool,
+        queue: Queue<'a>,
+    ) -> BoxFuture<'a, Result<Acquire>> {
+        Box::pin(self.acquire_fair(key, token, ttl, queue))
+    }
+
+    fn leave_queue<'a>(&'a self, key: &'a LockKey, waiter: &'a [u8]) -> BoxFuture<'a, Result<()>> {
+        Box::pin(self.leave_fair_queue(key, waiter))
     }
 
     fn replica_acks(&self) -> Result<()> {

@@ -412,25 +412,6 @@ async fn fair_mode_keeps_mutual_exclusion_across_managers() {
     baseline.assert_settled(&node, Duration::from_secs(5)).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redlock_refuses_fair_mode() {
-    let node = RedisNode::start().await;
-    let locks = LockManager::builder()
-        .connect_redlock([node.url()])
-        .await
-        .unwrap();
-    let opts = LockOptions::new().with_fair(true);
-    for result in [
-        locks.try_lock_with("fair-redlock", opts).await,
-        locks.lock_with("fair-redlock", opts).await,
-    ] {
-        match result {
-            Err(Error::InvalidArgument(arg)) => assert_eq!(arg.what(), "fair"),
-            other => panic!("expected InvalidArgument, got {other:?}"),
-        }
-    }
-}
-
 /// One waiter of a generated schedule: which manager it waits in, and after how many
 /// services (if ever) it is cancelled.
 #[derive(Debug, Clone)]

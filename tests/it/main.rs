@@ -32,6 +32,7 @@ mod pools;
 mod primitive_belief;
 mod primitive_cancellation;
 mod redlock;
+mod redlock_fair;
 mod redlock_notify;
 mod replicas;
 #[cfg(feature = "sentinel")]

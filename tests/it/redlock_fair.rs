@@ -1,0 +1,145 @@
+//! Fair mode over five primaries: the queue lives on the key's first node, so waiters of
+//! every manager are served in arrival order; with that node down, locks still work
+//! (unordered), and nothing is left behind.
+
+use crate::support;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use distlock::{LockManager, LockOptions};
+use support::{Baseline, RedisNode, lease_key, unique_key};
+
+async fn five_nodes() -> Vec<RedisNode> {
+    let (a, b, c, d, e) = tokio::join!(
+        RedisNode::start(),
+        RedisNode::start(),
+        RedisNode::start(),
+        RedisNode::start(),
+        RedisNode::start()
+    );
+    vec![a, b, c, d, e]
+}
+
+async fn redlock(nodes: &[RedisNode]) -> LockManager {
+    LockManager::builder()
+        .with_node_timeout(Duration::from_secs(1))
+        .connect_redlock(nodes.iter().map(RedisNode::url))
+        .await
+        .unwrap()
+}
+
+/// The node that keeps the queue, by the documented rule: FNV-1a (32 bit) of the lease
+/// key, modulo the number of nodes.
+fn queue_node(name: &str, nodes: usize) -> usize {
+    let hash = lease_key(name).bytes().fold(0x811c_9dc5_u32, |h, b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    });
+    hash as usize % nodes
+}
+
+async fn queued(node: &RedisNode, name: &str) -> usize {
+    redis::cmd("ZCARD")
+        .arg(format!("{}:q", lease_key(name)))
+        .query_async(&mut node.conn().await)
+        .await
+        .expect("ZCARD")
+}
+
+fn fair(wait: Duration) -> LockOptions {
+    support::contended(wait).with_fair(true)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiters_of_many_managers_are_served_in_arrival_order_over_five_nodes() {
+    const WAITERS: usize = 8;
+    let nodes = five_nodes().await;
+    let mut baselines = Vec::new();
+    for node in &nodes {
+        baselines.push(Baseline::take(node).await);
+    }
+    let mut locks = Vec::new();
+    for _ in 0..4 {
+        locks.push(redlock(&nodes).await);
+    }
+    let name = unique_key("redlock-fair");
+    let queue = &nodes[queue_node(&name, nodes.len())];
+    let order = Arc::new(Mutex::new(Vec::new()));
+    let opts = fair(Duration::from_secs(30));
+
+    let guard = locks[0].lock_with(&name, opts).await.unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..WAITERS {
+        // Managers in a scrambled order, so arrival order is not manager order.
+        let (manager, task_name, order) =
+            (locks[(i * 3 + 1) % 4].clone(), name.clone(), order.clone());
+        tasks.push(tokio::spawn(async move {
+            let guard = manager.lock_with(&task_name, opts).await.expect("served");
+            order.lock().unwrap().push(i);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            guard.release().await.expect("release");
+        }));
+        support::eventually(Duration::from_secs(5), &format!("{} queued", i + 1), || {
+            let name = name.clone();
+            async move { queued(queue, &name).await == i + 1 }
+        })
+        .await;
+    }
+    guard.release().await.unwrap();
+    for task in tasks {
+        tokio::time::timeout(Duration::from_secs(20), task)
+            .await
+            .expect("every waiter got its turn")
+            .unwrap();
+    }
+    assert_eq!(*order.lock().unwrap(), (0..WAITERS).collect::<Vec<_>>());
+    drop(locks);
+    for (node, baseline) in nodes.iter().zip(&baselines) {
+        baseline.assert_settled(node, Duration::from_secs(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_queues_node_down_fair_locks_still_exclude_and_leave_nothing() {
+    const TASKS: usize = 6;
+    const CYCLES: usize = 5;
+    let nodes = five_nodes().await;
+    let name = unique_key("redlock-fair-down");
+    let first = queue_node(&name, nodes.len());
+    let locks = [redlock(&nodes).await, redlock(&nodes).await];
+    nodes[first].stop().await;
+
+    let inside = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for t in 0..TASKS {
+        let (locks, name, inside) = (locks[t % 2].clone(), name.clone(), inside.clone());
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..CYCLES {
+                let guard = locks
+                    .lock_with(&name, fair(Duration::from_secs(30)))
+                    .await
+                    .expect("served without the queue's node");
+                assert_eq!(inside.fetch_add(1, std::sync::atomic::Ordering::SeqCst), 0);
+                tokio::time::sleep(Duration::from_millis(2)).await;
+                inside.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+                guard.release().await.expect("release on the other four");
+            }
+        }));
+    }
+    for task in tasks {
+        tokio::time::timeout(Duration::from_secs(60), task)
+            .await
+            .expect("every task finished")
+            .unwrap();
+    }
+    for (i, node) in nodes.iter().enumerate() {
+        if i != first {
+            let value: Option<String> = redis::cmd("GET")
+                .arg(lease_key(&name))
+                .query_async(&mut node.conn().await)
+                .await
+                .unwrap();
+            assert_eq!(value, None, "node {i}");
+        }
+    }
+}
