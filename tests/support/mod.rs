@@ -158,6 +158,7 @@ pub struct NodeOptions {
     args: Vec<String>,
     persistent: bool,
     tls: Option<tls::TlsFiles>,
+    server: Option<String>,
 }
 
 impl NodeOptions {
@@ -171,6 +172,13 @@ impl NodeOptions {
     /// survives [`RedisNode::kill`] and a [`Data::Keep`] restart.
     pub fn persistent(mut self) -> Self {
         self.persistent = true;
+        self
+    }
+
+    /// Run this server binary instead of `DISTLOCK_REDIS_SERVER` (process backend only:
+    /// e.g. a bench that compares two servers in one process).
+    pub fn server(mut self, binary: &str) -> Self {
+        self.server = Some(binary.to_owned());
         self
     }
 
@@ -248,6 +256,10 @@ impl RedisNode {
         let port = free_port();
         let inner = match backend() {
             Backend::Docker => {
+                assert!(
+                    options.server.is_none(),
+                    "NodeOptions::server needs the process backend"
+                );
                 let container = start_container(port, &options).await;
                 Inner::Docker(tokio::sync::Mutex::new(Some(Box::new(container))))
             }
@@ -564,13 +576,14 @@ fn spawn_process(port: u16, options: &NodeOptions, dir: &std::path::Path) -> Chi
             std::fs::write(&path, bytes).expect("write a TLS file");
         }
     }
-    Command::new(redis_server_bin())
+    let binary = options.server.clone().unwrap_or_else(redis_server_bin);
+    Command::new(&binary)
         .args(["--bind", "127.0.0.1"])
         .args(options.server_args(port, dir))
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .unwrap_or_else(|e| panic!("spawn {}: {e}", redis_server_bin()))
+        .unwrap_or_else(|e| panic!("spawn {binary}: {e}"))
 }
 
 /// How many times the server ran `command` (lower case, e.g. `"evalsha"`) since it
