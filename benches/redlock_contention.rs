@@ -88,6 +88,13 @@ async fn managers(urls: &[String], count: usize, notify: bool) -> Vec<LockManage
 
 fn main() {
     tracing::subscriber::set_global_default(SplitVotes).expect("subscriber");
+    // The counter counts: an event like distlock's is seen (so a 0 below means none).
+    tracing::debug!(split_vote = true, "self-check");
+    assert_eq!(
+        SPLIT_VOTES.swap(0, Ordering::Relaxed),
+        1,
+        "split votes are counted"
+    );
     let bench_mode = std::env::args().any(|a| a == "--bench");
     let secs: u64 = std::env::var("DISTLOCK_CONTENTION_SECS")
         .ok()
