@@ -173,3 +173,95 @@ async fn connecting_to_one_cluster_node_as_a_single_primary_says_to_use_connect_
         Err(e) => panic!("expected InvalidArgument, got {e:?}"),
     }
 }
+
+/// Semaphores, read-write locks and `lock_all` on a cluster: every key of one primitive
+/// shares its name's slot; `lock_all` spans slots. Counted with keys read on the slots'
+/// owners, and nothing is left afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn semaphores_read_write_locks_and_lock_all_work_across_primaries() {
+    let cluster = Cluster::start().await;
+    let locks = manager(&cluster).await;
+    let other = manager(&cluster).await;
+
+    // A semaphore of 2: two permits from two managers, the third refused.
+    let sem = locks.semaphore(unique_key("cluster-sem"), 2).unwrap();
+    let sem_other = other.semaphore(sem.name(), 2).unwrap();
+    let fenced = LockOptions::new().with_fencing(true);
+    let a = sem.try_acquire_with(fenced).await.unwrap();
+    let b = sem_other.try_acquire_with(fenced).await.unwrap();
+    assert!(sem.try_acquire().await.unwrap_err().is_held_by_other());
+    assert!(a.fencing_token().is_some() && a.fencing_token() < b.fencing_token());
+    b.release().await.unwrap();
+    let c = sem_other.try_acquire().await.unwrap();
+    a.release().await.unwrap();
+    c.release().await.unwrap();
+
+    // A read-write lock: readers share across managers, a writer excludes them.
+    let rw = locks.rw_lock(unique_key("cluster-rw")).unwrap();
+    let rw_other = other.rw_lock(rw.name()).unwrap();
+    let r1 = rw.try_read().await.unwrap();
+    let r2 = rw_other.try_read().await.unwrap();
+    assert!(rw.try_write().await.unwrap_err().is_held_by_other());
+    r1.release().await.unwrap();
+    r2.release().await.unwrap();
+    let w = rw_other.try_write().await.unwrap();
+    assert!(rw.try_read().await.unwrap_err().is_held_by_other());
+    w.release().await.unwrap();
+
+    // lock_all over names owned by every primary: all taken, each on its own owner.
+    let primaries = cluster.primaries().await;
+    let mut names: Vec<String> = Vec::new();
+    let mut owners = Vec::new();
+    while owners.len() < primaries.len() {
+        let name = unique_key("cluster-all");
+        let owner = cluster.owner(lease_key(&name).as_bytes()).await;
+        if !owners.contains(&owner) {
+            owners.push(owner);
+            names.push(name);
+        }
+    }
+    let all = locks.lock_all(&names).await.unwrap();
+    for (name, owner) in names.iter().zip(&owners) {
+        let there: bool = cluster
+            .node_conn(*owner)
+            .await
+            .exists(lease_key(name))
+            .await
+            .unwrap();
+        assert!(there, "{name} on its slot's owner");
+        assert!(other.try_lock(name).await.unwrap_err().is_held_by_other());
+    }
+    // Overlapping sets from the other manager wait, then get them all.
+    let waiting = {
+        let (other, mut reversed) = (other.clone(), names.clone());
+        reversed.reverse();
+        tokio::spawn(async move {
+            other
+                .lock_all_with(
+                    &reversed,
+                    LockOptions::new().with_wait(Duration::from_secs(10)),
+                )
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    all.release().await.unwrap();
+    let theirs = waiting
+        .await
+        .unwrap()
+        .expect("the other set after the release");
+    theirs.release().await.unwrap();
+
+    // Nothing left but fencing counters (semaphores and read-write locks keep one per
+    // name, with a TTL): every lease, permit, reader and intent key is gone.
+    let mut leftover = Vec::new();
+    for port in cluster.primaries().await {
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg("distlock:*")
+            .query_async(&mut cluster.node_conn(port).await)
+            .await
+            .unwrap();
+        leftover.extend(keys.into_iter().filter(|k| !k.ends_with(":fence")));
+    }
+    assert!(leftover.is_empty(), "left behind: {leftover:?}");
+}
