@@ -575,6 +575,73 @@ async fn an_ensemble_keeps_locks_through_a_lost_member_and_recovers_its_quorum()
     guard.release().await.expect("release");
 }
 
+/// A holder whose server is a follower that stops (SIGSTOP: cut off from the leader and
+/// from its client at once): the leader expires the session from its own clock, and the
+/// holder's belief must end first. A waiter on the other two members gets the lock, never
+/// before the holder's `valid_until()` and `lost()`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_holder_behind_a_stopped_follower_stops_believing_before_the_leader_expires_it() {
+    if !require_zookeeper() {
+        return;
+    }
+    let servers = ZkServer::ensemble(3);
+    let session = Duration::from_secs(4);
+    let mode = |i: usize| servers[i].four_letter("srvr").unwrap_or_default();
+    let follower = (0..3)
+        .find(|&i| mode(i).contains("Mode: follower"))
+        .expect("a follower");
+    let others: Vec<String> = (0..3)
+        .filter(|&i| i != follower)
+        .map(|i| servers[i].host())
+        .collect();
+    // The holder knows only the follower: it cannot move its session elsewhere.
+    let holder = manager_at(
+        &format!("zk://{}/t-follower", servers[follower].host()),
+        session,
+    )
+    .await;
+    let waiter = manager_at(&format!("zk://{}/t-follower", others.join(",")), session).await;
+    let guard = holder.lock("f").await.expect("holder");
+    let first = guard.fencing_token().expect("zxid");
+    let lost = guard.lost();
+    let waiting = tokio::spawn(async move {
+        let g = waiter
+            .lock_with("f", options(session).with_wait(Duration::from_secs(60)))
+            .await
+            .expect("waiter");
+        (Instant::now(), g, waiter)
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let cut = Instant::now();
+    servers[follower].pause(true);
+    let reason = tokio::time::timeout(session * 2, lost)
+        .await
+        .expect("lost() within twice the session timeout");
+    let lost_at = Instant::now();
+    let believed = guard.valid_until();
+    assert_eq!(reason, LostReason::Unreachable);
+    let (acquired_at, g, _waiter) = tokio::time::timeout(Duration::from_secs(60), waiting)
+        .await
+        .expect("the waiter gets the lock once the session expires")
+        .expect("waiter task");
+    servers[follower].pause(false);
+    assert!(
+        acquired_at >= lost_at && acquired_at >= believed,
+        "the waiter got the lock {:?} before the holder stopped believing",
+        believed.max(lost_at).saturating_duration_since(acquired_at)
+    );
+    eprintln!(
+        "follower stopped: lost() {:?} after the cut, the waiter got the lock {:?} after it \
+         (margin {:?})",
+        lost_at - cut,
+        acquired_at - cut,
+        acquired_at - lost_at
+    );
+    assert!(g.fencing_token().expect("zxid") > first);
+    g.release().await.expect("release");
+    drop(guard);
+}
+
 /// The child of `mutual_exclusion_across_processes`: increments the counter file under
 /// the lock, non-atomically.
 async fn counting_child() {
