@@ -280,10 +280,15 @@ impl Inner {
         }
     }
 
-    /// Wakes everyone: `node`'s connection is gone and messages may have been missed.
+    /// `node`'s connection is gone (or could not be made, if `failed`). Wakes everyone if
+    /// messages may have been missed (the node had subscriptions) or too few nodes are left
+    /// to listen on: a waiter that slept sure of a notification must not sleep on. A node
+    /// that never subscribed anything wakes nobody, so one that stays down does not make
+    /// the waiters of a manager over several nodes attempt at every retry.
     fn connection_lost(&self, node: usize, failed: bool) {
         let slots = {
             let mut state = self.state();
+            let had_subscriptions = state.subscribed.get(node).is_some_and(|s| !s.is_empty());
             if let Some(subscribed) = state.subscribed.get_mut(node) {
                 subscribed.clear();
             }
@@ -293,7 +298,12 @@ impl Inner {
                     *flag = true;
                 }
             }
-            state.queues.wake_all()
+            let working = state.failed.iter().filter(|failed| !**failed).count();
+            if had_subscriptions || working < self.need {
+                state.queues.wake_all()
+            } else {
+                Vec::new()
+            }
         };
         for slot in slots {
             slot.wake.notify_one();

@@ -264,3 +264,46 @@ async fn after_a_collision_retries_touch_only_the_keys_first_node() {
         assert_eq!(value, expected, "node {i}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_stays_down_does_not_wake_the_waiters_again_and_again() {
+    let nodes = five_nodes().await;
+    let holder = redlock(&nodes).await;
+    let waiters = redlock(&nodes).await;
+    let name = unique_key("redlock-down-node");
+    let guard = holder
+        .lock_with(&name, LockOptions::new().with_ttl(HOLDER_TTL))
+        .await
+        .unwrap();
+    // One node down before anybody waits: its subscription can never be made.
+    nodes[4].stop().await;
+    let before = support::command_calls(&mut nodes[0].conn().await, "set").await;
+    let mut tasks = Vec::new();
+    for _ in 0..3 {
+        let (waiters, name) = (waiters.clone(), name.clone());
+        tasks.push(tokio::spawn(async move {
+            let guard = waiters
+                .lock_with(&name, slow_polling(Duration::from_secs(60)))
+                .await?;
+            guard.release().await
+        }));
+    }
+    until_subscribed_on(&nodes[..4], 4).await;
+    // Four seconds of waiting while the down node's subscription task retries (its pauses
+    // grow from 50 ms to 2 s): the waiters poll every 5 s, so a waiter that attempts
+    // again here was woken by a failed retry.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let attempts = support::command_calls(&mut nodes[0].conn().await, "set").await - before;
+    assert!(
+        attempts <= 6,
+        "{attempts} attempts by 3 waiters in 4 s: woken by the down node's retries"
+    );
+    let released = Instant::now();
+    guard.release().await.unwrap();
+    for task in tasks {
+        task.await
+            .unwrap()
+            .expect("every waiter got the lock in turn");
+    }
+    assert!(released.elapsed() < Duration::from_secs(10), "handed on");
+}
