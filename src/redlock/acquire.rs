@@ -92,17 +92,32 @@ where
         if skip {
             return self.acquire_on(key, token, ttl, started, Vec::new()).await;
         }
-        let limit = self.node_timeout;
         let answer = bounded(
-            limit,
+            self.node_timeout,
             self.nodes[first].store.acquire_here(key, token, ttl, false),
         )
         .await;
+        self.then_the_rest(key, token, ttl, started, first, answer)
+            .await
+    }
+
+    /// After node `first` answered `answer`: "held" ends the attempt (nothing was set
+    /// anywhere); otherwise the other nodes are asked and the votes counted. A failed
+    /// first node is left out of the first-node order for a while.
+    async fn then_the_rest(
+        &self,
+        key: &LockKey,
+        token: &Token,
+        ttl: Ttl,
+        started: Instant,
+        first: usize,
+        answer: Result<Acquire>,
+    ) -> Result<Acquire> {
         if let Ok(Acquire::Held { pttl }) = answer {
-            // Nothing was set anywhere: no cleanup.
             return Ok(Acquire::Held { pttl });
         }
-        if answer.is_err() {
+        if let Err(e) = &answer {
+            tracing::debug!(key = %key, error = %e, "the key's first node failed; asking every node");
             self.note_failed(first);
         }
         let mut known: Vec<Option<Result<Acquire>>> = self.nodes.iter().map(|_| None).collect();
@@ -111,8 +126,7 @@ where
     }
 
     /// Asks every node whose answer is not `known` (all of them if `known` is empty) at
-    /// once, and counts the votes
-    /// from `started`. Unless the lease is ours, releases it again wherever this attempt
+    /// once, and counts the votes from `started`. Unless the lease is ours, releases it again wherever this attempt
     /// may have set it.
     pub(super) async fn acquire_on(
         &self,
@@ -224,25 +238,16 @@ where
     ) -> Result<Acquire> {
         let started = Instant::now();
         let first = self.first_node(key);
-        let limit = self.node_timeout;
+        // "Held" here means queued (or refreshed) on the first node.
         let answer = bounded(
-            limit,
+            self.node_timeout,
             self.nodes[first]
                 .store
                 .acquire_queued_here(key, token, ttl, false, queue),
         )
         .await;
-        if let Ok(Acquire::Held { pttl }) = answer {
-            // Queued (or refreshed) on the first node; nothing set anywhere.
-            return Ok(Acquire::Held { pttl });
-        }
-        if let Err(e) = &answer {
-            tracing::debug!(key = %key, error = %e, "the fair queue's node failed; asking every node");
-            self.note_failed(first);
-        }
-        let mut known: Vec<Option<Result<Acquire>>> = self.nodes.iter().map(|_| None).collect();
-        known[first] = Some(answer);
-        self.acquire_on(key, token, ttl, started, known).await
+        self.then_the_rest(key, token, ttl, started, first, answer)
+            .await
     }
 
     /// Fair mode: `waiter` leaves the queue on the key's first node.

@@ -221,10 +221,14 @@ where
                 .into_iter()
                 .map(|a| a.unwrap_or_else(|| Err(fanout::no_answer(limit))))
                 .collect()
-        } else if by_body {
-            self.ask(|node| node.release_by_body(key, token)).await
         } else {
-            self.ask(|node| node.release_here(key, token)).await
+            let limit = self.node_timeout;
+            join_all(
+                (0..self.nodes.len())
+                    .map(|i| bounded(limit, self.release_one(i, key, token, by_body)))
+                    .collect(),
+            )
+            .await
         };
         let elapsed = started.elapsed();
         match decide_verdict(&answers, self.quorum, true) {
