@@ -768,6 +768,94 @@ async fn a_create_whose_reply_is_lost_finds_its_own_node() {
     until_nodes(&obs, chroot, "r", 0).await;
 }
 
+/// A create issued while the session is disconnected waits in the client and reaches the
+/// server when the session reconnects, after its caller has given up. On Redis such a lease
+/// would end with its TTL; on ZooKeeper the node lives as long as the session, so the
+/// manager must find and delete it once the session is back, or the lock stays taken by
+/// nobody for as long as the manager lives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_create_that_reaches_the_server_after_its_caller_gave_up_is_deleted() {
+    if !require_zookeeper() {
+        return;
+    }
+    let server = zk::shared();
+    let chroot = "/t-late-create";
+    let obs = observer(server).await;
+    let proxy = FaultProxy::start(server.port()).await;
+    let session = Duration::from_secs(4);
+    let locks = LockManager::builder()
+        .with_default_options(options(session))
+        .with_command_timeout(Duration::from_millis(300))
+        .connect(&format!("zk://{}{chroot}", proxy_host(&proxy)))
+        .await
+        .expect("connect through the proxy");
+    // A holder on a direct connection keeps the lock's node in place, so the node's
+    // child version counts every create and delete under it.
+    let direct = manager(server, chroot).await;
+    let held = direct.try_lock("late").await.expect("holder");
+    let dir = format!("{chroot}/distlock/late");
+    let version = || async {
+        obs.check_stat(&dir)
+            .await
+            .expect("stat")
+            .expect("the lock's node")
+            .cversion
+    };
+    let before = version().await;
+    // Cut the link: the session is disconnected (not expired) and its requests wait in the
+    // client. The attempt gives up within its budget.
+    proxy.set(Fault::Reset);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let err = locks
+        .lock_with(
+            "late",
+            // A hold-time cap below the session's TTL gives the attempt its own short TTL,
+            // which also bounds how long a background release of it is tried.
+            options(session)
+                .with_ttl(Duration::from_millis(200))
+                .with_max_hold(Duration::from_millis(200))
+                .with_wait(Duration::from_millis(300)),
+        )
+        .await
+        .expect_err("cut off");
+    assert!(
+        err.is_transient() || matches!(err, Error::Timeout { .. }),
+        "{err}"
+    );
+    // Longer than the abandoned attempt's TTL and command timeout, well within the
+    // session's 4 s (and before the client's reconnect backoff grows past a second): the
+    // link comes back, the session reconnects, the create runs.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    proxy.set(Fault::Pass);
+    let started = Instant::now();
+    loop {
+        let children = nodes(&obs, chroot, "late").await;
+        let made = version().await - before;
+        // Every create the client sent is answered by a delete: an even count, and only
+        // the holder's node left.
+        if made >= 2 && made % 2 == 0 && children.len() == 1 {
+            eprintln!(
+                "late create: {made} changes under the lock, cleared {:?} after the link came back (the attempt failed with: {err})",
+                started.elapsed()
+            );
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the late create's node is still there (children {children:?}, {made} changes)"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The queue is clear: the lock passes on at once.
+    held.release().await.expect("release");
+    let guard = locks
+        .lock_with("late", options(session).with_wait(Duration::from_secs(3)))
+        .await
+        .expect("the lock after the holder's release");
+    guard.release().await.expect("release");
+    until_nodes(&obs, chroot, "late", 0).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_hold_time_cap_bounds_the_belief_and_drop_frees_the_node() {
     if !require_zookeeper() {

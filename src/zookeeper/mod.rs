@@ -8,7 +8,8 @@
 //! - Wait ([`acquire_waiting`](LeaseStore::acquire_waiting)): watch only the immediate
 //!   predecessor (no herd on release), first come first served; a waiter that gives up
 //!   deletes its node, one that is cancelled has it deleted in the background by the
-//!   manager's abandoned-acquire release (by token).
+//!   manager's abandoned-acquire release (by token), which keeps trying for as long as the
+//!   session lives: a create sent while disconnected can reach the server much later.
 //! - Release: delete the node. Extend: a `sync` through the leader, then a read that finds
 //!   the node owned by the current session; it keeps the session alive, so the lease's
 //!   belief counts from its send time with half the negotiated session timeout as TTL
@@ -35,6 +36,9 @@ use session::{bounded, connection_lost, zk_error};
 
 /// A pause before a step is tried again after a connection loss inside a wait.
 const RETRY_PAUSE: Duration = Duration::from_millis(50);
+
+/// A pause between tries of a background release while its session is disconnected.
+const BACKGROUND_PAUSE: Duration = Duration::from_millis(200);
 
 /// One lock node this store created and has not seen deleted.
 #[derive(Debug, Clone)]
@@ -389,7 +393,28 @@ impl LeaseStore for ZkStore {
         key: &'a LockKey,
         token: &'a Token,
     ) -> BoxFuture<'a, Result<Verdict>> {
-        self.release(key, token)
+        Box::pin(async move {
+            // A create sent while the session was disconnected waits in the client and
+            // reaches the server when the session reconnects, maybe long after its caller
+            // gave up; its node then lives as long as the session, not for a TTL. So keep
+            // trying for as long as the session that may have made it lives: once it is
+            // connected, the listing runs after the create (one session's requests run in
+            // order) and the answer is final; a session that stays away ends, and the
+            // server deletes its nodes with it.
+            let session = self.sessions.live().map(|client| client.session_id());
+            loop {
+                let out = bounded("release", self.command_timeout, self.delete(key, token)).await;
+                let same = session.is_some()
+                    && self.sessions.live().map(|client| client.session_id()) == session;
+                match out {
+                    Err(e) if e.is_transient() && same => {
+                        tracing::debug!(error = %e, "ZooKeeper release failed; trying again while the session lives");
+                        tokio::time::sleep(BACKGROUND_PAUSE).await;
+                    }
+                    out => return out,
+                }
+            }
+        })
     }
 
     fn extend_many<'a>(&'a self, batch: &'a [Extension]) -> BoxFuture<'a, Vec<Result<Verdict>>> {
