@@ -5,12 +5,14 @@
 //! each command by its first key and follows `MOVED`/`ASK` redirections. The one call that
 //! touches many locks, the batched auto-extension, is split here by slot: one script call
 //! per slot per tick (never a `CROSSSLOT` error), the slots' calls sent together.
+//! Replica-acknowledged calls send the write and `WAIT` in one pipeline on a cluster
+//! connection of their own, which routes it to the lock's primary.
 
 use redis::cluster_async::ClusterConnection;
 
 use crate::error::Result;
 use crate::key::{LockKey, Token};
-use crate::options::Ttl;
+use crate::options::{Replicas, Ttl};
 use crate::store::{Acquire, BoxFuture, Extension, LeaseStore, RedisStore, Verdict};
 
 /// The number of hash slots of a Redis Cluster.
@@ -88,9 +90,41 @@ impl LeaseStore for ClusterStore {
     }
 
     fn replica_acks(&self) -> Result<()> {
-        // `WAIT` would have to go to the key's primary on a connection of its own; not
-        // routed yet, so refused rather than broadcast or ignored.
-        Err(crate::store::no_replicas("a Redis Cluster manager"))
+        // The write and `WAIT` go in one pipeline on a cluster connection of the ack lane:
+        // routed by the write's key to the lock's primary, never broadcast.
+        self.inner.replica_acks()
+    }
+
+    fn acquire_replicated<'a>(
+        &'a self,
+        key: &'a LockKey,
+        token: &'a Token,
+        ttl: Ttl,
+        fenced: bool,
+        replicas: Replicas,
+    ) -> BoxFuture<'a, Result<Acquire>> {
+        self.inner
+            .acquire_replicated(key, token, ttl, fenced, replicas)
+    }
+
+    fn extend_replicated<'a>(
+        &'a self,
+        key: &'a LockKey,
+        token: &'a Token,
+        ttl: Ttl,
+        replicas: Replicas,
+    ) -> BoxFuture<'a, Result<Verdict>> {
+        self.inner.extend_replicated(key, token, ttl, replicas)
+    }
+
+    fn extend_many_replicated<'a>(
+        &'a self,
+        batch: &'a [Extension],
+        replicas: Replicas,
+    ) -> BoxFuture<'a, Vec<Result<Verdict>>> {
+        Box::pin(per_slot(batch, move |slice| async move {
+            self.inner.extend_many_replicated(&slice, replicas).await
+        }))
     }
 
     fn extend<'a>(
@@ -119,30 +153,39 @@ impl LeaseStore for ClusterStore {
     }
 
     fn extend_many<'a>(&'a self, batch: &'a [Extension]) -> BoxFuture<'a, Vec<Result<Verdict>>> {
-        Box::pin(async move {
-            let groups = by_slot(batch);
-            let calls = groups.iter().map(|members| {
-                let slice: Vec<Extension> = members.iter().map(|&i| batch[i].clone()).collect();
-                async move { self.inner.extend_many(&slice).await }
-            });
-            let answers = join_all(calls).await;
-            let mut out: Vec<Option<Result<Verdict>>> = (0..batch.len()).map(|_| None).collect();
-            for (members, verdicts) in groups.iter().zip(answers) {
-                for (&at, verdict) in members.iter().zip(verdicts) {
-                    out[at] = Some(verdict);
-                }
-            }
-            out.into_iter()
-                .map(|v| {
-                    v.unwrap_or_else(|| {
-                        Err(crate::error::Error::unexpected_reply(
-                            "no answer for a lease of the batch",
-                        ))
-                    })
-                })
-                .collect()
-        })
+        Box::pin(per_slot(batch, move |slice| async move {
+            self.inner.extend_many(&slice).await
+        }))
     }
+}
+
+/// `batch` split by slot, `call` run on each slot's leases (all slots at once), and the
+/// verdicts put back in `batch`'s order.
+async fn per_slot<F, Fut>(batch: &[Extension], call: F) -> Vec<Result<Verdict>>
+where
+    F: Fn(Vec<Extension>) -> Fut,
+    Fut: std::future::Future<Output = Vec<Result<Verdict>>>,
+{
+    let groups = by_slot(batch);
+    let calls = groups
+        .iter()
+        .map(|members| call(members.iter().map(|&i| batch[i].clone()).collect()));
+    let answers = join_all(calls).await;
+    let mut out: Vec<Option<Result<Verdict>>> = (0..batch.len()).map(|_| None).collect();
+    for (members, verdicts) in groups.iter().zip(answers) {
+        for (&at, verdict) in members.iter().zip(verdicts) {
+            out[at] = Some(verdict);
+        }
+    }
+    out.into_iter()
+        .map(|v| {
+            v.unwrap_or_else(|| {
+                Err(crate::error::Error::unexpected_reply(
+                    "no answer for a lease of the batch",
+                ))
+            })
+        })
+        .collect()
 }
 
 /// Runs the futures concurrently on this task; their outputs in order.

@@ -93,6 +93,8 @@ impl LockManagerBuilder {
     ///
     /// A failover in a cluster is asynchronous like any Redis replication: a lease written
     /// just before its primary failed may be missing on the promoted replica.
+    /// [`with_replicas`](Self::with_replicas) narrows that window: the write and `WAIT` go
+    /// in one pipeline to the lock's primary, on cluster connections of their own.
     ///
     /// # Errors
     ///
@@ -126,7 +128,7 @@ impl LockManagerBuilder {
             .iter()
             .map(|c| c.get_connection_info().clone())
             .collect();
-        let client = redis::cluster::ClusterClientBuilder::new(infos)
+        let client = redis::cluster::ClusterClientBuilder::new(infos.clone())
             .connection_timeout(self.connect_timeout)
             .response_timeout(self.command_timeout)
             .build()
@@ -147,7 +149,18 @@ impl LockManagerBuilder {
         if self.pubsub.is_none() {
             self.pubsub = clients.into_iter().next();
         }
-        let store = RedisStore::new(conn, None, self.notify);
+        // Replica-acknowledged calls get cluster connections of their own (a `WAIT` blocks
+        // the link it is sent on), opened when used; no response timeout of their own:
+        // the lane bounds each pipeline by the command timeout plus the `WAIT` timeout.
+        let acks = redis::cluster::ClusterClientBuilder::new(infos)
+            .connection_timeout(self.connect_timeout)
+            .build()
+            .map_err(|e| Error::invalid("url", e.to_string()))?;
+        let lane = crate::store::AckLane::new(
+            crate::store::ClusterSource { client: acks },
+            self.command_timeout,
+        );
+        let store = RedisStore::new(conn, None, self.notify).with_ack_lane(lane);
         self.into_manager(Arc::new(crate::cluster::ClusterStore::new(store)))
     }
 }

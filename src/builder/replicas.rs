@@ -15,8 +15,9 @@ impl LockManagerBuilder {
     /// [`without_replicas`](crate::LockOptions::without_replicas)).
     ///
     /// **Connections.** `WAIT` blocks the connection it is sent on until the replicas
-    /// answer or the timeout passes. A manager made by [`connect`](Self::connect) or
-    /// [`connect_sentinel`](Self::connect_sentinel) therefore sends replica-acknowledged
+    /// answer or the timeout passes. A manager made by [`connect`](Self::connect),
+    /// [`connect_sentinel`](Self::connect_sentinel) or `connect_cluster` (feature
+    /// `cluster`; cluster connections, routed to the lock's primary) therefore sends replica-acknowledged
     /// calls on connections of their own (up to 8, opened when first needed, each used by
     /// one call at a time and bounded by the command timeout plus `timeout`), so plain
     /// locks and releases on its shared connection never queue behind a `WAIT`.
@@ -27,7 +28,7 @@ impl LockManagerBuilder {
     ///
     /// Checked at build: `count` ≥ 1, `timeout` between 1 ms and
     /// [`MAX_REPLICA_TIMEOUT`](crate::MAX_REPLICA_TIMEOUT) and shorter than the default TTL;
-    /// a manager over several primaries, a Cluster or ZooKeeper is refused
+    /// a manager over several primaries or ZooKeeper is refused
     /// ([`Error::InvalidArgument`](crate::Error::InvalidArgument)).
     ///
     /// ```no_run

@@ -196,10 +196,10 @@ impl LockOptions {
     /// the acquire waits (see the builder).
     ///
     /// Checked when used: `count` ≥ 1, `timeout` between 1 ms and [`MAX_REPLICA_TIMEOUT`]
-    /// and shorter than the TTL, else [`Error::InvalidArgument`]. Only a single primary
-    /// (`connect`, `build`, `build_pool`, `connect_sentinel`) has replicas to wait for:
-    /// elsewhere (Redlock, Cluster, ZooKeeper, semaphores and read-write locks) asking for it
-    /// is [`Error::InvalidArgument`].
+    /// and shorter than the TTL, else [`Error::InvalidArgument`]. Only a lock with one
+    /// primary (`connect`, `build`, `build_pool`, `connect_sentinel`, `connect_cluster`)
+    /// has replicas to wait for: elsewhere (Redlock, ZooKeeper, semaphores and read-write
+    /// locks) asking for it is [`Error::InvalidArgument`].
     ///
     /// ```
     /// use std::time::Duration;

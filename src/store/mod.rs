@@ -26,6 +26,8 @@ mod scripts;
 pub(crate) use scripts::ScriptRunner;
 
 pub(crate) use queue::{Queue, no_queue};
+#[cfg(feature = "cluster")]
+pub(crate) use replicas::ClusterSource;
 pub(crate) use replicas::{AckLane, ClientSource};
 
 /// A boxed, `Send` future borrowed for `'a`.

@@ -6,7 +6,9 @@
 //! multiplexed connection every command queued behind it would wait as long (up to the
 //! timeout when a replica lags), so a store that can open connections keeps a small lane of
 //! its own ([`AckLane`]): each replica-acknowledged call borrows one connection of it for
-//! its pipeline alone and gives it back when the reply is in. Plain locks never queue
+//! its pipeline alone and gives it back when the reply is in (on a Redis Cluster, each
+//! connection of the lane is a cluster connection of its own, and the pipeline goes to the
+//! primary of the lock's slot). Plain locks never queue
 //! behind a `WAIT`; replica-acknowledged calls wait for each other only beyond
 //! [`ACK_CONNECTIONS`] at once.
 
@@ -27,11 +29,32 @@ use crate::protocol::{Script, script};
 /// wait for a connection to come back.
 pub(crate) const ACK_CONNECTIONS: usize = 8;
 
+/// A connection of an [`AckLane`]: to one primary, or a cluster connection of its own
+/// (which sends each pipeline to the primary of its keys' slot).
+pub(crate) enum AckConn {
+    /// A single server, or the primary the Sentinels name.
+    Single(MultiplexedConnection),
+    /// A Redis Cluster: a pipeline goes to the primary of its first key's slot, and `WAIT`
+    /// (which has no key) rides along to that primary instead of being broadcast.
+    #[cfg(feature = "cluster")]
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+impl AckConn {
+    async fn run(&mut self, pipe: &redis::Pipeline) -> RedisResult<Vec<RedisResult<Value>>> {
+        match self {
+            AckConn::Single(conn) => pipe.query_async(conn).await,
+            #[cfg(feature = "cluster")]
+            AckConn::Cluster(conn) => pipe.query_async(conn).await,
+        }
+    }
+}
+
 /// Opens connections to the primary for an [`AckLane`].
 pub(crate) trait AckSource: Send + Sync + 'static {
     /// A new connection to the current primary, and the generation of the primary it
     /// reaches.
-    fn open(&self) -> BoxFuture<'_, RedisResult<(u64, MultiplexedConnection)>>;
+    fn open(&self) -> BoxFuture<'_, RedisResult<(u64, AckConn)>>;
 
     /// The generation of the current primary, if known: connections of another one are
     /// not reused. A single server is always generation 0.
@@ -47,7 +70,7 @@ pub(crate) struct ClientSource {
 }
 
 impl AckSource for ClientSource {
-    fn open(&self) -> BoxFuture<'_, RedisResult<(u64, MultiplexedConnection)>> {
+    fn open(&self) -> BoxFuture<'_, RedisResult<(u64, AckConn)>> {
         Box::pin(async move {
             // No response timeout of the connection's own: the lane bounds each pipeline by
             // the command timeout plus the `WAIT` timeout.
@@ -58,15 +81,36 @@ impl AckSource for ClientSource {
                 .client
                 .get_multiplexed_async_connection_with_config(&config)
                 .await?;
-            Ok((0, conn))
+            Ok((0, AckConn::Single(conn)))
+        })
+    }
+}
+
+/// A Redis Cluster, through its client: each lane connection is a cluster connection of
+/// its own (one link per primary, opened as it is used).
+#[cfg(feature = "cluster")]
+pub(crate) struct ClusterSource {
+    /// Built without a response timeout: the lane bounds each pipeline.
+    pub(crate) client: redis::cluster::ClusterClient,
+}
+
+#[cfg(feature = "cluster")]
+impl AckSource for ClusterSource {
+    fn open(&self) -> BoxFuture<'_, RedisResult<(u64, AckConn)>> {
+        Box::pin(async move {
+            let conn = self.client.get_async_connection().await?;
+            Ok((0, AckConn::Cluster(conn)))
         })
     }
 }
 
 #[cfg(feature = "sentinel")]
 impl AckSource for crate::sentinel::SentinelConnection {
-    fn open(&self) -> BoxFuture<'_, RedisResult<(u64, MultiplexedConnection)>> {
-        Box::pin(self.open_dedicated())
+    fn open(&self) -> BoxFuture<'_, RedisResult<(u64, AckConn)>> {
+        Box::pin(async move {
+            let (generation, conn) = self.open_dedicated().await?;
+            Ok((generation, AckConn::Single(conn)))
+        })
     }
 
     fn generation(&self) -> Option<u64> {
@@ -77,7 +121,7 @@ impl AckSource for crate::sentinel::SentinelConnection {
 /// Connections used only for replica-acknowledged pipelines, one caller at a time each.
 pub(crate) struct AckLane {
     source: Box<dyn AckSource>,
-    idle: Mutex<Vec<(u64, MultiplexedConnection)>>,
+    idle: Mutex<Vec<(u64, AckConn)>>,
     permits: tokio::sync::Semaphore,
     /// The command timeout: a pipeline is bounded by it plus the `WAIT` timeout.
     command_timeout: Duration,
@@ -113,7 +157,7 @@ impl AckLane {
             Some(found) => found,
             None => self.source.open().await?,
         };
-        let result: RedisResult<Vec<RedisResult<Value>>> = pipe.query_async(&mut conn).await;
+        let result = conn.run(pipe).await;
         if result.is_ok() {
             self.idle
                 .lock()

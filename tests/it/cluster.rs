@@ -265,3 +265,140 @@ async fn semaphores_read_write_locks_and_lock_all_work_across_primaries() {
     }
     assert!(leftover.is_empty(), "left behind: {leftover:?}");
 }
+
+/// A name whose lock lives on the primary `owner`.
+async fn name_on(cluster: &Cluster, owner: u16, prefix: &str) -> String {
+    loop {
+        let name = unique_key(prefix);
+        if cluster.owner(lease_key(&name).as_bytes()).await == owner {
+            return name;
+        }
+    }
+}
+
+/// Clients blocked in `WAIT` on one node now.
+async fn blocked_in_wait(conn: &mut redis::aio::MultiplexedConnection) -> usize {
+    let list: String = redis::cmd("CLIENT")
+        .arg("LIST")
+        .query_async(conn)
+        .await
+        .unwrap();
+    list.lines()
+        .filter(|l| l.split(' ').any(|f| f == "cmd=wait"))
+        .filter(|l| {
+            l.split(' ')
+                .any(|f| f.starts_with("flags=") && f.contains('b'))
+        })
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replica_acknowledged_leases_wait_on_the_locks_own_primary() {
+    let cluster = Cluster::start().await;
+    let locks = manager(&cluster).await;
+    let primaries = cluster.primaries().await;
+    let acked = |timeout: Duration| {
+        LockOptions::new()
+            .with_ttl(Duration::from_secs(30))
+            .with_replicas(1, timeout)
+    };
+    // On every primary: the lease and its extension are on that primary's replica when the
+    // calls return, and `WAIT` ran there (never broadcast to the other primaries).
+    for &owner in &primaries {
+        let name = name_on(&cluster, owner, "cluster-acked").await;
+        let replica = cluster.replica_of(owner).await;
+        let mut on_replica = cluster.node_conn(replica).await;
+        // A cluster replica answers reads of its primary's slots only after READONLY.
+        let _: () = redis::cmd("READONLY")
+            .query_async(&mut on_replica)
+            .await
+            .unwrap();
+        let mut waits = Vec::new();
+        for &p in &primaries {
+            waits.push(support::command_calls(&mut cluster.node_conn(p).await, "wait").await);
+        }
+        for fenced in [false, true] {
+            let guard = locks
+                .try_lock_with(&name, acked(Duration::from_secs(1)).with_fencing(fenced))
+                .await
+                .unwrap();
+            assert_eq!(guard.fencing_token().is_some(), fenced);
+            let there: Option<Vec<u8>> = on_replica.get(lease_key(&name)).await.unwrap();
+            assert!(
+                there.is_some(),
+                "on the replica of {owner} (fenced: {fenced})"
+            );
+            guard.extend(Duration::from_secs(60)).await.unwrap();
+            let pttl: i64 = on_replica.pttl(lease_key(&name)).await.unwrap();
+            assert!(pttl > 50_000, "extended on the replica: PTTL {pttl}");
+            guard.release().await.unwrap();
+        }
+        for (&p, before) in primaries.iter().zip(waits) {
+            let now = support::command_calls(&mut cluster.node_conn(p).await, "wait").await;
+            if p == owner {
+                // Two acquires and two extends (and a script resent once by body, if
+                // the primary did not have it yet).
+                assert!(now - before >= 4, "{} WAITs on {p}", now - before);
+            } else {
+                assert_eq!(now, before, "no WAIT on {p}, which does not own the lock");
+            }
+        }
+    }
+    // The replica of one primary frozen: an acquire there is short of replicas, fails with
+    // a typed error and leaves no key; a plain lock on the same primary is not held up by
+    // the pending `WAIT`.
+    let owner = primaries[0];
+    let replica = cluster.replica_of(owner).await;
+    let mut on_owner = cluster.node_conn(owner).await;
+    let short = name_on(&cluster, owner, "cluster-short").await;
+    let plain = name_on(&cluster, owner, "cluster-plain").await;
+    cluster.pause(replica, true);
+    let waiting = {
+        let locks = locks.clone();
+        let short = short.clone();
+        tokio::spawn(async move {
+            locks
+                .try_lock_with(&short, acked(Duration::from_millis(1500)))
+                .await
+        })
+    };
+    let started = Instant::now();
+    while blocked_in_wait(&mut on_owner).await == 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "no WAIT pending"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let guard = locks.try_lock(&plain).await.unwrap();
+    guard.release().await.unwrap();
+    assert_eq!(
+        blocked_in_wait(&mut on_owner).await,
+        1,
+        "the plain lock and release ran while the WAIT was pending"
+    );
+    match waiting.await.unwrap() {
+        Err(Error::NotReplicated {
+            acknowledged,
+            requested,
+            ..
+        }) => assert_eq!((acknowledged, requested), (0, 1)),
+        other => panic!("expected NotReplicated, got {other:?}"),
+    }
+    let left: bool = on_owner.exists(lease_key(&short)).await.unwrap();
+    assert!(!left, "the unacknowledged lease was deleted");
+    cluster.pause(replica, false);
+    // Acknowledged again once the replica is back.
+    let started = Instant::now();
+    let guard = loop {
+        match locks
+            .try_lock_with(&short, acked(Duration::from_secs(2)))
+            .await
+        {
+            Ok(guard) => break guard,
+            Err(e) if e.is_not_replicated() && started.elapsed() < Duration::from_secs(10) => {}
+            Err(e) => panic!("after the replica came back: {e}"),
+        }
+    };
+    guard.release().await.unwrap();
+}

@@ -158,6 +158,53 @@ impl Cluster {
         total
     }
 
+    /// The port of a replica of the primary on `primary` (its `INFO replication`).
+    pub async fn replica_of(&self, primary: u16) -> u16 {
+        let info = info(primary, "replication")
+            .await
+            .expect("the primary answers");
+        info.lines()
+            .filter(|l| l.starts_with("slave"))
+            .flat_map(|l| l.split(','))
+            .find_map(|field| field.strip_prefix("port=")?.parse().ok())
+            .unwrap_or_else(|| panic!("no replica of {primary}: {info}"))
+    }
+
+    /// Freezes (SIGSTOP) or thaws (SIGCONT) the node on `port`: its links stay open, it
+    /// answers nothing, as a stuck or overloaded node does.
+    pub fn pause(&self, port: u16, paused: bool) {
+        let at = self.ports.iter().position(|&p| p == port).expect("a node");
+        let children = self.children.lock().unwrap();
+        let signal = if paused { libc::SIGSTOP } else { libc::SIGCONT };
+        // SAFETY: kill(2) on a child of this process.
+        unsafe {
+            libc::kill(children[at].id() as libc::pid_t, signal);
+        }
+    }
+
+    /// Kills the node on `port` with SIGKILL (no goodbye to the cluster).
+    pub fn kill(&self, port: u16) {
+        let at = self.ports.iter().position(|&p| p == port).expect("a node");
+        let mut children = self.children.lock().unwrap();
+        let _ = children[at].kill();
+        let _ = children[at].wait();
+    }
+
+    /// Waits until the node on `port` is a primary and says `cluster_state:ok`.
+    pub async fn until_primary(&self, port: u16) {
+        wait_for(&format!("node {port} promoted"), || async move {
+            let role = info(port, "replication").await?;
+            let mut conn = conn(port).await?;
+            let state: String = redis::cmd("CLUSTER")
+                .arg("INFO")
+                .query_async(&mut conn)
+                .await
+                .ok()?;
+            Some(role.contains("role:master") && state.contains("cluster_state:ok"))
+        })
+        .await;
+    }
+
     /// A plain connection to one node, for assertions.
     pub async fn node_conn(&self, port: u16) -> redis::aio::MultiplexedConnection {
         conn(port).await.expect("the node answers")
@@ -178,6 +225,10 @@ impl Cluster {
 impl Drop for Cluster {
     fn drop(&mut self) {
         for child in self.children.get_mut().unwrap().iter_mut() {
+            // SAFETY: kill(2) on a child of this process; a frozen node is thawed first.
+            unsafe {
+                libc::kill(child.id() as libc::pid_t, libc::SIGCONT);
+            }
             let _ = child.kill();
             let _ = child.wait();
         }
