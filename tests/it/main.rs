@@ -12,6 +12,8 @@ mod belief;
 mod cancellation;
 #[cfg(feature = "cluster")]
 mod cluster;
+#[cfg(feature = "cluster")]
+mod cluster_failover;
 mod drop;
 mod failures;
 mod fair;
