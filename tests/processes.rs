@@ -52,18 +52,84 @@ impl Section {
 async fn mutual_exclusion_holds_across_processes() {
     if let Some(role) = child::role() {
         assert_eq!(role, "contender");
-        return contend().await;
+        let url = child::param("URL");
+        let locks = LockManager::connect(&url).await.expect("connect");
+        let client = redis::Client::open(url.as_str()).expect("client");
+        let mut raws = Vec::new();
+        for _ in 0..TASKS_PER_PROCESS {
+            raws.push(
+                client
+                    .get_multiplexed_async_connection()
+                    .await
+                    .expect("raw connection"),
+            );
+        }
+        return contend(locks, raws).await;
     }
     let node = RedisNode::start().await;
+    let raw = node.conn().await;
+    contenders_exclude_each_other(
+        "mutual_exclusion_holds_across_processes",
+        &[("URL", node.url())],
+        raw,
+        "one primary",
+    )
+    .await;
+}
+
+/// The same on a Redis Cluster (feature `cluster`): the locks and the counters live on
+/// whichever primaries own their slots.
+#[cfg(feature = "cluster")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_exclusion_holds_across_processes_on_a_cluster() {
+    if let Some(role) = child::role() {
+        assert_eq!(role, "contender");
+        let urls: Vec<String> = child::param("CLUSTER")
+            .split(',')
+            .map(str::to_owned)
+            .collect();
+        let locks = LockManager::builder()
+            .connect_cluster(&urls)
+            .await
+            .expect("connect");
+        let client = redis::cluster::ClusterClient::new(urls).expect("cluster client");
+        let mut raws = Vec::new();
+        for _ in 0..TASKS_PER_PROCESS {
+            raws.push(client.get_async_connection().await.expect("raw connection"));
+        }
+        return contend(locks, raws).await;
+    }
+    let cluster = support::cluster::Cluster::start().await;
+    let raw = redis::cluster::ClusterClient::new(cluster.urls())
+        .expect("cluster client")
+        .get_async_connection()
+        .await
+        .expect("raw connection");
+    contenders_exclude_each_other(
+        "mutual_exclusion_holds_across_processes_on_a_cluster",
+        &[("CLUSTER", cluster.urls().join(","))],
+        raw,
+        "a 3+3 cluster",
+    )
+    .await;
+}
+
+/// Runs [`PROCESSES`] children of `test_name` as contenders with `params`, then checks
+/// their record through `raw`: no two sections of one key overlap, fencing tokens increase
+/// with time, the non-atomic counters are exact, every process held a lock.
+async fn contenders_exclude_each_other<C>(
+    test_name: &str,
+    params: &[(&str, String)],
+    mut raw: C,
+    deployment: &str,
+) where
+    C: redis::aio::ConnectionLike + Send + Sync,
+{
     let prefix = unique_key("procs");
+    let mut params = params.to_vec();
+    params.push(("PREFIX", prefix.clone()));
     let children: Vec<_> = (0..PROCESSES)
-        .map(|_| {
-            child::spawn(
-                "mutual_exclusion_holds_across_processes",
-                "contender",
-                &[("URL", node.url()), ("PREFIX", prefix.clone())],
-            )
-        })
+        .map(|_| child::spawn(test_name, "contender", &params))
         .collect();
     for child in children {
         let id = child.id();
@@ -71,8 +137,6 @@ async fn mutual_exclusion_holds_across_processes() {
         let (status, _) = child.finish(Duration::from_secs(180));
         assert!(status.success(), "contender {id} failed: {status}");
     }
-
-    let mut raw = node.conn().await;
     let mut pids = BTreeSet::new();
     let mut total = 0;
     for k in 0..KEYS {
@@ -114,17 +178,18 @@ async fn mutual_exclusion_holds_across_processes() {
     );
     assert_eq!(pids.len(), PROCESSES, "every process held a lock");
     eprintln!(
-        "mutual exclusion across processes: {PROCESSES} processes x {TASKS_PER_PROCESS} tasks, \
-         {total} sections on {KEYS} keys, 0 overlaps"
+        "mutual exclusion across processes on {deployment}: {PROCESSES} processes x \
+         {TASKS_PER_PROCESS} tasks, {total} sections on {KEYS} keys, 0 overlaps"
     );
 }
 
-/// A child's part: 16 tasks, each taking the keys in turn and doing a non-atomic
-/// read-modify-write of the key's counter under the lock.
-async fn contend() {
-    let url = child::param("URL");
+/// A child's part: 16 tasks, each with its own raw connection, taking the keys in turn
+/// and doing a non-atomic read-modify-write of the key's counter under the lock.
+async fn contend<C>(locks: LockManager, raws: Vec<C>)
+where
+    C: redis::aio::ConnectionLike + Send + Sync + 'static,
+{
     let prefix = Arc::new(child::param("PREFIX"));
-    let locks = LockManager::connect(&url).await.expect("connect");
     let opts = LockOptions::new()
         .with_fencing(true)
         .with_ttl(Duration::from_secs(30))
@@ -135,15 +200,10 @@ async fn contend() {
                 .with_cap(Duration::from_millis(20)),
         );
     let pid = std::process::id();
-    let client = redis::Client::open(url.as_str()).expect("client");
     let mut tasks = Vec::new();
-    for t in 0..TASKS_PER_PROCESS {
+    for (t, mut raw) in raws.into_iter().enumerate() {
         let locks = locks.clone();
         let prefix = Arc::clone(&prefix);
-        let mut raw = client
-            .get_multiplexed_async_connection()
-            .await
-            .expect("raw connection");
         tasks.push(tokio::spawn(async move {
             for c in 0..CYCLES_PER_TASK {
                 let k = (t + c) % KEYS;
@@ -164,7 +224,7 @@ async fn contend() {
                 assert!(guard.is_held(), "the section ended within the lease");
                 let fence = guard
                     .fencing_token()
-                    .expect("a single primary gives fences");
+                    .expect("one primary per lock gives fences");
                 let _: () = raw
                     .rpush(
                         format!("{prefix}:history:{k}"),
