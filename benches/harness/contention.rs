@@ -31,6 +31,17 @@ pub struct Samples {
 }
 
 impl Samples {
+    /// Samples recorded elsewhere (another process): waiting times and handoff latencies
+    /// in ns, and the number of acquisitions.
+    #[allow(dead_code)] // used by the multi-process bench only
+    pub fn from_parts(waits: Vec<u64>, handoffs: Vec<u64>, acquisitions: u64) -> Samples {
+        Samples {
+            waits,
+            handoffs,
+            acquisitions,
+        }
+    }
+
     fn merge(&mut self, other: Samples) {
         self.waits.extend(other.waits);
         self.handoffs.extend(other.handoffs);
@@ -88,6 +99,7 @@ fn acquired(clock: &Clock, samples: &mut Samples, asked_at: u64) {
     samples.acquisitions += 1;
 }
 
+#[allow(dead_code)] // not used by the multi-process bench
 pub async fn run_distlock(
     managers: &[LockManager],
     key: &str,
