@@ -89,7 +89,8 @@ impl LockManagerBuilder {
     /// that owns it; commands follow `MOVED`/`ASK` redirections (redis-rs' cluster
     /// connection). Auto-extension sends one call per slot per tick, never a `CROSSSLOT`
     /// batch. Release notifications use classic pub/sub, which a cluster carries to every
-    /// node: the manager subscribes on the first node that answers.
+    /// node: the manager subscribes through the first URL's node and moves its
+    /// subscription to the next URL's when that node fails.
     ///
     /// A failover in a cluster is asynchronous like any Redis replication: a lease written
     /// just before its primary failed may be missing on the promoted replica.
@@ -147,7 +148,11 @@ impl LockManagerBuilder {
             };
         check_server(&mut conn, first, true).await?;
         if self.pubsub.is_none() {
-            self.pubsub = clients.into_iter().next();
+            // Classic pub/sub reaches every node of a cluster: subscribe through the first
+            // node, and move to the next when it fails.
+            let mut clients = clients.into_iter();
+            self.pubsub = clients.next();
+            self.pubsub_alternatives = clients.collect();
         }
         // Replica-acknowledged calls get cluster connections of their own (a `WAIT` blocks
         // the link it is sent on), opened when used; no response timeout of their own:

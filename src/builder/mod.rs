@@ -63,6 +63,9 @@ pub struct LockManagerBuilder {
     node_timeout: Duration,
     notify: bool,
     pubsub: Option<redis::Client>,
+    /// Where the subscription moves when `pubsub`'s server fails: servers that carry the
+    /// same publications (the other nodes of a cluster). Empty elsewhere.
+    pubsub_alternatives: Vec<redis::Client>,
     connection_times_out: bool,
     replicas: Option<Replicas>,
 }
@@ -76,6 +79,7 @@ impl Default for LockManagerBuilder {
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             notify: true,
             pubsub: None,
+            pubsub_alternatives: Vec::new(),
             connection_times_out: false,
             node_timeout: DEFAULT_NODE_TIMEOUT,
             replicas: None,
@@ -287,11 +291,20 @@ impl LockManagerBuilder {
             store.replica_acks()?;
         }
         let notifier = match (self.notify, self.pubsub) {
-            (true, Some(client)) => Some(Notifier::new(
+            (true, Some(client)) if self.pubsub_alternatives.is_empty() => Some(Notifier::new(
                 client,
                 self.connect_timeout,
                 self.command_timeout,
             )),
+            (true, Some(client)) => {
+                let mut clients = vec![client];
+                clients.extend(self.pubsub_alternatives);
+                Some(Notifier::any_of(
+                    clients,
+                    self.connect_timeout,
+                    self.command_timeout,
+                ))
+            }
             _ => None,
         };
         Ok(LockManager::from_parts(

@@ -55,8 +55,11 @@ struct Inner {
     /// This manager's id (16 hex digits): fair mode's releases announce the next waiter on
     /// the lock's channel for its manager, `<channel>:<id>`, so only that manager hears it.
     id: [u8; 16],
-    /// One per node: a single primary has one, a lock over several primaries one per node.
-    clients: Vec<redis::Client>,
+    /// One list per node (a single primary has one node, a lock over several primaries one
+    /// per primary): the node's subscription connects through the first of its clients,
+    /// and through the next after each failure (a cluster's node list: any node carries
+    /// every publication).
+    clients: Vec<Vec<redis::Client>>,
     /// On how many nodes a channel must be subscribed for its waiters to be listening.
     need: usize,
     connect_timeout: Duration,
@@ -133,10 +136,32 @@ impl Notifier {
         Self::over(vec![client], 1, connect_timeout, timeout)
     }
 
+    /// The notifications of a manager whose publications reach every one of `clients`'
+    /// servers (a Redis Cluster carries classic pub/sub to all its nodes): one
+    /// subscription, through the first client that connects, moved to the next one when
+    /// its server fails.
+    pub(crate) fn any_of(
+        clients: Vec<redis::Client>,
+        connect_timeout: Duration,
+        timeout: Duration,
+    ) -> Self {
+        Self::with_alternatives(vec![clients], 1, connect_timeout, timeout)
+    }
+
     /// The notifications of a manager over the nodes behind `clients`, listening once a
     /// channel is subscribed on `need` of them (at least one, at most all).
     pub(crate) fn over(
         clients: Vec<redis::Client>,
+        need: usize,
+        connect_timeout: Duration,
+        timeout: Duration,
+    ) -> Self {
+        let clients = clients.into_iter().map(|c| vec![c]).collect();
+        Self::with_alternatives(clients, need, connect_timeout, timeout)
+    }
+
+    fn with_alternatives(
+        clients: Vec<Vec<redis::Client>>,
         need: usize,
         connect_timeout: Duration,
         timeout: Duration,

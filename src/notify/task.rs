@@ -30,6 +30,9 @@ pub(super) async fn run(inner: Arc<Inner>, node: usize, id: u64) {
     let _running = Running(Arc::clone(&inner), node, id);
     let mut conn: Option<(PubSubSink, PubSubStream)> = None;
     let mut failures: u32 = 0;
+    // Which of the node's clients the next connection goes through: moved on after every
+    // failure or lost connection (with one client, always that one).
+    let mut through: usize = 0;
     let mut idle_since: Option<Instant> = None;
     loop {
         // Registered before reading the state, so a change in between is not missed.
@@ -66,10 +69,11 @@ pub(super) async fn run(inner: Arc<Inner>, node: usize, id: u64) {
             idle_since = None;
         }
         if conn.is_none() && !wanted.is_empty() {
-            match connect(&inner, node).await {
+            match connect(&inner, node, through).await {
                 Ok(opened) => conn = Some(opened),
                 Err(e) => {
                     failures += 1;
+                    through = through.wrapping_add(1);
                     tracing::debug!(error = %e, "no subscription connection; waiters poll");
                     inner.connection_lost(node, true);
                     pause(&inner, node, retry_pause(failures)).await;
@@ -96,6 +100,7 @@ pub(super) async fn run(inner: Arc<Inner>, node: usize, id: u64) {
                 }
                 Err(Refused::Failed(e)) => {
                     failures += 1;
+                    through = through.wrapping_add(1);
                     tracing::debug!(error = %e, "subscription failed; waiters poll");
                     conn = None;
                     inner.connection_lost(node, true);
@@ -123,6 +128,7 @@ pub(super) async fn run(inner: Arc<Inner>, node: usize, id: u64) {
                 None => {
                     tracing::debug!("subscription connection closed; waking all waiters");
                     conn = None;
+                    through = through.wrapping_add(1);
                     inner.connection_lost(node, false);
                 }
             },
@@ -187,13 +193,18 @@ async fn pause(inner: &Inner, node: usize, pause: Duration) {
     }
 }
 
-async fn connect(inner: &Inner, node: usize) -> redis::RedisResult<(PubSubSink, PubSubStream)> {
-    let pubsub = tokio::time::timeout(
-        inner.connect_timeout,
-        inner.clients[node].get_async_pubsub(),
-    )
-    .await
-    .map_err(|_| timed_out("could not open the subscription connection in time"))??;
+/// Opens the node's subscription connection through its client number `through` (modulo
+/// how many it has).
+async fn connect(
+    inner: &Inner,
+    node: usize,
+    through: usize,
+) -> redis::RedisResult<(PubSubSink, PubSubStream)> {
+    let clients = &inner.clients[node];
+    let at = through % clients.len().max(1);
+    let pubsub = tokio::time::timeout(inner.connect_timeout, clients[at].get_async_pubsub())
+        .await
+        .map_err(|_| timed_out("could not open the subscription connection in time"))??;
     Ok(pubsub.split())
 }
 

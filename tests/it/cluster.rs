@@ -402,3 +402,92 @@ async fn replica_acknowledged_leases_wait_on_the_locks_own_primary() {
     };
     guard.release().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notifications_move_to_another_node_when_theirs_fails() {
+    let cluster = Cluster::start().await;
+    let primaries = cluster.primaries().await;
+    let replica = cluster
+        .ports()
+        .into_iter()
+        .find(|p| !primaries.contains(p))
+        .expect("a replica");
+    // The waiting manager's subscription goes through a replica first (every node carries
+    // the cluster's publications); killing a replica leaves every slot served.
+    let mut urls = vec![format!("redis://127.0.0.1:{replica}")];
+    urls.extend(
+        cluster
+            .urls()
+            .into_iter()
+            .filter(|u| !u.ends_with(&format!(":{replica}"))),
+    );
+    let waiting = LockManager::builder()
+        .connect_cluster(&urls)
+        .await
+        .expect("connect");
+    let locks = manager(&cluster).await;
+    let name = unique_key("cluster-resubscribe");
+    let channel = format!("{}:released", lease_key(&name));
+    let holder = locks
+        .lock_with(&name, LockOptions::new().with_ttl(Duration::from_secs(30)))
+        .await
+        .unwrap();
+    // Polling alone would sleep 5 s between attempts.
+    let slow = LockOptions::new()
+        .with_wait(Duration::from_secs(20))
+        .with_backoff(
+            Backoff::new()
+                .with_base(Duration::from_secs(5))
+                .with_cap(Duration::from_secs(5))
+                .with_jitter(false),
+        );
+    let waiter = tokio::spawn(async move {
+        let guard = waiting.lock_with(&name, slow).await;
+        (guard, Instant::now(), waiting)
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The subscription's node dies: the waiter's channel is subscribed on another node
+    // soon after (`PUBSUB NUMSUB` counts a node's own subscribers). Left on the dead node,
+    // the waiters would poll at the pace of its reconnection tries.
+    let mut on_replica = cluster.node_conn(replica).await;
+    let counts: Vec<(String, u64)> = redis::cmd("PUBSUB")
+        .arg("NUMSUB")
+        .arg(&channel)
+        .query_async(&mut on_replica)
+        .await
+        .unwrap();
+    assert_eq!(
+        counts[0].1, 1,
+        "the waiter listens through the replica first"
+    );
+    cluster.kill(replica);
+    let killed = Instant::now();
+    'moved: loop {
+        for port in cluster.ports().into_iter().filter(|&p| p != replica) {
+            let mut conn = cluster.node_conn(port).await;
+            let counts: Vec<(String, u64)> = redis::cmd("PUBSUB")
+                .arg("NUMSUB")
+                .arg(&channel)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            if counts.iter().any(|(_, n)| *n > 0) {
+                break 'moved;
+            }
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(5),
+            "the waiter's channel is subscribed on no live node"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let released = Instant::now();
+    holder.release().await.unwrap();
+    let (guard, granted, _waiting) = waiter.await.unwrap();
+    guard.unwrap().release().await.unwrap();
+    assert!(
+        granted.duration_since(released) < Duration::from_secs(2),
+        "woken by the release after {:?}",
+        granted.duration_since(released)
+    );
+}

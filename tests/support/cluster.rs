@@ -91,6 +91,11 @@ impl Cluster {
         cluster
     }
 
+    /// The port of every node, primaries and replicas.
+    pub fn ports(&self) -> Vec<u16> {
+        self.ports.clone()
+    }
+
     /// `redis://127.0.0.1:<port>` of every node.
     pub fn urls(&self) -> Vec<String> {
         self.ports
