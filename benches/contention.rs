@@ -22,23 +22,11 @@ mod support;
 #[path = "harness/contention.rs"]
 mod harness;
 
-use std::time::Duration;
-
 use distlock::LockManager;
 use harness::{HOLD, OUTSIDE, print_rows, run_baseline, run_distlock, summarize};
 
 fn main() {
-    let bench_mode = std::env::args().any(|a| a == "--bench");
-    let secs: u64 = std::env::var("DISTLOCK_CONTENTION_SECS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .filter(|s| *s > 0)
-        .unwrap_or(5);
-    let (counts, run): (&[usize], Duration) = if bench_mode {
-        (&[8, 32, 128], Duration::from_secs(secs))
-    } else {
-        (&[8], Duration::from_millis(300))
-    };
+    let (counts, run) = harness::rows_and_run();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

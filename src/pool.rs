@@ -10,12 +10,11 @@
 //!
 //! ```no_run
 //! # #[cfg(feature = "deadpool")]
-//! async fn demo() -> distlock::Result<()> {
+//! async fn demo() -> Result<(), Box<dyn std::error::Error>> {
 //!     use std::time::Duration;
 //!
 //!     let pool = deadpool_redis::Config::from_url("redis://127.0.0.1:6379")
-//!         .create_pool(Some(deadpool_redis::Runtime::Tokio1))
-//!         .expect("a valid pool configuration");
+//!         .create_pool(Some(deadpool_redis::Runtime::Tokio1))?;
 //!     let locks = distlock::LockManager::builder()
 //!         .with_command_timeout(Duration::from_millis(500))
 //!         .build_pool(pool)?;

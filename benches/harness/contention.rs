@@ -8,6 +8,23 @@ use std::time::{Duration, Instant};
 
 use distlock::{Backoff, LockManager, LockOptions};
 
+/// The task counts and the time per row: 8, 32 and 128 tasks for
+/// `DISTLOCK_CONTENTION_SECS` seconds (5) under `cargo bench`, a short smoke run of 8 tasks
+/// for 300 ms under `cargo test`.
+pub fn rows_and_run() -> (&'static [usize], Duration) {
+    let bench_mode = std::env::args().any(|a| a == "--bench");
+    let secs: u64 = std::env::var("DISTLOCK_CONTENTION_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|s| *s > 0)
+        .unwrap_or(5);
+    if bench_mode {
+        (&[8, 32, 128], Duration::from_secs(secs))
+    } else {
+        (&[8], Duration::from_millis(300))
+    }
+}
+
 pub const HOLD: Duration = Duration::from_millis(1);
 pub const OUTSIDE: Duration = Duration::from_millis(1);
 

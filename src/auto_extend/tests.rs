@@ -1,4 +1,7 @@
 //! The auto-extension task's planning, without I/O.
+//!
+//! A unit test module (`#[cfg(test)]`): its `unwrap`s and `panic!`s fail a test on bad
+//! constants or an unexpected plan; no caller's input reaches them.
 
 use super::*;
 use crate::key::{LockKey, Token};

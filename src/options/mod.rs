@@ -206,8 +206,8 @@ impl LockOptions {
     /// use distlock::LockOptions;
     ///
     /// let opts = LockOptions::new().with_replicas(1, Duration::from_millis(100));
-    /// let replicas = opts.replicas().unwrap();
-    /// assert_eq!((replicas.count(), replicas.timeout()), (1, Duration::from_millis(100)));
+    /// let asked = opts.replicas().map(|r| (r.count(), r.timeout()));
+    /// assert_eq!(asked, Some((1, Duration::from_millis(100))));
     /// assert_eq!(opts.without_replicas().replicas(), None);
     /// ```
     pub const fn with_replicas(mut self, count: u32, timeout: Duration) -> Self {

@@ -7,7 +7,19 @@ use std::time::{Duration, Instant};
 use distlock::{Backoff, Error, LockManager, LockOptions};
 use redis::AsyncCommands;
 use support::cluster::Cluster;
-use support::{lease_key, unique_key};
+use support::{blocked_in_wait, lease_key, unique_key};
+
+/// A wait whose polls are 5 s apart: a quick handoff can only come from a notification.
+fn five_second_polls() -> LockOptions {
+    LockOptions::new()
+        .with_wait(Duration::from_secs(20))
+        .with_backoff(
+            Backoff::new()
+                .with_base(Duration::from_secs(5))
+                .with_cap(Duration::from_secs(5))
+                .with_jitter(false),
+        )
+}
 
 async fn manager(cluster: &Cluster) -> LockManager {
     LockManager::builder()
@@ -136,14 +148,7 @@ async fn a_release_wakes_a_waiter_on_another_primary_connection() {
         .unwrap();
     // Polling alone would sleep at least 5 s between attempts: only the notification
     // can hand the lock over quickly.
-    let slow = LockOptions::new()
-        .with_wait(Duration::from_secs(20))
-        .with_backoff(
-            Backoff::new()
-                .with_base(Duration::from_secs(5))
-                .with_cap(Duration::from_secs(5))
-                .with_jitter(false),
-        );
+    let slow = five_second_polls();
     let waiter = tokio::spawn(async move {
         let guard = waiting.lock_with(&name, slow).await;
         (guard, Instant::now())
@@ -274,22 +279,6 @@ async fn name_on(cluster: &Cluster, owner: u16, prefix: &str) -> String {
             return name;
         }
     }
-}
-
-/// Clients blocked in `WAIT` on one node now.
-async fn blocked_in_wait(conn: &mut redis::aio::MultiplexedConnection) -> usize {
-    let list: String = redis::cmd("CLIENT")
-        .arg("LIST")
-        .query_async(conn)
-        .await
-        .unwrap();
-    list.lines()
-        .filter(|l| l.split(' ').any(|f| f == "cmd=wait"))
-        .filter(|l| {
-            l.split(' ')
-                .any(|f| f.starts_with("flags=") && f.contains('b'))
-        })
-        .count()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -432,15 +421,7 @@ async fn notifications_move_to_another_node_when_theirs_fails() {
         .lock_with(&name, LockOptions::new().with_ttl(Duration::from_secs(30)))
         .await
         .unwrap();
-    // Polling alone would sleep 5 s between attempts.
-    let slow = LockOptions::new()
-        .with_wait(Duration::from_secs(20))
-        .with_backoff(
-            Backoff::new()
-                .with_base(Duration::from_secs(5))
-                .with_cap(Duration::from_secs(5))
-                .with_jitter(false),
-        );
+    let slow = five_second_polls();
     let waiter = tokio::spawn(async move {
         let guard = waiting.lock_with(&name, slow).await;
         (guard, Instant::now(), waiting)

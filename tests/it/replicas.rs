@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use distlock::{Error, LockManager, LockOptions, LostReason};
 use redis::AsyncCommands;
 use support::replicated::ReplicaPair;
-use support::{lease_key, unique_key};
+use support::{blocked_in_wait, lease_key, unique_key};
 
 fn ms(n: u64) -> Duration {
     Duration::from_millis(n)
@@ -19,22 +19,6 @@ fn replicated(count: u32, timeout: Duration) -> LockOptions {
     LockOptions::new()
         .with_ttl(Duration::from_secs(30))
         .with_replicas(count, timeout)
-}
-
-/// The clients on the primary blocked in `WAIT` now.
-async fn blocked_in_wait(conn: &mut redis::aio::MultiplexedConnection) -> usize {
-    let list: String = redis::cmd("CLIENT")
-        .arg("LIST")
-        .query_async(conn)
-        .await
-        .unwrap();
-    list.lines()
-        .filter(|l| l.split(' ').any(|f| f == "cmd=wait"))
-        .filter(|l| {
-            l.split(' ')
-                .any(|f| f.starts_with("flags=") && f.contains('b'))
-        })
-        .count()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

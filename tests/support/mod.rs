@@ -870,3 +870,19 @@ impl Baseline {
         }
     }
 }
+
+/// The clients blocked in `WAIT` on the server behind `conn` now (`CLIENT LIST`).
+pub async fn blocked_in_wait(conn: &mut redis::aio::MultiplexedConnection) -> usize {
+    let list: String = redis::cmd("CLIENT")
+        .arg("LIST")
+        .query_async(conn)
+        .await
+        .expect("CLIENT LIST");
+    list.lines()
+        .filter(|l| l.split(' ').any(|f| f == "cmd=wait"))
+        .filter(|l| {
+            l.split(' ')
+                .any(|f| f.starts_with("flags=") && f.contains('b'))
+        })
+        .count()
+}
