@@ -14,6 +14,8 @@ mod cancellation;
 mod cluster;
 #[cfg(feature = "cluster")]
 mod cluster_failover;
+#[cfg(feature = "cluster")]
+mod cluster_reshard;
 mod drop;
 mod failures;
 mod fair;

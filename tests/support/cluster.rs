@@ -210,6 +210,102 @@ impl Cluster {
         .await;
     }
 
+    /// The hash slot of `key` (`CLUSTER KEYSLOT`).
+    pub async fn slot(&self, key: &[u8]) -> u16 {
+        let mut conn = conn(self.ports[0]).await.expect("a node answers");
+        redis::cmd("CLUSTER")
+            .arg("KEYSLOT")
+            .arg(key)
+            .query_async(&mut conn)
+            .await
+            .expect("CLUSTER KEYSLOT")
+    }
+
+    /// Moves hash slot `slot` from the primary on `from` to the primary on `to`, as
+    /// `redis-cli --cluster reshard` does (`IMPORTING` on the target, `MIGRATING` on the
+    /// source, the keys moved by `MIGRATE`, then the new owner announced to every primary),
+    /// but one key per `MIGRATE` with `pause` before each step: clients meet every
+    /// intermediate state (`ASK` redirections, `TRYAGAIN` for a script whose keys are split
+    /// between the two nodes, `MOVED` once the slot has moved). Returns the keys moved.
+    pub async fn move_slot(&self, slot: u16, from: u16, to: u16, pause: Duration) -> usize {
+        let mut source = conn(from).await.expect("the source answers");
+        let mut target = conn(to).await.expect("the target answers");
+        let source_id = node_id(&mut source).await;
+        let target_id = node_id(&mut target).await;
+        let setslot = |state: &str, id: &str| {
+            let mut cmd = redis::cmd("CLUSTER");
+            cmd.arg("SETSLOT").arg(slot).arg(state).arg(id);
+            cmd
+        };
+        let _: () = setslot("IMPORTING", &source_id)
+            .query_async(&mut target)
+            .await
+            .expect("SETSLOT IMPORTING");
+        let _: () = setslot("MIGRATING", &target_id)
+            .query_async(&mut source)
+            .await
+            .expect("SETSLOT MIGRATING");
+        let mut moved = 0;
+        loop {
+            let keys: Vec<Vec<u8>> = redis::cmd("CLUSTER")
+                .arg("GETKEYSINSLOT")
+                .arg(slot)
+                .arg(1)
+                .query_async(&mut source)
+                .await
+                .expect("GETKEYSINSLOT");
+            let Some(key) = keys.into_iter().next() else {
+                break;
+            };
+            tokio::time::sleep(pause).await;
+            // `NOKEY` (the key expired or was deleted meanwhile) is an `Okay`-like status.
+            let _: redis::Value = redis::cmd("MIGRATE")
+                .arg("127.0.0.1")
+                .arg(to)
+                .arg(&key)
+                .arg(0)
+                .arg(5000)
+                .query_async(&mut source)
+                .await
+                .expect("MIGRATE");
+            moved += 1;
+        }
+        tokio::time::sleep(pause).await;
+        let _: () = setslot("NODE", &target_id)
+            .query_async(&mut target)
+            .await
+            .expect("SETSLOT NODE on the target");
+        let _: () = setslot("NODE", &target_id)
+            .query_async(&mut source)
+            .await
+            .expect("SETSLOT NODE on the source");
+        for port in self.primaries().await {
+            if port != from && port != to {
+                let mut other = conn(port).await.expect("a primary answers");
+                let _: () = setslot("NODE", &target_id)
+                    .query_async(&mut other)
+                    .await
+                    .expect("SETSLOT NODE on another primary");
+            }
+        }
+        moved
+    }
+
+    /// Error replies starting with `prefix` (`TRYAGAIN`, `ASK`, `MOVED`) the primaries
+    /// gave, from `INFO errorstats`, summed.
+    pub async fn errors(&self, prefix: &str) -> u64 {
+        let mut total = 0;
+        for port in self.primaries().await {
+            let stats = info(port, "errorstats").await.unwrap_or_default();
+            total += stats
+                .lines()
+                .filter_map(|l| l.strip_prefix(&format!("errorstat_{prefix}:count=")))
+                .filter_map(|n| n.trim().parse::<u64>().ok())
+                .sum::<u64>();
+        }
+        total
+    }
+
     /// A plain connection to one node, for assertions.
     pub async fn node_conn(&self, port: u16) -> redis::aio::MultiplexedConnection {
         conn(port).await.expect("the node answers")
@@ -252,6 +348,14 @@ async fn conn(port: u16) -> Option<redis::aio::MultiplexedConnection> {
     .await
     .ok()?
     .ok()
+}
+
+async fn node_id(conn: &mut redis::aio::MultiplexedConnection) -> String {
+    redis::cmd("CLUSTER")
+        .arg("MYID")
+        .query_async(conn)
+        .await
+        .expect("CLUSTER MYID")
 }
 
 async fn info(port: u16, section: &str) -> Option<String> {
