@@ -198,6 +198,64 @@ impl SentinelConnection {
             .clone()
     }
 
+    /// Clients for the replicas the Sentinels list for `service` now (`SENTINEL
+    /// REPLICAS`, asked of each Sentinel in turn until one answers within the connect
+    /// timeout), with the credentials, database and TLS settings of the primary found at
+    /// connect; replicas a Sentinel marks down are left out. Empty when no Sentinel
+    /// answers. A replica receives every publish of its primary, and one of them is the
+    /// primary after a failover: release notifications can listen through them when the
+    /// primary is gone.
+    pub(crate) async fn replica_clients(
+        &self,
+        sentinels: &[String],
+        service: &str,
+    ) -> Vec<redis::Client> {
+        let Some(primary) = self.primary_client() else {
+            return Vec::new();
+        };
+        for url in sentinels {
+            let Ok(client) = redis::Client::open(url.as_str()) else {
+                continue;
+            };
+            let asked = async {
+                let mut conn = client
+                    .get_multiplexed_async_connection_with_config(&self.shared.config)
+                    .await?;
+                redis::cmd("SENTINEL")
+                    .arg("REPLICAS")
+                    .arg(service)
+                    .query_async::<Value>(&mut conn)
+                    .await
+            };
+            let Ok(Ok(listed)) = tokio::time::timeout(self.shared.connect_timeout, asked).await
+            else {
+                continue;
+            };
+            let info = primary.get_connection_info();
+            return live_replicas(&listed)
+                .into_iter()
+                .filter_map(|(host, port)| {
+                    let addr = match info.addr() {
+                        redis::ConnectionAddr::Tcp(..) => redis::ConnectionAddr::Tcp(host, port),
+                        redis::ConnectionAddr::TcpTls {
+                            insecure,
+                            tls_params,
+                            ..
+                        } => redis::ConnectionAddr::TcpTls {
+                            host,
+                            port,
+                            insecure: *insecure,
+                            tls_params: tls_params.clone(),
+                        },
+                        _ => return None,
+                    };
+                    redis::Client::open(info.clone().set_addr(addr)).ok()
+                })
+                .collect();
+        }
+        Vec::new()
+    }
+
     /// After a failure a failover explains, the next command asks the Sentinels again
     /// (unless a newer discovery replaced this connection already).
     fn check(&self, generation: u64, err: &redis::RedisError) {
@@ -264,6 +322,44 @@ async fn watch_switches(
         () = closed.notified() => {}
         () = watch => {}
     }
+}
+
+/// The `(ip, port)` of each replica in a `SENTINEL REPLICAS` reply (an array of field
+/// lists, or of maps under RESP3) whose flags say neither down nor disconnected.
+fn live_replicas(listed: &Value) -> Vec<(String, u16)> {
+    let Value::Array(replicas) = listed else {
+        return Vec::new();
+    };
+    let text = |v: &Value| match v {
+        Value::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),
+        Value::SimpleString(s) => Some(s.clone()),
+        _ => None,
+    };
+    replicas
+        .iter()
+        .filter_map(|replica| {
+            let fields: Vec<(String, String)> = match replica {
+                Value::Array(flat) => flat
+                    .chunks(2)
+                    .filter_map(|kv| Some((text(kv.first()?)?, text(kv.get(1)?)?)))
+                    .collect(),
+                Value::Map(pairs) => pairs
+                    .iter()
+                    .filter_map(|(k, v)| Some((text(k)?, text(v)?)))
+                    .collect(),
+                _ => return None,
+            };
+            let field = |name: &str| fields.iter().find(|(k, _)| k == name).map(|(_, v)| v);
+            let flags = field("flags")?;
+            if flags
+                .split(',')
+                .any(|f| matches!(f, "s_down" | "o_down" | "disconnected"))
+            {
+                return None;
+            }
+            Some((field("ip")?.clone(), field("port")?.parse().ok()?))
+        })
+        .collect()
 }
 
 /// The service name and the primary's credentials from `"mymaster"` or
@@ -378,6 +474,34 @@ mod tests {
             "WRONGTYPE",
         ));
         assert!(!failover_explains(&wrong_type));
+    }
+
+    #[test]
+    fn replicas_are_read_from_field_lists_or_maps_and_down_ones_left_out() {
+        let bulk = |s: &str| Value::BulkString(s.as_bytes().to_vec());
+        let replica = |ip: &str, port: &str, flags: &str| {
+            Value::Array(
+                ["name", "x", "ip", ip, "port", port, "flags", flags]
+                    .into_iter()
+                    .map(bulk)
+                    .collect(),
+            )
+        };
+        let listed = Value::Array(vec![
+            replica("10.0.0.2", "6380", "slave"),
+            replica("10.0.0.3", "6381", "s_down,slave,disconnected"),
+            Value::Map(vec![
+                (bulk("ip"), bulk("10.0.0.4")),
+                (bulk("port"), bulk("6382")),
+                (bulk("flags"), bulk("slave")),
+            ]),
+            replica("10.0.0.5", "not-a-port", "slave"),
+        ]);
+        assert_eq!(
+            live_replicas(&listed),
+            vec![("10.0.0.2".to_owned(), 6380), ("10.0.0.4".to_owned(), 6382)]
+        );
+        assert!(live_replicas(&Value::Nil).is_empty());
     }
 
     #[test]

@@ -173,7 +173,15 @@ impl<'a> Wait<'a> {
         };
         let poll = poll_at(now, delay, self.deadline);
         if self.failure.is_some() {
-            tokio::time::sleep_until(poll.into()).await;
+            // After a failed attempt (a broken link, a failover) the next one waits for the
+            // backoff, or for a release heard meanwhile: the lock may be free by then.
+            match &self.waiter {
+                Some(waiter) => {
+                    waiter.sleep(poll).await;
+                    waiter.rearm();
+                }
+                None => tokio::time::sleep_until(poll.into()).await,
+            }
             return Ok(());
         }
         if self.waiter.is_none()

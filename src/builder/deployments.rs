@@ -32,9 +32,10 @@ impl LockManagerBuilder {
     /// second owner can take the lock. A manual failover (`SENTINEL FAILOVER`) waits for
     /// the replica to catch up and loses nothing. Use fencing tokens where that matters.
     ///
-    /// Release notifications subscribe on the primary found at connect; a replica receives
-    /// every publish too, so they keep working while that server lives (as primary or
-    /// replica), and waiters poll otherwise.
+    /// Release notifications subscribe on the primary found at connect, and move to one of
+    /// the replicas the Sentinels listed at connect when that server fails: a replica
+    /// receives every publish of its primary, and is the primary after a failover. They
+    /// keep working while any of those servers lives; waiters poll otherwise.
     ///
     /// # Errors
     ///
@@ -66,7 +67,7 @@ impl LockManagerBuilder {
             .collect();
         let (service, auth) = crate::sentinel::service_and_auth(primary)?;
         let conn = crate::sentinel::SentinelConnection::connect(
-            sentinels,
+            sentinels.clone(),
             &service,
             auth,
             self.connect_timeout,
@@ -74,7 +75,10 @@ impl LockManagerBuilder {
         )
         .await?;
         if self.pubsub.is_none() {
+            // Subscribe on the primary, and move to a replica (which receives every
+            // publish, and may be the primary after a failover) when it fails.
             self.pubsub = conn.primary_client();
+            self.pubsub_alternatives = conn.replica_clients(&sentinels, &service).await;
         }
         self.connection_times_out = true;
         // Replica-acknowledged calls get connections of their own to the primary the

@@ -177,8 +177,10 @@ impl Error {
     }
 
     /// `true` for an [`Error::Redis`] of the connection rather than of the request: refused,
-    /// dropped or timed out, a server still loading its data after a restart, or one that is
-    /// no longer the primary (`READONLY`, `MASTERDOWN`: a failover in progress). Trying
+    /// dropped or timed out, a server still loading its data after a restart, or a failover
+    /// in progress (a server that is no longer the primary: `READONLY`, `MASTERDOWN`; no
+    /// Sentinel naming a primary that answers as one yet; a cluster slot without a
+    /// primary: `CLUSTERDOWN`; `TRYAGAIN` while a slot migrates). Trying
     /// again after a pause may succeed; the waiting calls
     /// ([`lock`](crate::LockManager::lock) and friends) do so within their budget. Errors the
     /// server answered to the request itself (`WRONGTYPE`, `NOPERM`, a script error) are
@@ -202,8 +204,10 @@ impl Error {
                         | redis::ServerErrorKind::TryAgain
                         | redis::ServerErrorKind::ReadOnly
                         | redis::ServerErrorKind::MasterDown
+                        | redis::ServerErrorKind::ClusterDown
                 )
             )
+            || matches!(e.kind(), redis::ErrorKind::MasterNameNotFoundBySentinel)
     }
 
     /// A reply that came too late or never: the kind of error a response timeout gives.
@@ -310,4 +314,35 @@ pub(crate) fn display_key(name: &[u8]) -> String {
 /// (`is_timeout()` holds, so it counts as transient).
 pub(crate) fn timed_out(detail: impl Into<String>) -> redis::RedisError {
     std::io::Error::new(std::io::ErrorKind::TimedOut, detail.into()).into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Error;
+    use redis::{ErrorKind, RedisError, ServerErrorKind};
+
+    fn redis(kind: ErrorKind) -> Error {
+        Error::Redis(RedisError::from((kind, "test")))
+    }
+
+    #[test]
+    fn failovers_in_progress_are_transient_and_answers_to_the_request_are_not() {
+        for kind in [
+            ServerErrorKind::ReadOnly,
+            ServerErrorKind::MasterDown,
+            ServerErrorKind::ClusterDown,
+            ServerErrorKind::TryAgain,
+            ServerErrorKind::BusyLoading,
+        ] {
+            assert!(redis(ErrorKind::Server(kind)).is_transient(), "{kind:?}");
+        }
+        assert!(redis(ErrorKind::MasterNameNotFoundBySentinel).is_transient());
+        for kind in [
+            ServerErrorKind::ResponseError,
+            ServerErrorKind::NoScript,
+            ServerErrorKind::NoPerm,
+        ] {
+            assert!(!redis(ErrorKind::Server(kind)).is_transient(), "{kind:?}");
+        }
+    }
 }

@@ -147,3 +147,110 @@ async fn bad_sentinel_arguments_are_typed_errors_without_secrets() {
         other => panic!("expected InvalidArgument, got {other:?}"),
     }
 }
+
+/// The number of subscribers of `channel` on the server on `port` (`PUBSUB NUMSUB`).
+async fn subscribers(set: &SentinelSet, port: u16, channel: &str) -> u64 {
+    let counts: Vec<(String, u64)> = redis::cmd("PUBSUB")
+        .arg("NUMSUB")
+        .arg(channel)
+        .query_async(&mut set.server_conn(port).await)
+        .await
+        .unwrap();
+    counts.first().map_or(0, |(_, n)| *n)
+}
+
+/// Release notifications survive a primary killed with SIGKILL: the waiter's subscription
+/// moves to the replica the Sentinels listed at connect (which receives every publish,
+/// and is the primary after the failover), and the holder's release on the new primary
+/// wakes the waiter at once. Left on the dead server, the subscription would keep trying
+/// it, and the waiter would poll (here 5 s apart).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notifications_survive_a_killed_primary() {
+    let set = SentinelSet::start().await;
+    let [first, second] = set.servers();
+    let connect = || async {
+        LockManager::builder()
+            .connect_sentinel(set.sentinel_urls(), SERVICE)
+            .await
+            .unwrap()
+    };
+    let (locks, waiting) = (connect().await, connect().await);
+    let name = unique_key("sentinel-notify");
+    let channel = format!("{}:released", lease_key(&name));
+    let holder = locks
+        .lock_with(
+            &name,
+            LockOptions::new()
+                .with_ttl(Duration::from_secs(30))
+                .with_replicas(1, Duration::from_secs(2)),
+        )
+        .await
+        .unwrap();
+    let slow = LockOptions::new()
+        .with_wait(Duration::from_secs(40))
+        .with_backoff(
+            distlock::Backoff::new()
+                .with_base(Duration::from_secs(5))
+                .with_cap(Duration::from_secs(5))
+                .with_jitter(false),
+        );
+    let waiter = {
+        let name = name.clone();
+        tokio::spawn(async move {
+            let guard = waiting.lock_with(&name, slow).await;
+            (guard, Instant::now(), waiting)
+        })
+    };
+    support::eventually(
+        Duration::from_secs(5),
+        "the waiter listens on the primary",
+        || async { subscribers(&set, first, &channel).await == 1 },
+    )
+    .await;
+    set.signal_server(first, libc::SIGKILL);
+    let killed = Instant::now();
+    support::eventually(
+        Duration::from_secs(5),
+        "the waiter's channel is subscribed on the surviving server",
+        || async { subscribers(&set, second, &channel).await == 1 },
+    )
+    .await;
+    eprintln!(
+        "subscribed on the replica {:?} after the kill",
+        killed.elapsed()
+    );
+    set.wait_promoted(second).await;
+    eprintln!("promoted {:?} after the kill", killed.elapsed());
+    let released = Instant::now();
+    // The holder's manager may not have heard of the switch yet: its release then fails
+    // on the dead link (a transient error), and the guard's drop releases it in the
+    // background on the new primary.
+    if let Err(e) = holder.release().await {
+        assert!(e.is_transient(), "a release during a failover: {e}");
+    }
+    let (guard, granted, waiting) = waiter.await.unwrap();
+    guard.expect("granted").release().await.unwrap();
+    eprintln!(
+        "granted {:?} after the release",
+        granted.duration_since(released)
+    );
+    assert!(
+        granted.duration_since(released) < Duration::from_secs(2),
+        "woken by the release after {:?}",
+        granted.duration_since(released)
+    );
+    let left: bool = set
+        .server_conn(second)
+        .await
+        .exists(lease_key(&name))
+        .await
+        .unwrap();
+    assert!(!left, "released on the new primary");
+    drop((waiting, locks));
+    support::eventually(
+        Duration::from_secs(3),
+        "the subscription ends with the manager",
+        || async { subscribers(&set, second, &channel).await == 0 },
+    )
+    .await;
+}
