@@ -7,13 +7,14 @@
 //! per slot per tick (never a `CROSSSLOT` error), the slots' calls sent together.
 //! Replica-acknowledged calls send the write and `WAIT` in one pipeline on a cluster
 //! connection of their own, which routes it to the lock's primary.
+//! Fair mode works as on one primary: the queue shares the lock's hash tag.
 
 use redis::cluster_async::ClusterConnection;
 
 use crate::error::Result;
 use crate::key::{LockKey, Token};
 use crate::options::{Replicas, Ttl};
-use crate::store::{Acquire, BoxFuture, Extension, LeaseStore, RedisStore, Verdict};
+use crate::store::{Acquire, BoxFuture, Extension, LeaseStore, Queue, RedisStore, Verdict};
 
 /// The number of hash slots of a Redis Cluster.
 const SLOTS: u16 = 16384;
@@ -150,6 +151,27 @@ impl LeaseStore for ClusterStore {
 
     fn scripts(&self) -> Option<std::sync::Arc<dyn crate::store::ScriptRunner>> {
         self.inner.scripts()
+    }
+
+    fn queues(&self) -> bool {
+        // Fair mode: the waiter queue shares the lock's hash tag, so the queue scripts
+        // and the release that names the head run in the lock's slot, on its primary.
+        self.inner.queues()
+    }
+
+    fn acquire_queued<'a>(
+        &'a self,
+        key: &'a LockKey,
+        token: &'a Token,
+        ttl: Ttl,
+        fenced: bool,
+        queue: Queue<'a>,
+    ) -> BoxFuture<'a, Result<Acquire>> {
+        self.inner.acquire_queued(key, token, ttl, fenced, queue)
+    }
+
+    fn leave_queue<'a>(&'a self, key: &'a LockKey, waiter: &'a [u8]) -> BoxFuture<'a, Result<()>> {
+        self.inner.leave_queue(key, waiter)
     }
 
     fn extend_many<'a>(&'a self, batch: &'a [Extension]) -> BoxFuture<'a, Vec<Result<Verdict>>> {

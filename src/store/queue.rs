@@ -16,8 +16,9 @@ use crate::protocol::script;
 pub(crate) fn no_queue() -> Error {
     Error::invalid(
         "fair",
-        "fair mode needs a single primary: its waiter queue lives beside the lease on one \
-         server (see the crate docs on Redlock)",
+        "fair mode needs a waiter queue beside the lease, which this deployment does not \
+         keep (it is offered on one primary, through Sentinel, on a Cluster and over \
+         Redlock; ZooKeeper serves waiters in arrival order already)",
     )
 }
 

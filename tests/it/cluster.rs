@@ -472,3 +472,59 @@ async fn notifications_move_to_another_node_when_theirs_fails() {
         granted.duration_since(released)
     );
 }
+
+/// Fair mode on a cluster: the queue lives beside the lease in the lock's slot, so the
+/// waiters of four managers are served in the order they queued, whichever primary owns
+/// the lock; nothing is left but the fencing counter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fair_mode_serves_waiters_of_many_managers_in_arrival_order() {
+    const WAITERS: usize = 8;
+    let cluster = Cluster::start().await;
+    let mut locks = Vec::new();
+    for _ in 0..4 {
+        locks.push(manager(&cluster).await);
+    }
+    let name = unique_key("cluster-fair");
+    let queue = format!("{}:q", lease_key(&name));
+    let mut owner = cluster
+        .node_conn(cluster.owner(lease_key(&name).as_bytes()).await)
+        .await;
+    let opts = support::contended(Duration::from_secs(30)).with_fair(true);
+    let order = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let guard = locks[0].lock_with(&name, opts).await.unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..WAITERS {
+        // Managers in a scrambled order, so arrival order is not manager order.
+        let (locks, name, order) = (locks[(i * 3 + 1) % 4].clone(), name.clone(), order.clone());
+        tasks.push(tokio::spawn(async move {
+            let guard = locks.lock_with(&name, opts).await.expect("served");
+            order.lock().unwrap().push(i);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            guard.release().await.expect("release");
+        }));
+        support::eventually(Duration::from_secs(5), "queued", || {
+            let (queue, mut owner) = (queue.clone(), owner.clone());
+            async move {
+                let n: usize = owner.zcard(&queue).await.unwrap();
+                n == i + 1
+            }
+        })
+        .await;
+    }
+    guard.release().await.unwrap();
+    for task in tasks {
+        tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .expect("every waiter got its turn")
+            .unwrap();
+    }
+    assert_eq!(*order.lock().unwrap(), (0..WAITERS).collect::<Vec<_>>());
+    drop(locks);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let left: Vec<String> = redis::cmd("KEYS")
+        .arg("distlock:*")
+        .query_async(&mut owner)
+        .await
+        .unwrap();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}

@@ -74,7 +74,8 @@ fn contender(
     })
 }
 
-/// Three locks (plain; fenced; fenced with a 200 ms TTL, held 250 ms under auto-extension), 2 managers × 3 tasks each, while every
+/// Four locks (plain; fenced; fair and fenced; fenced with a 200 ms TTL, held 250 ms under
+/// auto-extension), 2 managers × 3 tasks each, while every
 /// lock's slot is moved to another primary and back, twice, one key per `MIGRATE` with
 /// 20 ms between steps. No two holders overlap, fencing tokens only grow, every counter
 /// equals the sections run on its lock, errors are typed and transient, and nothing but
@@ -87,6 +88,7 @@ async fn locks_exclude_and_count_exactly_while_their_slots_move_between_primarie
     let variants = [
         ("plain", contended),
         ("fenced", contended.with_fencing(true)),
+        ("fair", contended.with_fencing(true).with_fair(true)),
         (
             "auto-extended",
             contended
