@@ -11,6 +11,7 @@ use distlock::{Backoff, LockManager, LockOptions};
 /// The task counts and the time per row: 8, 32 and 128 tasks for
 /// `DISTLOCK_CONTENTION_SECS` seconds (5) under `cargo bench`, a short smoke run of 8 tasks
 /// for 300 ms under `cargo test`.
+#[allow(dead_code)] // not used by the peer comparison
 pub fn rows_and_run() -> (&'static [usize], Duration) {
     let bench_mode = std::env::args().any(|a| a == "--bench");
     let secs: u64 = std::env::var("DISTLOCK_CONTENTION_SECS")
@@ -155,6 +156,59 @@ pub async fn run_distlock(
                 tokio::time::sleep(HOLD).await;
                 clock.last_release.store(clock.now(), Ordering::Release);
                 guard.release().await.expect("release");
+                tokio::time::sleep(OUTSIDE).await;
+            }
+            samples
+        }));
+    }
+    tokio::time::sleep(run).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut all = Samples::default();
+    for h in handles {
+        all.merge(h.await.expect("task"));
+    }
+    all
+}
+
+/// `tasks` tasks looping on a lock of another library, with the same loop, clock and
+/// samples as distlock's rows: `acquire` waits for the lock and returns it, `release`
+/// gives it back.
+#[allow(dead_code)] // used by the peer comparison only
+pub async fn run_peer<L, A, AF, R, RF>(
+    tasks: usize,
+    run: Duration,
+    acquire: A,
+    release: R,
+) -> Samples
+where
+    L: Send + 'static,
+    A: Fn(usize) -> AF + Clone + Send + Sync + 'static,
+    AF: std::future::Future<Output = L> + Send,
+    R: Fn(L) -> RF + Clone + Send + Sync + 'static,
+    RF: std::future::Future<Output = ()> + Send,
+{
+    let clock = Arc::new(Clock {
+        base: Instant::now(),
+        last_release: AtomicU64::new(0),
+    });
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut handles = Vec::new();
+    for t in 0..tasks {
+        let (clock, stop, acquire, release) = (
+            Arc::clone(&clock),
+            Arc::clone(&stop),
+            acquire.clone(),
+            release.clone(),
+        );
+        handles.push(tokio::spawn(async move {
+            let mut samples = Samples::default();
+            while !stop.load(Ordering::Relaxed) {
+                let asked = clock.now();
+                let lock = acquire(t).await;
+                acquired(&clock, &mut samples, asked);
+                tokio::time::sleep(HOLD).await;
+                clock.last_release.store(clock.now(), Ordering::Release);
+                release(lock).await;
                 tokio::time::sleep(OUTSIDE).await;
             }
             samples
