@@ -199,17 +199,24 @@ impl SentinelConnection {
     }
 
     /// Clients for the replicas the Sentinels list for `service` now (`SENTINEL
-    /// REPLICAS`, asked of each Sentinel in turn until one answers within the connect
-    /// timeout), with the credentials, database and TLS settings of the primary found at
-    /// connect; replicas a Sentinel marks down are left out. Empty when no Sentinel
-    /// answers. A replica receives every publish of its primary, and one of them is the
+    /// REPLICAS`, asked of each Sentinel in turn until one answers, all within `budget`),
+    /// with the credentials, database and TLS settings of the primary found at connect;
+    /// replicas a Sentinel marks down are left out. Empty when no Sentinel answers in
+    /// time. A replica receives every publish of its primary, and one of them is the
     /// primary after a failover: release notifications can listen through them when the
     /// primary is gone.
     pub(crate) async fn replica_clients(
         &self,
         sentinels: &[String],
         service: &str,
+        budget: Duration,
     ) -> Vec<redis::Client> {
+        tokio::time::timeout(budget, self.list_replicas(sentinels, service))
+            .await
+            .unwrap_or_default()
+    }
+
+    async fn list_replicas(&self, sentinels: &[String], service: &str) -> Vec<redis::Client> {
         let Some(primary) = self.primary_client() else {
             return Vec::new();
         };

@@ -64,7 +64,7 @@ async fn mutual_exclusion_holds_across_processes() {
                     .expect("raw connection"),
             );
         }
-        return contend(locks, raws).await;
+        return contend(locks, raws, false).await;
     }
     let node = RedisNode::start().await;
     let raw = node.conn().await;
@@ -75,6 +75,43 @@ async fn mutual_exclusion_holds_across_processes() {
         "one primary",
     )
     .await;
+}
+
+/// The same in fair mode: every waiter of the four processes queues in Redis beside the
+/// lock, and is served in its turn.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_exclusion_holds_across_processes_in_fair_mode() {
+    if let Some(role) = child::role() {
+        assert_eq!(role, "contender");
+        let url = child::param("URL");
+        let locks = LockManager::connect(&url).await.expect("connect");
+        let client = redis::Client::open(url.as_str()).expect("client");
+        let mut raws = Vec::new();
+        for _ in 0..TASKS_PER_PROCESS {
+            raws.push(
+                client
+                    .get_multiplexed_async_connection()
+                    .await
+                    .expect("raw connection"),
+            );
+        }
+        return contend(locks, raws, true).await;
+    }
+    let node = RedisNode::start().await;
+    let raw = node.conn().await;
+    contenders_exclude_each_other(
+        "mutual_exclusion_holds_across_processes_in_fair_mode",
+        &[("URL", node.url())],
+        raw,
+        "one primary, fair mode",
+    )
+    .await;
+    let mut raw = node.conn().await;
+    let left: Vec<String> = raw.keys("distlock:*").await.unwrap();
+    assert!(
+        left.iter().all(|k| k.ends_with(":fence")),
+        "only fencing counters are left: {left:?}"
+    );
 }
 
 /// The same on a Redis Cluster (feature `cluster`): the locks and the counters live on
@@ -97,7 +134,7 @@ async fn mutual_exclusion_holds_across_processes_on_a_cluster() {
         for _ in 0..TASKS_PER_PROCESS {
             raws.push(client.get_async_connection().await.expect("raw connection"));
         }
-        return contend(locks, raws).await;
+        return contend(locks, raws, false).await;
     }
     let cluster = support::cluster::Cluster::start().await;
     let raw = redis::cluster::ClusterClient::new(cluster.urls())
@@ -184,13 +221,15 @@ async fn contenders_exclude_each_other<C>(
 }
 
 /// A child's part: 16 tasks, each with its own raw connection, taking the keys in turn
-/// and doing a non-atomic read-modify-write of the key's counter under the lock.
-async fn contend<C>(locks: LockManager, raws: Vec<C>)
+/// and doing a non-atomic read-modify-write of the key's counter under the lock (in fair
+/// mode if `fair`).
+async fn contend<C>(locks: LockManager, raws: Vec<C>, fair: bool)
 where
     C: redis::aio::ConnectionLike + Send + Sync + 'static,
 {
     let prefix = Arc::new(child::param("PREFIX"));
     let opts = LockOptions::new()
+        .with_fair(fair)
         .with_fencing(true)
         .with_ttl(Duration::from_secs(30))
         .with_wait(Duration::from_secs(120))
@@ -409,4 +448,85 @@ async fn a_killed_waiter_holds_up_a_fair_queue_at_most_its_entry_lease() {
     );
     eprintln!("a killed waiter held up the fair queue {waited:?} (entry lease {QUEUE_LEASE:?})");
     support::eventually(Duration::from_secs(2), "the queue is gone", || queued(0)).await;
+}
+
+/// Processes that queue in a known order are served in that order (fair mode): each child
+/// waits for the lock the parent holds, and joins the queue only after the one before it
+/// did; the parent releases, and the order the children got the lock in is the order
+/// they queued in. Nothing is left behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn processes_are_served_in_the_order_they_queued_in_fair_mode() {
+    const CHILDREN: usize = 6;
+    if let Some(role) = child::role() {
+        assert_eq!(role, "queuer");
+        let url = child::param("URL");
+        let locks = LockManager::connect(&url).await.expect("connect");
+        let mut raw = redis::Client::open(url.as_str())
+            .expect("client")
+            .get_multiplexed_async_connection()
+            .await
+            .expect("raw connection");
+        let guard = locks
+            .lock_with(child::param("NAME"), fair_waiting())
+            .await
+            .expect("served in its turn");
+        let _: () = raw
+            .rpush(child::param("ORDER"), child::param("INDEX"))
+            .await
+            .expect("RPUSH");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        guard.release().await.expect("release");
+        return;
+    }
+    let node = RedisNode::start().await;
+    let mut raw = node.conn().await;
+    let name = unique_key("fair-order");
+    let order = format!("{name}:order");
+    let queue = format!("{}:q", support::lease_key(&name));
+    let locks = LockManager::connect(&node.url()).await.unwrap();
+    let guard = locks.lock_with(&name, fair_waiting()).await.unwrap();
+    let mut children = Vec::new();
+    for i in 0..CHILDREN {
+        children.push(child::spawn(
+            "processes_are_served_in_the_order_they_queued_in_fair_mode",
+            "queuer",
+            &[
+                ("URL", node.url()),
+                ("NAME", name.clone()),
+                ("ORDER", order.clone()),
+                ("INDEX", i.to_string()),
+            ],
+        ));
+        let (raw, queue) = (raw.clone(), queue.clone());
+        support::eventually(Duration::from_secs(60), "the child queued", || {
+            let (mut raw, queue) = (raw.clone(), queue.clone());
+            async move {
+                let len: usize = raw.zcard(&queue).await.unwrap();
+                len == i + 1
+            }
+        })
+        .await;
+    }
+    guard.release().await.unwrap();
+    for child in children {
+        let id = child.id();
+        let (status, _) = child.finish(Duration::from_secs(60));
+        assert!(status.success(), "queuer {id} failed: {status}");
+    }
+    let served: Vec<usize> = raw.lrange(&order, 0, -1).await.unwrap();
+    assert_eq!(
+        served,
+        (0..CHILDREN).collect::<Vec<_>>(),
+        "served in queue order"
+    );
+    let _: () = raw.del(&order).await.unwrap();
+    drop(locks);
+    support::eventually(Duration::from_secs(5), "nothing left", || {
+        let mut raw = raw.clone();
+        async move {
+            let left: Vec<String> = raw.keys("*").await.unwrap();
+            left.is_empty()
+        }
+    })
+    .await;
 }

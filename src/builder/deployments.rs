@@ -66,6 +66,7 @@ impl LockManagerBuilder {
             .map(|u| u.as_ref().to_owned())
             .collect();
         let (service, auth) = crate::sentinel::service_and_auth(primary)?;
+        let started = std::time::Instant::now();
         let conn = crate::sentinel::SentinelConnection::connect(
             sentinels.clone(),
             &service,
@@ -78,7 +79,10 @@ impl LockManagerBuilder {
             // Subscribe on the primary, and move to a replica (which receives every
             // publish, and may be the primary after a failover) when it fails.
             self.pubsub = conn.primary_client();
-            self.pubsub_alternatives = conn.replica_clients(&sentinels, &service).await;
+            // Within what is left of the connect timeout: a Sentinel that does not answer
+            // costs the connect no more than the timeout it was given.
+            let left = self.connect_timeout.saturating_sub(started.elapsed());
+            self.pubsub_alternatives = conn.replica_clients(&sentinels, &service, left).await;
         }
         self.connection_times_out = true;
         // Replica-acknowledged calls get connections of their own to the primary the

@@ -20,40 +20,32 @@ impl Cluster {
     /// Starts six nodes, creates the cluster, and returns once every node says
     /// `cluster_state:ok` and every replica is in sync.
     pub async fn start() -> Cluster {
-        let ports: Vec<u16> = (0..6).map(|_| free_port()).collect();
         let mut cluster = Cluster {
-            ports: ports.clone(),
+            ports: Vec::new(),
             children: Mutex::new(Vec::new()),
             dirs: Vec::new(),
         };
-        for &port in &ports {
-            let dir = fresh_data_dir(port);
-            let child = Command::new(redis_server_bin())
-                .args(["--bind", "127.0.0.1", "--protected-mode", "no"])
-                .args([
-                    "--port",
-                    &port.to_string(),
-                    "--save",
-                    "",
-                    "--appendonly",
-                    "no",
-                ])
-                .args(["--dir", dir.to_str().unwrap()])
-                .args(["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"])
-                .args(["--cluster-config-file", &format!("nodes-{port}.conf")])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap_or_else(|e| panic!("spawn {}: {e}", redis_server_bin()));
-            cluster.children.lock().unwrap().push(child);
-            cluster.dirs.push(dir);
+        for _ in 0..6 {
+            // A port from `free_port` can be taken by another process (an outgoing
+            // connection's ephemeral port) before the node binds it; the node then exits.
+            // Such a node is started again on another port.
+            let mut tries = 0;
+            loop {
+                tries += 1;
+                let port = free_port();
+                let dir = fresh_data_dir(port);
+                let mut child = spawn_node(port, &dir);
+                let answers = wait_answers(port, &mut child, &dir).await;
+                cluster.dirs.push(dir);
+                if answers {
+                    cluster.ports.push(port);
+                    cluster.children.lock().unwrap().push(child);
+                    break;
+                }
+                assert!(tries < 5, "no cluster node could start (port {port} last)");
+            }
         }
-        for &port in &ports {
-            wait_for(&format!("node {port} answers"), || async move {
-                Some(info(port, "server").await.is_some())
-            })
-            .await;
-        }
+        let ports = cluster.ports.clone();
         let nodes: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
         let created = Command::new("redis-cli")
             .args(["--cluster", "create"])
@@ -348,6 +340,53 @@ async fn conn(port: u16) -> Option<redis::aio::MultiplexedConnection> {
     .await
     .ok()?
     .ok()
+}
+
+fn spawn_node(port: u16, dir: &std::path::Path) -> Child {
+    Command::new(redis_server_bin())
+        .args(["--bind", "127.0.0.1", "--protected-mode", "no"])
+        .args([
+            "--port",
+            &port.to_string(),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .args(["--dir", dir.to_str().unwrap()])
+        .args(["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"])
+        .args(["--cluster-config-file", &format!("nodes-{port}.conf")])
+        .args(["--logfile", dir.join("node.log").to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {}: {e}", redis_server_bin()))
+}
+
+/// Waits until the node on `port` answers (`true`), or its process has exited (`false`:
+/// it could not bind the port; its log is printed); panics after 60 s.
+async fn wait_answers(port: u16, child: &mut Child, dir: &std::path::Path) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let log = || std::fs::read_to_string(dir.join("node.log")).unwrap_or_default();
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            eprintln!(
+                "cluster node on {port} exited ({status}); starting another:\n{}",
+                log()
+            );
+            return false;
+        }
+        // Ours only if it is still alive once something answers on the port.
+        if info(port, "server").await.is_some() && matches!(child.try_wait(), Ok(None)) {
+            return true;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for: node {port} answers; its log:\n{}",
+            log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 async fn node_id(conn: &mut redis::aio::MultiplexedConnection) -> String {
