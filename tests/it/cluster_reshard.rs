@@ -110,9 +110,9 @@ async fn locks_exclude_and_count_exactly_while_their_slots_move_between_primarie
 async fn fair_locks_keep_being_served_while_their_slot_moves_between_primaries() {
     let contended = support::contended(Duration::from_secs(20));
     // Every script of a fair lock touches its queue keys too: split keys give `TRYAGAIN`
-    // rather than `ASK`.
+    // rather than `ASK`, and with this one lock the clients do not always meet `MOVED`.
     reshard_under_contention(
-        &["TRYAGAIN", "MOVED"],
+        &["TRYAGAIN"],
         &[("fair", contended.with_fencing(true).with_fair(true))],
     )
     .await;
