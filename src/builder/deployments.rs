@@ -96,9 +96,18 @@ impl LockManagerBuilder {
     /// One lock's keys share a hash tag, so each lock lives in one slot, on the primary
     /// that owns it; commands follow `MOVED`/`ASK` redirections (redis-rs' cluster
     /// connection). Auto-extension sends one call per slot per tick, never a `CROSSSLOT`
-    /// batch. Release notifications use classic pub/sub, which a cluster carries to every
-    /// node: the manager subscribes through the first URL's node and moves its
-    /// subscription to the next URL's when that node fails.
+    /// batch.
+    ///
+    /// Release notifications use sharded pub/sub (Redis 7): a release is announced with
+    /// `SPUBLISH` on the lock's channel, which shares the lock's hash tag, so only the
+    /// nodes of the lock's shard carry it, and the manager listens with `SSUBSCRIBE` on
+    /// that shard, over a cluster connection of its own that follows the slots: when a
+    /// lock's slot moves, its channel is subscribed again where the slot went (the
+    /// waiters poll meanwhile). With [`with_notify_via`](Self::with_notify_via) the
+    /// manager uses classic pub/sub through that client instead, and announces with
+    /// `PUBLISH`. Managers that compete for the same locks should agree: one that
+    /// announces one way does not wake the waiters of one that listens the other way
+    /// (they fall back to polling, bounded as always).
     ///
     /// A failover in a cluster is asynchronous like any Redis replication: a lease written
     /// just before its primary failed may be missing on the promoted replica.
@@ -155,12 +164,12 @@ impl LockManagerBuilder {
                 }
             };
         check_server(&mut conn, first, true).await?;
-        if self.pubsub.is_none() {
-            // Classic pub/sub reaches every node of a cluster: subscribe through the first
-            // node, and move to the next when it fails.
-            let mut clients = clients.into_iter();
-            self.pubsub = clients.next();
-            self.pubsub_alternatives = clients.collect();
+        // Releases are announced with `SPUBLISH` and heard with `SSUBSCRIBE` on the lock's
+        // shard, unless the caller chose a client to subscribe through: then classic
+        // pub/sub, which a cluster carries to every node.
+        let sharded = self.pubsub.is_none();
+        if sharded {
+            self.pubsub_shards = Some(infos.clone());
         }
         // Replica-acknowledged calls get cluster connections of their own (a `WAIT` blocks
         // the link it is sent on), opened when used; no response timeout of their own:
@@ -173,7 +182,10 @@ impl LockManagerBuilder {
             crate::store::ClusterSource { client: acks },
             self.command_timeout,
         );
-        let store = RedisStore::new(conn, None, self.notify).with_ack_lane(lane);
+        let mut store = RedisStore::new(conn, None, self.notify).with_ack_lane(lane);
+        if sharded {
+            store = store.with_sharded_announcements();
+        }
         self.into_manager(Arc::new(crate::cluster::ClusterStore::new(store)))
     }
 }

@@ -66,6 +66,10 @@ pub struct LockManagerBuilder {
     /// Where the subscription moves when `pubsub`'s server fails: servers that carry the
     /// same publications (the other nodes of a cluster). Empty elsewhere.
     pubsub_alternatives: Vec<redis::Client>,
+    /// A Redis Cluster's nodes, for sharded pub/sub (`SSUBSCRIBE` on each lock's shard);
+    /// set by [`connect_cluster`](Self::connect_cluster) unless `pubsub` is given.
+    #[cfg(feature = "cluster")]
+    pubsub_shards: Option<Vec<redis::ConnectionInfo>>,
     connection_times_out: bool,
     replicas: Option<Replicas>,
 }
@@ -80,6 +84,8 @@ impl Default for LockManagerBuilder {
             notify: true,
             pubsub: None,
             pubsub_alternatives: Vec::new(),
+            #[cfg(feature = "cluster")]
+            pubsub_shards: None,
             connection_times_out: false,
             node_timeout: DEFAULT_NODE_TIMEOUT,
             replicas: None,
@@ -289,6 +295,17 @@ impl LockManagerBuilder {
     fn into_manager(self, store: Arc<dyn LeaseStore>) -> Result<LockManager> {
         if self.replicas.is_some() {
             store.replica_acks()?;
+        }
+        #[cfg(feature = "cluster")]
+        if let (true, Some(nodes)) = (self.notify, self.pubsub_shards) {
+            let notifier = Notifier::sharded(nodes, self.connect_timeout, self.command_timeout);
+            return Ok(LockManager::from_parts(
+                store,
+                Some(notifier),
+                self.prefix.into(),
+                self.defaults,
+                self.replicas,
+            ));
         }
         let notifier = match (self.notify, self.pubsub) {
             (true, Some(client)) if self.pubsub_alternatives.is_empty() => Some(Notifier::new(

@@ -34,6 +34,7 @@
 //! `N - majority + 1` nodes: then every release a majority confirmed is announced by at
 //! least one node it listens to, so one failed node cannot silence a release.
 
+mod link;
 mod queue;
 mod task;
 
@@ -43,6 +44,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 
+pub(crate) use link::Source;
 use queue::Queues;
 
 /// The pub/sub side of one manager. Dropping it closes the subscription connection and
@@ -55,11 +57,11 @@ struct Inner {
     /// This manager's id (16 hex digits): fair mode's releases announce the next waiter on
     /// the lock's channel for its manager, `<channel>:<id>`, so only that manager hears it.
     id: [u8; 16],
-    /// One list per node (a single primary has one node, a lock over several primaries one
-    /// per primary): the node's subscription connects through the first of its clients,
-    /// and through the next after each failure (a cluster's node list: any node carries
-    /// every publication).
-    clients: Vec<Vec<redis::Client>>,
+    /// One source per node (a single primary has one node, a lock over several primaries
+    /// one per primary): the node's subscription connects through the first of its
+    /// servers, and through the next after each failure (a primary and its replicas: each
+    /// carries every publication), or over a cluster connection (sharded pub/sub).
+    sources: Vec<Source>,
     /// On how many nodes a channel must be subscribed for its waiters to be listening.
     need: usize,
     connect_timeout: Duration,
@@ -145,7 +147,7 @@ impl Notifier {
         connect_timeout: Duration,
         timeout: Duration,
     ) -> Self {
-        Self::with_alternatives(vec![clients], 1, connect_timeout, timeout)
+        Self::with_sources(vec![Source::Servers(clients)], 1, connect_timeout, timeout)
     }
 
     /// The notifications of a manager over the nodes behind `clients`, listening once a
@@ -156,12 +158,28 @@ impl Notifier {
         connect_timeout: Duration,
         timeout: Duration,
     ) -> Self {
-        let clients = clients.into_iter().map(|c| vec![c]).collect();
-        Self::with_alternatives(clients, need, connect_timeout, timeout)
+        let sources = clients
+            .into_iter()
+            .map(|c| Source::Servers(vec![c]))
+            .collect();
+        Self::with_sources(sources, need, connect_timeout, timeout)
     }
 
-    fn with_alternatives(
-        clients: Vec<Vec<redis::Client>>,
+    /// The notifications of a manager on a Redis Cluster whose releases are announced
+    /// with `SPUBLISH`: one cluster connection subscribes each channel with `SSUBSCRIBE`
+    /// on the shard that owns the channel's slot (the lock's), and subscribes it again
+    /// where the slot moves.
+    #[cfg(feature = "cluster")]
+    pub(crate) fn sharded(
+        nodes: Vec<redis::ConnectionInfo>,
+        connect_timeout: Duration,
+        timeout: Duration,
+    ) -> Self {
+        Self::with_sources(vec![Source::Shards(nodes)], 1, connect_timeout, timeout)
+    }
+
+    fn with_sources(
+        sources: Vec<Source>,
         need: usize,
         connect_timeout: Duration,
         timeout: Duration,
@@ -169,12 +187,12 @@ impl Notifier {
         let mut id = [0u8; 16];
         let random = uuid::Uuid::new_v4().simple().to_string();
         id.copy_from_slice(&random.as_bytes()[..16]);
-        let nodes = clients.len();
+        let nodes = sources.len();
         Notifier {
             inner: Arc::new(Inner {
                 id,
                 need: need.clamp(1, nodes.max(1)),
-                clients,
+                sources,
                 connect_timeout,
                 timeout,
                 state: Mutex::new(State::new(nodes)),
@@ -329,6 +347,30 @@ impl Inner {
             } else {
                 Vec::new()
             }
+        };
+        for slot in slots {
+            slot.wake.notify_one();
+        }
+        self.changed.notify_waiters();
+    }
+}
+
+impl Inner {
+    /// The server ended `node`'s subscription of `channel` by itself (its slot moved to
+    /// another shard): it is no longer subscribed there, and its waiters are woken, since
+    /// the release they wait for may have been announced where the slot went. A channel
+    /// not marked subscribed (the echo of our own `SUNSUBSCRIBE`) changes nothing.
+    fn channel_dropped(&self, node: usize, channel: &[u8]) {
+        let slots = {
+            let mut state = self.state();
+            let was = state
+                .subscribed
+                .get_mut(node)
+                .is_some_and(|subscribed| subscribed.remove(channel));
+            if !was {
+                return;
+            }
+            state.queues.wake_channel(channel)
         };
         for slot in slots {
             slot.wake.notify_one();

@@ -2,14 +2,11 @@
 //! connection.
 
 use std::collections::HashSet;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures_core::Stream;
-use redis::aio::{PubSubSink, PubSubStream};
-
 use super::Inner;
+use super::link::{Event, Link};
 use crate::error::timed_out;
 
 /// How long the subscription connection stays open with no waiter before it is closed.
@@ -28,7 +25,7 @@ pub(super) async fn run(inner: Arc<Inner>, node: usize, id: u64) {
     // However the task ends, even dropped unfinished with its runtime, the next waiter
     // starts a new one.
     let _running = Running(Arc::clone(&inner), node, id);
-    let mut conn: Option<(PubSubSink, PubSubStream)> = None;
+    let mut conn: Option<Link> = None;
     let mut failures: u32 = 0;
     // Which of the node's clients the next connection goes through: moved on after every
     // failure or lost connection (with one client, always that one).
@@ -81,8 +78,8 @@ pub(super) async fn run(inner: Arc<Inner>, node: usize, id: u64) {
                 }
             }
         }
-        if let Some((sink, _)) = conn.as_mut() {
-            match reconcile(&inner, node, sink, &wanted, &subscribed).await {
+        if let Some(link) = conn.as_mut() {
+            match reconcile(&inner, node, link, &wanted, &subscribed).await {
                 Ok(()) => {
                     failures = 0;
                     inner.state().failed[node] = false;
@@ -112,20 +109,19 @@ pub(super) async fn run(inner: Arc<Inner>, node: usize, id: u64) {
         let linger = idle_since.map(|since| since + IDLE_LINGER);
         let next = async {
             match conn.as_mut() {
-                Some((_, stream)) => {
-                    std::future::poll_fn(|cx| Pin::new(&mut *stream).poll_next(cx)).await
-                }
+                Some(link) => link.next().await,
                 None => std::future::pending().await,
             }
         };
         tokio::select! {
-            msg = next => match msg {
-                Some(msg) => {
-                    if let Ok(channel) = msg.get_channel::<Vec<u8>>() {
-                        inner.on_message(&channel, msg.get_payload_bytes());
-                    }
+            event = next => match event {
+                Event::Message(channel, payload) => inner.on_message(&channel, &payload),
+                Event::Dropped(channel) => {
+                    tracing::debug!("the server ended a sharded subscription; subscribing again");
+                    inner.channel_dropped(node, &channel);
                 }
-                None => {
+                Event::Nothing => {}
+                Event::Closed => {
                     tracing::debug!("subscription connection closed; waking all waiters");
                     conn = None;
                     through = through.wrapping_add(1);
@@ -193,19 +189,18 @@ async fn pause(inner: &Inner, node: usize, pause: Duration) {
     }
 }
 
-/// Opens the node's subscription connection through its client number `through` (modulo
-/// how many it has).
-async fn connect(
-    inner: &Inner,
-    node: usize,
-    through: usize,
-) -> redis::RedisResult<(PubSubSink, PubSubStream)> {
-    let clients = &inner.clients[node];
-    let at = through % clients.len().max(1);
-    let pubsub = tokio::time::timeout(inner.connect_timeout, clients[at].get_async_pubsub())
-        .await
-        .map_err(|_| timed_out("could not open the subscription connection in time"))??;
-    Ok(pubsub.split())
+/// Opens the node's subscription link through its place number `through` (modulo how
+/// many it has), within the connect timeout.
+async fn connect(inner: &Inner, node: usize, through: usize) -> redis::RedisResult<Link> {
+    let Some(source) = inner.sources.get(node) else {
+        return Err(timed_out("no subscription source for this node"));
+    };
+    tokio::time::timeout(
+        inner.connect_timeout,
+        source.open(through % source.len(), inner.timeout),
+    )
+    .await
+    .map_err(|_| timed_out("could not open the subscription connection in time"))?
 }
 
 enum Refused {
@@ -220,12 +215,12 @@ enum Refused {
 async fn reconcile(
     inner: &Inner,
     node: usize,
-    sink: &mut PubSubSink,
+    link: &mut Link,
     wanted: &HashSet<Box<[u8]>>,
     subscribed: &HashSet<Box<[u8]>>,
 ) -> Result<(), Refused> {
     for channel in wanted.difference(subscribed) {
-        match tokio::time::timeout(inner.timeout, sink.subscribe(&**channel)).await {
+        match tokio::time::timeout(inner.timeout, link.subscribe(channel)).await {
             Ok(Ok(())) => {
                 inner.state().subscribed[node].insert(channel.clone());
                 inner.changed.notify_waiters();
@@ -241,7 +236,7 @@ async fn reconcile(
         // Whatever the answer, a channel nobody waits on is not kept: on failure the
         // connection, and with it every subscription, is dropped.
         inner.state().subscribed[node].remove(channel);
-        match tokio::time::timeout(inner.timeout, sink.unsubscribe(&**channel)).await {
+        match tokio::time::timeout(inner.timeout, link.unsubscribe(channel)).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => return Err(Refused::Failed(e)),
             Err(_) => return Err(Refused::Failed(timed_out("UNSUBSCRIBE got no answer"))),

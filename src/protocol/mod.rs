@@ -341,28 +341,53 @@ return removed
 
 /// A script of the protocol: its body and its SHA1, computed once.
 pub(crate) struct Script {
-    body: &'static str,
+    body: std::borrow::Cow<'static, str>,
     sha: String,
+    /// The same script announcing with `SPUBLISH` (sharded pub/sub: the message stays
+    /// within the lock's shard of a Redis Cluster), if it announces at all.
+    sharded: Option<Box<Script>>,
 }
 
 impl Script {
     pub(crate) fn new(body: &'static str) -> Self {
+        let sharded = body
+            .contains(PUBLISH)
+            .then(|| Box::new(Self::hashed(body.replace(PUBLISH, SPUBLISH).into(), None)));
+        Self::hashed(body.into(), sharded)
+    }
+
+    fn hashed(body: std::borrow::Cow<'static, str>, sharded: Option<Box<Script>>) -> Self {
         Script {
-            sha: redis::Script::new(body).get_hash().to_owned(),
+            sha: redis::Script::new(&body).get_hash().to_owned(),
             body,
+            sharded,
         }
     }
 
     /// The Lua source, for `EVAL`.
-    pub(crate) fn body(&self) -> &'static str {
-        self.body
+    pub(crate) fn body(&self) -> &str {
+        &self.body
     }
 
     /// The SHA1 of the source, for `EVALSHA`.
     pub(crate) fn sha(&self) -> &str {
         &self.sha
     }
+
+    /// The variant that announces releases with `SPUBLISH` instead of `PUBLISH` (itself
+    /// if it announces nothing).
+    pub(crate) fn sharded(&self) -> &Script {
+        self.sharded.as_deref().unwrap_or(self)
+    }
 }
+
+/// How the scripts announce a release: a classic publication, which a Redis Cluster
+/// carries to every node.
+const PUBLISH: &str = "redis.pcall('PUBLISH',";
+
+/// How a cluster store's scripts announce: sharded, so only the nodes of the lock's shard
+/// carry the message (`SSUBSCRIBE` listens there).
+const SPUBLISH: &str = "redis.pcall('SPUBLISH',";
 
 /// The scripts, hashed once.
 pub(crate) mod script {
@@ -405,6 +430,40 @@ mod tests {
             super::script::RELEASE.sha(),
             "8294ff361279f859e954d8be0cfd6d2653962811"
         );
+    }
+
+    #[test]
+    fn the_sharded_variants_announce_with_spublish_and_change_nothing_else() {
+        use super::{rw, script, semaphore};
+        let announcing = [
+            (&*script::RELEASE, 1),
+            (&*script::RELEASE_FAIR, 2),
+            (&*script::LEAVE_QUEUE, 1),
+            (&*semaphore::script::RELEASE, 1),
+            (&*rw::script::RELEASE_WRITE, 1),
+        ];
+        for (plain, announcements) in announcing {
+            let sharded = plain.sharded();
+            assert_eq!(sharded.body().matches("'PUBLISH'").count(), 0);
+            assert_eq!(
+                sharded.body().matches("'SPUBLISH'").count(),
+                plain.body().matches("'PUBLISH'").count()
+            );
+            assert!(sharded.body().matches("'SPUBLISH'").count() >= announcements);
+            assert_eq!(
+                sharded.body().replace("'SPUBLISH'", "'PUBLISH'"),
+                plain.body()
+            );
+            assert_ne!(sharded.sha(), plain.sha());
+        }
+        // Scripts that announce nothing are their own sharded variant.
+        for quiet in [
+            &*script::ACQUIRE_FENCED,
+            &*script::EXTEND,
+            &*script::EXTEND_MANY,
+        ] {
+            assert!(std::ptr::eq(quiet.sharded(), quiet));
+        }
     }
 }
 

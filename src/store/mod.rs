@@ -270,6 +270,8 @@ pub(crate) struct RedisStore<C> {
     /// Connections of their own for replica-acknowledged calls (their `WAIT` blocks the
     /// connection it is sent on); without them such calls use `conn`.
     acks: Option<Arc<AckLane>>,
+    /// Announce with `SPUBLISH` (a Redis Cluster's sharded pub/sub) instead of `PUBLISH`.
+    sharded: bool,
 }
 
 impl<C> RedisStore<C>
@@ -284,7 +286,15 @@ where
             release_payload: None,
             fences: true,
             acks: None,
+            sharded: false,
         }
+    }
+
+    /// Releases are announced with `SPUBLISH` (sharded pub/sub), for a Redis Cluster whose
+    /// notifier listens with `SSUBSCRIBE` on the lock's shard.
+    pub(crate) fn with_sharded_announcements(mut self) -> Self {
+        self.sharded = true;
+        self
     }
 
     /// Replica-acknowledged calls use `lane`'s connections instead of the shared one.
@@ -303,6 +313,7 @@ where
             release_payload: Some(b"~"),
             fences: false,
             acks: None,
+            sharded: false,
         }
     }
 
@@ -316,10 +327,10 @@ where
         call: impl Fn(&mut redis::Cmd),
         conn: &mut C,
     ) -> redis::RedisResult<T> {
-        let evalsha = script_cmd(script, false, &call);
+        let evalsha = self.script_cmd(script, false, &call);
         match self.bounded(evalsha.query_async(conn)).await {
             Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
-                let eval = script_cmd(script, true, &call);
+                let eval = self.script_cmd(script, true, &call);
                 self.bounded(eval.query_async(conn)).await
             }
             other => other,
@@ -341,23 +352,6 @@ where
             },
         }
     }
-}
-
-/// `EVALSHA <sha> …` or, `by_body`, `EVAL <body> …`; `call` appends the key count, keys and
-/// arguments. Sized up front: one allocation for the arguments.
-pub(super) fn script_cmd(
-    script: &Script,
-    by_body: bool,
-    call: &dyn Fn(&mut redis::Cmd),
-) -> redis::Cmd {
-    let mut cmd = redis::Cmd::with_capacity(8, 160 + if by_body { script.body().len() } else { 0 });
-    if by_body {
-        cmd.arg("EVAL").arg(script.body());
-    } else {
-        cmd.arg("EVALSHA").arg(script.sha());
-    }
-    call(&mut cmd);
-    cmd
 }
 
 /// The release script of `key`: in fair mode, the one that names the next waiter.

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use redis::aio::ConnectionLike;
 
-use super::{Acquire, RedisStore, fence_ttl_ms, script_cmd};
+use super::{Acquire, RedisStore, fence_ttl_ms};
 use crate::error::{Error, Result};
 use crate::key::{LockKey, Token};
 use crate::options::Ttl;
@@ -91,7 +91,7 @@ where
     pub(crate) async fn leave_queue_here(&self, key: &LockKey, waiter: &[u8]) -> Result<()> {
         let mut conn = self.conn.clone();
         let (q, qx) = (key.queue(), key.queue_expiry());
-        let eval = script_cmd(&script::LEAVE_QUEUE, true, &|cmd| {
+        let eval = self.script_cmd(&script::LEAVE_QUEUE, true, &|cmd| {
             cmd.arg(3).arg(key.lease()).arg(&q).arg(&qx).arg(waiter);
             if self.announce_releases {
                 cmd.arg(key.released_channel());

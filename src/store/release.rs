@@ -2,7 +2,7 @@
 
 use redis::aio::ConnectionLike;
 
-use super::{NodeAnswer, RedisStore, answer, release_script, script_cmd};
+use super::{NodeAnswer, RedisStore, answer, release_script};
 use crate::error::Result;
 use crate::key::{LockKey, Token};
 
@@ -40,7 +40,7 @@ where
     /// answer a slow link may never deliver within the command timeout.
     pub(crate) async fn release_by_body(&self, key: &LockKey, token: &Token) -> Result<NodeAnswer> {
         let mut conn = self.conn.clone();
-        let eval = script_cmd(release_script(key), true, &|cmd| {
+        let eval = self.script_cmd(release_script(key), true, &|cmd| {
             self.release_args(cmd, key, token)
         });
         let code: i64 = self.bounded(eval.query_async(&mut conn)).await?;

@@ -19,7 +19,7 @@ use redis::aio::{ConnectionLike, MultiplexedConnection};
 use redis::{RedisResult, Value};
 
 use super::{Acquire, BoxFuture, Extension, NodeAnswer, RENEWALS_PER_CALL, RedisStore};
-use super::{answer, fence_ttl_ms, script_cmd};
+use super::{answer, fence_ttl_ms};
 use crate::error::{Error, Result};
 use crate::key::{LockKey, Token};
 use crate::options::{Replicas, Ttl};
@@ -248,11 +248,11 @@ where
         replicas: Replicas,
     ) -> Result<(RedisResult<Value>, u32)> {
         let (mut replies, mut acked) = self
-            .with_wait(&[script_cmd(script, false, call)], replicas)
+            .with_wait(&[self.script_cmd(script, false, call)], replicas)
             .await?;
         if is_noscript(replies.first()) {
             (replies, acked) = self
-                .with_wait(&[script_cmd(script, true, call)], replicas)
+                .with_wait(&[self.script_cmd(script, true, call)], replicas)
                 .await?;
         }
         let reply = replies

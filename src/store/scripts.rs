@@ -3,7 +3,7 @@
 
 use redis::aio::ConnectionLike;
 
-use super::{BoxFuture, RedisStore, script_cmd};
+use super::{BoxFuture, RedisStore};
 use crate::protocol::Script;
 
 /// Runs one of the protocol's scripts on the server of its keys: by SHA with a fallback to
@@ -21,6 +21,24 @@ pub(crate) trait ScriptRunner: Send + Sync + 'static {
     fn announces(&self) -> bool;
 }
 
+impl<C> RedisStore<C> {
+    /// [`script_cmd`] for this store's variant of `script` (announcing with `SPUBLISH` on
+    /// a cluster store that listens sharded).
+    pub(super) fn script_cmd(
+        &self,
+        script: &Script,
+        by_body: bool,
+        call: &dyn Fn(&mut redis::Cmd),
+    ) -> redis::Cmd {
+        let script = if self.sharded {
+            script.sharded()
+        } else {
+            script
+        };
+        script_cmd(script, by_body, call)
+    }
+}
+
 impl<C> ScriptRunner for RedisStore<C>
 where
     C: ConnectionLike + Clone + Send + Sync + 'static,
@@ -34,7 +52,7 @@ where
         Box::pin(async move {
             let mut conn = self.conn.clone();
             if by_body {
-                let eval = script_cmd(script, true, call);
+                let eval = self.script_cmd(script, true, call);
                 self.bounded(eval.query_async(&mut conn)).await
             } else {
                 self.invoke(script, call, &mut conn).await
@@ -45,4 +63,17 @@ where
     fn announces(&self) -> bool {
         self.announce_releases
     }
+}
+
+/// `EVALSHA <sha> …` or, `by_body`, `EVAL <body> …`; `call` appends the key count, keys and
+/// arguments. Sized up front: one allocation for the arguments.
+fn script_cmd(script: &Script, by_body: bool, call: &dyn Fn(&mut redis::Cmd)) -> redis::Cmd {
+    let mut cmd = redis::Cmd::with_capacity(8, 160 + if by_body { script.body().len() } else { 0 });
+    if by_body {
+        cmd.arg("EVAL").arg(script.body());
+    } else {
+        cmd.arg("EVALSHA").arg(script.sha());
+    }
+    call(&mut cmd);
+    cmd
 }

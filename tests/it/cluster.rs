@@ -10,7 +10,7 @@ use support::cluster::Cluster;
 use support::{blocked_in_wait, lease_key, unique_key};
 
 /// A wait whose polls are 5 s apart: a quick handoff can only come from a notification.
-fn five_second_polls() -> LockOptions {
+pub(crate) fn five_second_polls() -> LockOptions {
     LockOptions::new()
         .with_wait(Duration::from_secs(20))
         .with_backoff(
@@ -21,7 +21,7 @@ fn five_second_polls() -> LockOptions {
         )
 }
 
-async fn manager(cluster: &Cluster) -> LockManager {
+pub(crate) async fn manager(cluster: &Cluster) -> LockManager {
     LockManager::builder()
         .connect_cluster(cluster.urls())
         .await
@@ -136,12 +136,77 @@ async fn counters_stay_exact_across_managers_on_a_cluster() {
     assert_eq!(total, 2 * 3 * 40);
 }
 
+/// Where the waiter's channel is subscribed, per node: (port, sharded, classic).
+async fn subscriptions(cluster: &Cluster, channel: &str) -> Vec<(u16, u64, u64)> {
+    let mut found = Vec::new();
+    for port in cluster.ports() {
+        if let Some((sharded, classic)) = cluster.subscribers(port, channel).await {
+            found.push((port, sharded, classic));
+        }
+    }
+    found
+}
+
+/// Waits until `channel` is subscribed (sharded) on exactly the node on `port` and
+/// nowhere else, sharded or classic; panics after `limit`.
+pub(crate) async fn until_subscribed_only_on(
+    cluster: &Cluster,
+    channel: &str,
+    port: u16,
+    limit: Duration,
+) {
+    let started = Instant::now();
+    loop {
+        let found = subscriptions(cluster, channel).await;
+        let only_there = found
+            .iter()
+            .all(|&(p, sharded, classic)| classic == 0 && sharded == u64::from(p == port));
+        if only_there && found.iter().any(|&(p, _, _)| p == port) {
+            return;
+        }
+        assert!(
+            started.elapsed() < limit,
+            "not within {limit:?}: {channel} subscribed only on {port}; (port, sharded, \
+             classic): {found:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits until no node has a subscriber of `channel`, sharded or classic.
+pub(crate) async fn until_unsubscribed(cluster: &Cluster, channel: &str) {
+    let started = Instant::now();
+    loop {
+        let found = subscriptions(cluster, channel).await;
+        if found
+            .iter()
+            .all(|&(_, sharded, classic)| sharded + classic == 0)
+        {
+            return;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{channel} still subscribed after the managers were dropped: {found:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A release is announced with `SPUBLISH` and heard with `SSUBSCRIBE` on the lock's own
+/// primary: no node carries a classic subscription or publication, the waiter of another
+/// manager is woken at once, and the subscription ends with the managers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_release_wakes_a_waiter_on_another_primary_connection() {
+async fn a_release_wakes_a_waiter_through_sharded_pub_sub_on_the_locks_primary() {
     let cluster = Cluster::start().await;
     let locks = manager(&cluster).await;
     let waiting = manager(&cluster).await;
     let name = unique_key("cluster-notify");
+    let channel = format!("{}:released", lease_key(&name));
+    let owner = cluster.owner(lease_key(&name).as_bytes()).await;
+    let (spublished, published) = (
+        cluster.calls("spublish").await,
+        cluster.calls("publish").await,
+    );
     let holder = locks
         .lock_with(&name, LockOptions::new().with_ttl(Duration::from_secs(30)))
         .await
@@ -151,19 +216,27 @@ async fn a_release_wakes_a_waiter_on_another_primary_connection() {
     let slow = five_second_polls();
     let waiter = tokio::spawn(async move {
         let guard = waiting.lock_with(&name, slow).await;
-        (guard, Instant::now())
+        (guard, Instant::now(), waiting)
     });
-    // Give the waiter time to subscribe and try once.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    until_subscribed_only_on(&cluster, &channel, owner, Duration::from_secs(5)).await;
     let released = Instant::now();
     holder.release().await.unwrap();
-    let (guard, granted) = waiter.await.unwrap();
+    let (guard, granted, waiting) = waiter.await.unwrap();
     guard.unwrap().release().await.unwrap();
     assert!(
         granted.duration_since(released) < Duration::from_secs(2),
         "woken by the release after {:?}",
         granted.duration_since(released)
     );
+    assert!(cluster.calls("spublish").await >= spublished + 2);
+    assert_eq!(
+        cluster.calls("publish").await,
+        published,
+        "no classic publication"
+    );
+    drop((locks, waiting));
+    until_unsubscribed(&cluster, &channel).await;
+    assert_eq!(cluster.keys().await, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -392,33 +465,27 @@ async fn replica_acknowledged_leases_wait_on_the_locks_own_primary() {
     guard.release().await.unwrap();
 }
 
+/// The lock's primary dies and its replica is promoted: the waiter's sharded subscription
+/// moves to the new primary, and the release there wakes it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn notifications_move_to_another_node_when_theirs_fails() {
+async fn sharded_notifications_follow_the_locks_shard_through_a_failover() {
     let cluster = Cluster::start().await;
-    let primaries = cluster.primaries().await;
-    let replica = cluster
-        .ports()
-        .into_iter()
-        .find(|p| !primaries.contains(p))
-        .expect("a replica");
-    // The waiting manager's subscription goes through a replica first (every node carries
-    // the cluster's publications); killing a replica leaves every slot served.
-    let mut urls = vec![format!("redis://127.0.0.1:{replica}")];
-    urls.extend(
-        cluster
-            .urls()
-            .into_iter()
-            .filter(|u| !u.ends_with(&format!(":{replica}"))),
-    );
-    let waiting = LockManager::builder()
-        .connect_cluster(&urls)
-        .await
-        .expect("connect");
+    let waiting = manager(&cluster).await;
     let locks = manager(&cluster).await;
-    let name = unique_key("cluster-resubscribe");
+    let name = unique_key("cluster-failover-notify");
     let channel = format!("{}:released", lease_key(&name));
+    let owner = cluster.owner(lease_key(&name).as_bytes()).await;
+    let replica = cluster.replica_of(owner).await;
     let holder = locks
         .lock_with(&name, LockOptions::new().with_ttl(Duration::from_secs(30)))
+        .await
+        .unwrap();
+    // The lease reaches the replica before the primary dies.
+    let mut primary = cluster.node_conn(owner).await;
+    let _: i64 = redis::cmd("WAIT")
+        .arg(1)
+        .arg(2000)
+        .query_async(&mut primary)
         .await
         .unwrap();
     let slow = five_second_polls();
@@ -426,51 +493,34 @@ async fn notifications_move_to_another_node_when_theirs_fails() {
         let guard = waiting.lock_with(&name, slow).await;
         (guard, Instant::now(), waiting)
     });
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    // The subscription's node dies: the waiter's channel is subscribed on another node
-    // soon after (`PUBSUB NUMSUB` counts a node's own subscribers). Left on the dead node,
-    // the waiters would poll at the pace of its reconnection tries.
-    let mut on_replica = cluster.node_conn(replica).await;
-    let counts: Vec<(String, u64)> = redis::cmd("PUBSUB")
-        .arg("NUMSUB")
-        .arg(&channel)
-        .query_async(&mut on_replica)
-        .await
-        .unwrap();
-    assert_eq!(
-        counts[0].1, 1,
-        "the waiter listens through the replica first"
-    );
-    cluster.kill(replica);
+    until_subscribed_only_on(&cluster, &channel, owner, Duration::from_secs(5)).await;
+    cluster.kill(owner);
     let killed = Instant::now();
-    'moved: loop {
-        for port in cluster.ports().into_iter().filter(|&p| p != replica) {
-            let mut conn = cluster.node_conn(port).await;
-            let counts: Vec<(String, u64)> = redis::cmd("PUBSUB")
-                .arg("NUMSUB")
-                .arg(&channel)
-                .query_async(&mut conn)
-                .await
-                .unwrap();
-            if counts.iter().any(|(_, n)| *n > 0) {
-                break 'moved;
-            }
-        }
-        assert!(
-            killed.elapsed() < Duration::from_secs(5),
-            "the waiter's channel is subscribed on no live node"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    cluster.until_primary(replica).await;
+    let promoted = killed.elapsed();
+    // Left on the dead node, the waiter would poll every 5 s.
+    until_subscribed_only_on(&cluster, &channel, replica, Duration::from_secs(5)).await;
+    let subscribed = killed.elapsed();
     let released = Instant::now();
-    holder.release().await.unwrap();
-    let (guard, granted, _waiting) = waiter.await.unwrap();
+    // The holder's manager may meet the dead link first: a transient error, and the
+    // guard's drop releases in the background on the new primary.
+    if let Err(e) = holder.release().await {
+        assert!(e.is_transient(), "{e}");
+    }
+    let (guard, granted, waiting) = waiter.await.unwrap();
     guard.unwrap().release().await.unwrap();
+    println!(
+        "promoted {promoted:?} after the kill, subscribed on the new primary {subscribed:?} \
+         after it, granted {:?} after the release",
+        granted.duration_since(released)
+    );
     assert!(
         granted.duration_since(released) < Duration::from_secs(2),
         "woken by the release after {:?}",
         granted.duration_since(released)
     );
+    drop((locks, waiting));
+    until_unsubscribed(&cluster, &channel).await;
 }
 
 /// Fair mode on a cluster: the queue lives beside the lease in the lock's slot, so the

@@ -14,6 +14,65 @@ use redis::AsyncCommands;
 use support::cluster::Cluster;
 use support::{lease_key, unique_key};
 
+/// A waiter of another manager listens with `SSUBSCRIBE` on its lock's primary; the lock's
+/// slot moves to another primary (the server ends the subscription there): the channel is
+/// subscribed again on the new owner, and the release there wakes the waiter at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sharded_notifications_follow_a_locks_slot_when_it_moves() {
+    use crate::cluster::{
+        five_second_polls, manager, until_subscribed_only_on, until_unsubscribed,
+    };
+    let cluster = Cluster::start().await;
+    let waiting = manager(&cluster).await;
+    let locks = manager(&cluster).await;
+    let name = unique_key("reshard-notify");
+    let key = lease_key(&name);
+    let channel = format!("{key}:released");
+    let owner = cluster.owner(key.as_bytes()).await;
+    let target = cluster
+        .primaries()
+        .await
+        .into_iter()
+        .find(|&p| p != owner)
+        .expect("another primary");
+    let holder = locks
+        .lock_with(&name, LockOptions::new().with_ttl(Duration::from_secs(30)))
+        .await
+        .unwrap();
+    let slow = five_second_polls();
+    let waiter = tokio::spawn(async move {
+        let guard = waiting.lock_with(&name, slow).await;
+        (guard, std::time::Instant::now(), waiting)
+    });
+    until_subscribed_only_on(&cluster, &channel, owner, Duration::from_secs(5)).await;
+    let slot = cluster.slot(key.as_bytes()).await;
+    let moved = cluster
+        .move_slot(slot, owner, target, Duration::from_millis(20))
+        .await;
+    assert_eq!(moved, 1, "the lease moved with its slot");
+    let started = std::time::Instant::now();
+    // Left on the old owner, the waiter would poll every 5 s.
+    until_subscribed_only_on(&cluster, &channel, target, Duration::from_secs(5)).await;
+    let subscribed = started.elapsed();
+    let released = std::time::Instant::now();
+    holder.release().await.unwrap();
+    let (guard, granted, waiting) = waiter.await.unwrap();
+    guard.unwrap().release().await.unwrap();
+    println!(
+        "subscribed on the new owner {subscribed:?} after the slot moved, granted {:?} after \
+         the release",
+        granted.duration_since(released)
+    );
+    assert!(
+        granted.duration_since(released) < Duration::from_secs(2),
+        "woken by the release after {:?}",
+        granted.duration_since(released)
+    );
+    drop((locks, waiting));
+    until_unsubscribed(&cluster, &channel).await;
+    assert_eq!(cluster.keys().await, 0);
+}
+
 /// What the contending tasks saw for one lock.
 #[derive(Default)]
 struct Seen {

@@ -283,6 +283,20 @@ impl Cluster {
         moved
     }
 
+    /// Subscribers of `channel` on the node on `port`: sharded (`PUBSUB SHARDNUMSUB`) and
+    /// classic (`PUBSUB NUMSUB`). `None` if the node does not answer.
+    pub async fn subscribers(&self, port: u16, channel: &str) -> Option<(u64, u64)> {
+        let mut conn = conn(port).await?;
+        let count = |kind: &'static str| {
+            let mut cmd = redis::cmd("PUBSUB");
+            cmd.arg(kind).arg(channel);
+            cmd
+        };
+        let sharded: Vec<(String, u64)> = count("SHARDNUMSUB").query_async(&mut conn).await.ok()?;
+        let classic: Vec<(String, u64)> = count("NUMSUB").query_async(&mut conn).await.ok()?;
+        Some((sharded.first()?.1, classic.first()?.1))
+    }
+
     /// Error replies starting with `prefix` (`TRYAGAIN`, `ASK`, `MOVED`) the primaries
     /// gave, from `INFO errorstats`, summed.
     pub async fn errors(&self, prefix: &str) -> u64 {
