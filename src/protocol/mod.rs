@@ -27,7 +27,9 @@
 //! - **Release**: [`RELEASE`], key lease, arguments token and (optionally) the release
 //!   channel and the announcement's payload; compare-and-delete, then an announcement on
 //!   the channel: empty (one waiter of each manager may go), or `~` from each node of a
-//!   lock over several primaries (each manager counts the repeats once).
+//!   lock over several primaries (each manager counts the repeats once). On a Redis Cluster
+//!   (`connect_cluster`) the scripts announce with `SPUBLISH` instead (sharded pub/sub: the
+//!   channel shares the lock's hash tag, so only the lock's shard carries the message).
 //! - **Extend**: [`EXTEND`], key lease, arguments token and TTL in ms; compare-and-`PEXPIRE`.
 //! - **Extend many** (auto-extension): [`EXTEND_MANY`], keys the leases, arguments token and
 //!   TTL in ms per lease.

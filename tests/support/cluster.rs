@@ -1,50 +1,31 @@
-//! A Redis Cluster of three primaries and three replicas, as processes on free loopback
-//! ports (on either test backend: the nodes announce the addresses they see, which only
-//! processes on the host share with the client). Created with `redis-cli --cluster create`.
+//! A Redis Cluster of three primaries and three replicas on free loopback ports, as
+//! processes or containers on the host's network per test backend ([`super::server`]):
+//! the nodes announce the addresses they see, which must be the ones the client reaches.
+//! Created with `redis-cli --cluster create`.
 
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::sync::Mutex;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::{free_port, fresh_data_dir, redis_server_bin};
+use super::server::{Server, data_server_args};
 
 /// Three primaries and their replicas.
 pub struct Cluster {
     ports: Vec<u16>,
-    children: Mutex<Vec<Child>>,
-    dirs: Vec<PathBuf>,
+    nodes: Vec<Server>,
 }
 
 impl Cluster {
     /// Starts six nodes, creates the cluster, and returns once every node says
     /// `cluster_state:ok` and every replica is in sync.
     pub async fn start() -> Cluster {
-        let mut cluster = Cluster {
-            ports: Vec::new(),
-            children: Mutex::new(Vec::new()),
-            dirs: Vec::new(),
-        };
+        let mut nodes = Vec::new();
         for _ in 0..6 {
-            // A port from `free_port` can be taken by another process (an outgoing
-            // connection's ephemeral port) before the node binds it; the node then exits.
-            // Such a node is started again on another port.
-            let mut tries = 0;
-            loop {
-                tries += 1;
-                let port = free_port();
-                let dir = fresh_data_dir(port);
-                let mut child = spawn_node(port, &dir);
-                let answers = wait_answers(port, &mut child, &dir).await;
-                cluster.dirs.push(dir);
-                if answers {
-                    cluster.ports.push(port);
-                    cluster.children.lock().unwrap().push(child);
-                    break;
-                }
-                assert!(tries < 5, "no cluster node could start (port {port} last)");
-            }
+            nodes.push(Server::start(node_args).await);
         }
+        let cluster = Cluster {
+            ports: nodes.iter().map(Server::port).collect(),
+            nodes,
+        };
         let ports = cluster.ports.clone();
         let nodes: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
         let created = Command::new("redis-cli")
@@ -171,20 +152,13 @@ impl Cluster {
     /// answers nothing, as a stuck or overloaded node does.
     pub fn pause(&self, port: u16, paused: bool) {
         let at = self.ports.iter().position(|&p| p == port).expect("a node");
-        let children = self.children.lock().unwrap();
-        let signal = if paused { libc::SIGSTOP } else { libc::SIGCONT };
-        // SAFETY: kill(2) on a child of this process.
-        unsafe {
-            libc::kill(children[at].id() as libc::pid_t, signal);
-        }
+        self.nodes[at].signal(if paused { libc::SIGSTOP } else { libc::SIGCONT });
     }
 
     /// Kills the node on `port` with SIGKILL (no goodbye to the cluster).
     pub fn kill(&self, port: u16) {
         let at = self.ports.iter().position(|&p| p == port).expect("a node");
-        let mut children = self.children.lock().unwrap();
-        let _ = children[at].kill();
-        let _ = children[at].wait();
+        self.nodes[at].kill();
     }
 
     /// Waits until the node on `port` is a primary and says `cluster_state:ok`.
@@ -329,22 +303,6 @@ impl Cluster {
     }
 }
 
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        for child in self.children.get_mut().unwrap().iter_mut() {
-            // SAFETY: kill(2) on a child of this process; a frozen node is thawed first.
-            unsafe {
-                libc::kill(child.id() as libc::pid_t, libc::SIGCONT);
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        for dir in &self.dirs {
-            let _ = std::fs::remove_dir_all(dir);
-        }
-    }
-}
-
 async fn conn(port: u16) -> Option<redis::aio::MultiplexedConnection> {
     let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).ok()?;
     tokio::time::timeout(
@@ -356,51 +314,21 @@ async fn conn(port: u16) -> Option<redis::aio::MultiplexedConnection> {
     .ok()
 }
 
-fn spawn_node(port: u16, dir: &std::path::Path) -> Child {
-    Command::new(redis_server_bin())
-        .args(["--bind", "127.0.0.1", "--protected-mode", "no"])
-        .args([
-            "--port",
-            &port.to_string(),
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ])
-        .args(["--dir", dir.to_str().unwrap()])
-        .args(["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"])
-        .args(["--cluster-config-file", &format!("nodes-{port}.conf")])
-        .args(["--logfile", dir.join("node.log").to_str().unwrap()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap_or_else(|e| panic!("spawn {}: {e}", redis_server_bin()))
-}
-
-/// Waits until the node on `port` answers (`true`), or its process has exited (`false`:
-/// it could not bind the port; its log is printed); panics after 60 s.
-async fn wait_answers(port: u16, child: &mut Child, dir: &std::path::Path) -> bool {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let log = || std::fs::read_to_string(dir.join("node.log")).unwrap_or_default();
-    loop {
-        if let Ok(Some(status)) = child.try_wait() {
-            eprintln!(
-                "cluster node on {port} exited ({status}); starting another:\n{}",
-                log()
-            );
-            return false;
-        }
-        // Ours only if it is still alive once something answers on the port.
-        if info(port, "server").await.is_some() && matches!(child.try_wait(), Ok(None)) {
-            return true;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for: node {port} answers; its log:\n{}",
-            log()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+/// A cluster node's arguments: a data server's, cluster-enabled, with a 2 s node timeout.
+fn node_args(port: u16, dir: &std::path::Path) -> Vec<String> {
+    let mut args = data_server_args(port, dir);
+    args.extend(
+        [
+            "--cluster-enabled",
+            "yes",
+            "--cluster-node-timeout",
+            "2000",
+            "--cluster-config-file",
+            &format!("nodes-{port}.conf"),
+        ]
+        .map(str::to_owned),
+    );
+    args
 }
 
 async fn node_id(conn: &mut redis::aio::MultiplexedConnection) -> String {

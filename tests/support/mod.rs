@@ -22,6 +22,11 @@
 //! [`NodeOptions::persistent`] (append-only file, fsync on every write); otherwise a
 //! restart always comes back empty.
 //!
+//! Deployments of several servers ([`replicated`], [`sentinel`], [`cluster`]) start each
+//! server through [`server`]: a process, or a container of the same image on the host's
+//! network (the addresses servers announce to each other must be the client's), with the
+//! same faults (SIGSTOP/SIGCONT/SIGKILL, sent with `docker kill --signal` to a container).
+//!
 //! Beside it: [`proxy`] (a TCP fault proxy), [`hostile`] (a `ConnectionLike` that delays,
 //! reorders and loses replies per command), [`child`] (this test binary re-run as a
 //! separate OS process), [`tls`] (certificates made with the `openssl` CLI).
@@ -34,6 +39,7 @@ pub mod logs;
 pub mod proxy;
 pub mod replicated;
 pub mod sentinel;
+pub mod server;
 pub mod tls;
 
 use std::io::Write;
@@ -94,7 +100,7 @@ fn docker_answers() -> bool {
 /// `DISTLOCK_REDIS_IMAGE`; else `redis:7` when it is here already; else the image
 /// `scripts/build-redis-image.sh` (or `scripts/redis-up.sh`) built from the local
 /// redis-server, when it is here; else `redis:7`, pulled.
-fn image_name() -> String {
+pub(crate) fn image_name() -> String {
     static IMAGE: OnceLock<String> = OnceLock::new();
     IMAGE
         .get_or_init(|| {

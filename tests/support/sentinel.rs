@@ -1,13 +1,10 @@
-//! A primary, a replica and three Sentinels, as processes on free loopback ports (on
-//! either test backend: Sentinels announce the addresses the servers see, which only
-//! processes on the host share with the client).
+//! A primary, a replica and three Sentinels on free loopback ports, as processes or
+//! containers on the host's network per test backend ([`super::server`]): Sentinels
+//! announce the addresses the servers see, which must be the ones the client reaches.
 
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use super::{free_port, fresh_data_dir, redis_server_bin};
+use super::server::{Server, data_server_args};
 
 /// The service name the Sentinels monitor.
 pub const SERVICE: &str = "distlock-test";
@@ -16,65 +13,54 @@ pub const SERVICE: &str = "distlock-test";
 pub struct SentinelSet {
     servers: [u16; 2],
     sentinels: [u16; 3],
-    children: Mutex<Vec<Child>>,
-    dirs: Vec<PathBuf>,
+    /// The two data servers, then the three Sentinels.
+    running: Vec<Server>,
 }
 
 impl SentinelSet {
     /// Starts the set and returns once the replica is in sync and every Sentinel knows the
     /// primary, the replica and the other two Sentinels.
     pub async fn start() -> SentinelSet {
-        let servers = [free_port(), free_port()];
-        let sentinels = [free_port(), free_port(), free_port()];
-        let mut set = SentinelSet {
-            servers,
-            sentinels,
-            children: Mutex::new(Vec::new()),
-            dirs: Vec::new(),
-        };
-        for (i, port) in servers.into_iter().enumerate() {
-            let dir = fresh_data_dir(port);
-            let mut cmd = Command::new(redis_server_bin());
-            cmd.args(["--bind", "127.0.0.1", "--protected-mode", "no"])
-                .args([
-                    "--port",
-                    &port.to_string(),
-                    "--save",
-                    "",
-                    "--appendonly",
-                    "no",
-                ])
-                .args(["--dir", dir.to_str().unwrap()]);
-            if i == 1 {
-                cmd.args(["--replicaof", "127.0.0.1", &servers[0].to_string()]);
-            }
-            set.spawn(cmd);
-            set.dirs.push(dir);
-        }
-        wait_for(&format!("replica of {} in sync", servers[0]), || async {
+        let first = Server::start(data_server_args).await;
+        let primary = first.port();
+        let second = Server::start(|port, dir| {
+            let mut args = data_server_args(port, dir);
+            args.extend([
+                "--replicaof".into(),
+                "127.0.0.1".into(),
+                primary.to_string(),
+            ]);
+            args
+        })
+        .await;
+        let servers = [primary, second.port()];
+        let mut running = vec![first, second];
+        wait_for(&format!("replica of {primary} in sync"), || async {
             let info = info(servers[1], "replication").await?;
             Some(info.contains("master_link_status:up"))
         })
         .await;
-        for port in sentinels {
-            let dir = fresh_data_dir(port);
-            let conf = dir.join("sentinel.conf");
-            std::fs::write(
-                &conf,
-                format!(
-                    "port {port}\nbind 127.0.0.1\nprotected-mode no\ndir {}\n\
-                     sentinel monitor {SERVICE} 127.0.0.1 {} 2\n\
-                     sentinel down-after-milliseconds {SERVICE} 1000\n\
-                     sentinel failover-timeout {SERVICE} 5000\n",
-                    dir.display(),
-                    servers[0]
-                ),
-            )
-            .unwrap();
-            let mut cmd = Command::new(redis_server_bin());
-            cmd.arg(&conf).arg("--sentinel");
-            set.spawn(cmd);
-            set.dirs.push(dir);
+        let mut sentinels = [0; 3];
+        for at in &mut sentinels {
+            let sentinel = Server::start(|port, dir| {
+                let conf = dir.join("sentinel.conf");
+                std::fs::write(
+                    &conf,
+                    format!(
+                        "port {port}\nbind 127.0.0.1\nprotected-mode no\ndir {0}\n\
+                         logfile {0}/node.log\n\
+                         sentinel monitor {SERVICE} 127.0.0.1 {primary} 2\n\
+                         sentinel down-after-milliseconds {SERVICE} 1000\n\
+                         sentinel failover-timeout {SERVICE} 5000\n",
+                        dir.display(),
+                    ),
+                )
+                .unwrap();
+                vec![conf.display().to_string(), "--sentinel".into()]
+            })
+            .await;
+            *at = sentinel.port();
+            running.push(sentinel);
         }
         for port in sentinels {
             wait_for(
@@ -101,16 +87,11 @@ impl SentinelSet {
             )
             .await;
         }
-        set
-    }
-
-    fn spawn(&self, mut cmd: Command) {
-        let child = cmd
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {}: {e}", redis_server_bin()));
-        self.children.lock().unwrap().push(child);
+        SentinelSet {
+            servers,
+            sentinels,
+            running,
+        }
     }
 
     /// `redis://127.0.0.1:<port>` of each Sentinel.
@@ -197,8 +178,7 @@ impl SentinelSet {
             .iter()
             .position(|p| *p == port)
             .expect("one of the set's servers");
-        let children = self.children.lock().unwrap();
-        super::replicated::signal(&children[at], signal);
+        self.running[at].signal(signal);
     }
 
     /// Waits until the Sentinels name `port` as primary and it says so itself.
@@ -213,20 +193,6 @@ impl SentinelSet {
     /// A plain connection to one of the data servers, for assertions.
     pub async fn server_conn(&self, port: u16) -> redis::aio::MultiplexedConnection {
         conn(port).await.expect("the server answers")
-    }
-}
-
-impl Drop for SentinelSet {
-    fn drop(&mut self) {
-        for child in self.children.get_mut().unwrap().iter_mut() {
-            // A paused server must be able to die.
-            super::replicated::signal(child, libc::SIGCONT);
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        for dir in &self.dirs {
-            let _ = std::fs::remove_dir_all(dir);
-        }
     }
 }
 
