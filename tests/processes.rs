@@ -52,19 +52,7 @@ impl Section {
 async fn mutual_exclusion_holds_across_processes() {
     if let Some(role) = child::role() {
         assert_eq!(role, "contender");
-        let url = child::param("URL");
-        let locks = LockManager::connect(&url).await.expect("connect");
-        let client = redis::Client::open(url.as_str()).expect("client");
-        let mut raws = Vec::new();
-        for _ in 0..TASKS_PER_PROCESS {
-            raws.push(
-                client
-                    .get_multiplexed_async_connection()
-                    .await
-                    .expect("raw connection"),
-            );
-        }
-        return contend(locks, raws, false).await;
+        return contend_on_one_primary(false).await;
     }
     let node = RedisNode::start().await;
     let raw = node.conn().await;
@@ -83,19 +71,7 @@ async fn mutual_exclusion_holds_across_processes() {
 async fn mutual_exclusion_holds_across_processes_in_fair_mode() {
     if let Some(role) = child::role() {
         assert_eq!(role, "contender");
-        let url = child::param("URL");
-        let locks = LockManager::connect(&url).await.expect("connect");
-        let client = redis::Client::open(url.as_str()).expect("client");
-        let mut raws = Vec::new();
-        for _ in 0..TASKS_PER_PROCESS {
-            raws.push(
-                client
-                    .get_multiplexed_async_connection()
-                    .await
-                    .expect("raw connection"),
-            );
-        }
-        return contend(locks, raws, true).await;
+        return contend_on_one_primary(true).await;
     }
     let node = RedisNode::start().await;
     let raw = node.conn().await;
@@ -149,6 +125,24 @@ async fn mutual_exclusion_holds_across_processes_on_a_cluster() {
         "a 3+3 cluster",
     )
     .await;
+}
+
+/// A child's part on one primary (`URL`): its own manager, and a raw connection per task
+/// for the counters.
+async fn contend_on_one_primary(fair: bool) {
+    let url = child::param("URL");
+    let locks = LockManager::connect(&url).await.expect("connect");
+    let client = redis::Client::open(url.as_str()).expect("client");
+    let mut raws = Vec::new();
+    for _ in 0..TASKS_PER_PROCESS {
+        raws.push(
+            client
+                .get_multiplexed_async_connection()
+                .await
+                .expect("raw connection"),
+        );
+    }
+    contend(locks, raws, fair).await
 }
 
 /// Runs [`PROCESSES`] children of `test_name` as contenders with `params`, then checks

@@ -117,6 +117,7 @@ fn acquired(clock: &Clock, samples: &mut Samples, asked_at: u64) {
     samples.acquisitions += 1;
 }
 
+/// distlock's row: `tasks` tasks over `managers` (task `t` waits in manager `t % n`).
 #[allow(dead_code)] // not used by the multi-process bench
 pub async fn run_distlock(
     managers: &[LockManager],
@@ -125,11 +126,6 @@ pub async fn run_distlock(
     run: Duration,
     fair: bool,
 ) -> Samples {
-    let clock = Arc::new(Clock {
-        base: Instant::now(),
-        last_release: AtomicU64::new(0),
-    });
-    let stop = Arc::new(AtomicBool::new(false));
     let opts = LockOptions::new()
         .with_ttl(Duration::from_secs(5))
         .with_wait(Duration::from_secs(60))
@@ -139,41 +135,22 @@ pub async fn run_distlock(
                 .with_base(Duration::from_millis(1))
                 .with_cap(Duration::from_millis(50)),
         );
-    let mut handles = Vec::new();
-    for t in 0..tasks {
-        let (locks, key, clock, stop) = (
-            managers[t % managers.len()].clone(),
-            key.to_owned(),
-            Arc::clone(&clock),
-            Arc::clone(&stop),
-        );
-        handles.push(tokio::spawn(async move {
-            let mut samples = Samples::default();
-            while !stop.load(Ordering::Relaxed) {
-                let asked = clock.now();
-                let guard = locks.lock_with(&key, opts).await.expect("lock");
-                acquired(&clock, &mut samples, asked);
-                tokio::time::sleep(HOLD).await;
-                clock.last_release.store(clock.now(), Ordering::Release);
-                guard.release().await.expect("release");
-                tokio::time::sleep(OUTSIDE).await;
-            }
-            samples
-        }));
-    }
-    tokio::time::sleep(run).await;
-    stop.store(true, Ordering::Relaxed);
-    let mut all = Samples::default();
-    for h in handles {
-        all.merge(h.await.expect("task"));
-    }
-    all
+    let (managers, key) = (Arc::new(managers.to_vec()), Arc::new(key.to_owned()));
+    run_peer(
+        tasks,
+        run,
+        move |t| {
+            let (locks, key) = (managers[t % managers.len()].clone(), Arc::clone(&key));
+            async move { locks.lock_with(&*key, opts).await.expect("lock") }
+        },
+        |guard: distlock::LockGuard| async move { guard.release().await.expect("release") },
+    )
+    .await
 }
 
-/// `tasks` tasks looping on a lock of another library, with the same loop, clock and
-/// samples as distlock's rows: `acquire` waits for the lock and returns it, `release`
-/// gives it back.
-#[allow(dead_code)] // used by the peer comparison only
+/// `tasks` tasks looping on a lock (distlock's, the baseline's, another library's), with
+/// one loop, clock and samples for every row: `acquire(task)` waits for the lock and
+/// returns it, `release` gives it back.
 pub async fn run_peer<L, A, AF, R, RF>(
     tasks: usize,
     run: Duration,
@@ -223,40 +200,38 @@ where
     all
 }
 
+/// The ideal row: an in-process FIFO mutex (tokio's) decides, and the holder sends the
+/// commands distlock sends (its published protocol), by hand: `SET NX PX GET`, then the
+/// release script.
 pub async fn run_baseline(
     conn: redis::aio::MultiplexedConnection,
     key: &str,
     tasks: usize,
     run: Duration,
 ) -> Samples {
-    let clock = Arc::new(Clock {
-        base: Instant::now(),
-        last_release: AtomicU64::new(0),
-    });
-    let stop = Arc::new(AtomicBool::new(false));
     let mutex = Arc::new(tokio::sync::Mutex::new(()));
-    // The commands distlock sends (its published protocol), by hand.
     let release = Arc::new(redis::Script::new(distlock::protocol::RELEASE));
-    let lease = format!("distlock:{{{key}}}");
-    let channel = format!("{lease}:released");
-    let mut handles = Vec::new();
-    for _ in 0..tasks {
-        let (clock, stop, mutex, release) = (
-            Arc::clone(&clock),
-            Arc::clone(&stop),
-            Arc::clone(&mutex),
-            Arc::clone(&release),
-        );
-        let (lease, channel, mut conn) = (lease.clone(), channel.clone(), conn.clone());
-        handles.push(tokio::spawn(async move {
-            let mut samples = Samples::default();
-            let token = uuid::Uuid::new_v4().simple().to_string();
-            while !stop.load(Ordering::Relaxed) {
-                let asked = clock.now();
-                let held = mutex.lock().await;
+    let lease = Arc::new(format!("distlock:{{{key}}}"));
+    let channel = Arc::new(format!("{lease}:released"));
+    let tokens: Arc<Vec<String>> = Arc::new(
+        (0..tasks)
+            .map(|_| uuid::Uuid::new_v4().simple().to_string())
+            .collect(),
+    );
+    let acquire = {
+        let (lease, tokens, conn) = (Arc::clone(&lease), Arc::clone(&tokens), conn.clone());
+        move |t: usize| {
+            let (mutex, lease, tokens, mut conn) = (
+                Arc::clone(&mutex),
+                Arc::clone(&lease),
+                Arc::clone(&tokens),
+                conn.clone(),
+            );
+            async move {
+                let held = mutex.lock_owned().await;
                 let previous: Option<String> = redis::cmd("SET")
-                    .arg(&lease)
-                    .arg(&token)
+                    .arg(&*lease)
+                    .arg(&tokens[t])
                     .arg("NX")
                     .arg("PX")
                     .arg(5000)
@@ -265,29 +240,30 @@ pub async fn run_baseline(
                     .await
                     .expect("acquire");
                 assert_eq!(previous, None, "the mutex hands over a free key");
-                acquired(&clock, &mut samples, asked);
-                tokio::time::sleep(HOLD).await;
-                clock.last_release.store(clock.now(), Ordering::Release);
-                let _: i64 = release
-                    .key(&lease)
-                    .arg(&token)
-                    .arg(&channel)
-                    .invoke_async(&mut conn)
-                    .await
-                    .expect("release");
-                drop(held);
-                tokio::time::sleep(OUTSIDE).await;
+                (held, t)
             }
-            samples
-        }));
-    }
-    tokio::time::sleep(run).await;
-    stop.store(true, Ordering::Relaxed);
-    let mut all = Samples::default();
-    for h in handles {
-        all.merge(h.await.expect("task"));
-    }
-    all
+        }
+    };
+    let release = move |(held, t): (tokio::sync::OwnedMutexGuard<()>, usize)| {
+        let (release, lease, channel, tokens, mut conn) = (
+            Arc::clone(&release),
+            Arc::clone(&lease),
+            Arc::clone(&channel),
+            Arc::clone(&tokens),
+            conn.clone(),
+        );
+        async move {
+            let _: i64 = release
+                .key(&*lease)
+                .arg(&tokens[t])
+                .arg(&*channel)
+                .invoke_async(&mut conn)
+                .await
+                .expect("release");
+            drop(held);
+        }
+    };
+    run_peer(tasks, run, acquire, release).await
 }
 
 /// Prints `rows` as a table under `title`; each row's ratios are to the last baseline row

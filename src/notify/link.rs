@@ -35,6 +35,7 @@ pub(super) enum Event {
     /// The server ended the subscription of this channel by itself (a sharded channel whose
     /// slot moved to another node): messages may have been missed, and the channel must
     /// be subscribed again, where its slot now lives.
+    #[cfg_attr(not(feature = "cluster"), allow(dead_code))]
     Dropped(Vec<u8>),
     /// The link is gone (or one of a cluster's node links is): messages may have been
     /// missed.
@@ -59,6 +60,8 @@ impl Source {
         at: usize,
         command_timeout: std::time::Duration,
     ) -> redis::RedisResult<Link> {
+        #[cfg(not(feature = "cluster"))]
+        let _ = command_timeout;
         match self {
             Source::Servers(clients) => {
                 let Some(client) = clients.get(at % clients.len().max(1)) else {

@@ -292,6 +292,7 @@ where
 
     /// Releases are announced with `SPUBLISH` (sharded pub/sub), for a Redis Cluster whose
     /// notifier listens with `SSUBSCRIBE` on the lock's shard.
+    #[cfg(feature = "cluster")]
     pub(crate) fn with_sharded_announcements(mut self) -> Self {
         self.sharded = true;
         self

@@ -545,13 +545,8 @@ async fn fair_mode_serves_waiters_of_many_managers_in_arrival_order() {
     let mut tasks = Vec::new();
     for i in 0..WAITERS {
         // Managers in a scrambled order, so arrival order is not manager order.
-        let (locks, name, order) = (locks[(i * 3 + 1) % 4].clone(), name.clone(), order.clone());
-        tasks.push(tokio::spawn(async move {
-            let guard = locks.lock_with(&name, opts).await.expect("served");
-            order.lock().unwrap().push(i);
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            guard.release().await.expect("release");
-        }));
+        let manager = &locks[(i * 3 + 1) % 4];
+        tasks.push(support::fifo_waiter(manager, &name, i, &order, opts));
         support::eventually(Duration::from_secs(5), "queued", || {
             let (queue, mut owner) = (queue.clone(), owner.clone());
             async move {

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use distlock::{Error, LockManager, LockOptions};
 use proptest::prelude::*;
-use support::{Baseline, RedisNode, lease_key, unique_key};
+use support::{Baseline, RedisNode, fifo_waiter, lease_key, unique_key};
 
 /// Fair options with a quick backoff and a long wait.
 fn fair(wait: Duration) -> LockOptions {
@@ -75,23 +75,6 @@ async fn stale_entry(
         .expect("a stale entry");
 }
 
-/// Spawns a waiter that records `i` in `order` when served, holds 20 ms and releases.
-fn waiter(
-    locks: &LockManager,
-    name: &str,
-    i: usize,
-    order: &Arc<Mutex<Vec<usize>>>,
-    opts: LockOptions,
-) -> tokio::task::JoinHandle<()> {
-    let (locks, name, order) = (locks.clone(), name.to_owned(), Arc::clone(order));
-    tokio::spawn(async move {
-        let guard = locks.lock_with(&name, opts).await.expect("served");
-        order.lock().unwrap().push(i);
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        guard.release().await.expect("release");
-    })
-}
-
 async fn managers(node: &RedisNode, n: usize) -> Vec<LockManager> {
     let mut out = Vec::new();
     for _ in 0..n {
@@ -115,7 +98,7 @@ async fn waiters_of_many_managers_are_served_in_arrival_order() {
     for i in 0..WAITERS {
         // Managers in a scrambled order, so arrival order is not manager order.
         let m = (i * 3 + 1) % locks.len();
-        tasks.push(waiter(&locks[m], &name, i, &order, opts));
+        tasks.push(fifo_waiter(&locks[m], &name, i, &order, opts));
         until_queued(&node, &name, i + 1).await;
     }
     guard.release().await.unwrap();
@@ -256,7 +239,7 @@ async fn a_crashed_waiter_at_the_head_holds_up_the_queue_at_most_its_entry_lease
     stale_entry(&mut conn, &name, "crashed", LEASE).await;
     let crashed_at = Instant::now();
     let order = Arc::new(Mutex::new(Vec::new()));
-    let next = waiter(&locks[1], &name, 1, &order, opts);
+    let next = fifo_waiter(&locks[1], &name, 1, &order, opts);
     until_queued(&node, &name, 2).await;
     guard.release().await.unwrap();
     tokio::time::timeout(Duration::from_secs(5), next)
@@ -288,10 +271,10 @@ async fn a_crashed_waiter_in_the_middle_holds_up_nobody() {
     let order = Arc::new(Mutex::new(Vec::new()));
 
     let guard = locks[0].lock_with(&name, opts).await.unwrap();
-    let first = waiter(&locks[1], &name, 0, &order, opts);
+    let first = fifo_waiter(&locks[1], &name, 0, &order, opts);
     until_queued(&node, &name, 1).await;
     stale_entry(&mut conn, &name, "crashed", LEASE).await;
-    let last = waiter(&locks[2], &name, 2, &order, opts);
+    let last = fifo_waiter(&locks[2], &name, 2, &order, opts);
     until_queued(&node, &name, 3).await;
     // By the time the first waiter is done, the crashed entry has expired.
     tokio::time::sleep(LEASE).await;
@@ -319,7 +302,7 @@ async fn a_cancelled_or_timed_out_waiter_leaves_no_entry() {
 
     let guard = locks[0].lock_with(&name, opts).await.unwrap();
     let order = Arc::new(Mutex::new(Vec::new()));
-    let cancelled = waiter(&locks[1], &name, 0, &order, opts);
+    let cancelled = fifo_waiter(&locks[1], &name, 0, &order, opts);
     until_queued(&node, &name, 1).await;
     cancelled.abort();
     until_queued(&node, &name, 0).await;
@@ -342,7 +325,7 @@ async fn a_cancelled_or_timed_out_waiter_leaves_no_entry() {
     // A waiter at the head that leaves while the key is free hands the turn on at once:
     // the next waiter does not wait for its refresh (20 s here).
     stale_entry(&mut conn, &name, "ghost", Duration::from_secs(60)).await;
-    let next = waiter(&locks[1], &name, 1, &order, opts);
+    let next = fifo_waiter(&locks[1], &name, 1, &order, opts);
     until_queued(&node, &name, 2).await;
     // Give the waiter time to subscribe (its second attempt follows the subscription).
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -444,7 +427,7 @@ async fn served_in_arrival_order(node: &RedisNode, arrivals: Vec<Arrival>) {
     let guard = locks[0].lock_with(&name, opts).await.unwrap();
     let mut tasks = Vec::new();
     for (i, a) in arrivals.iter().enumerate() {
-        tasks.push(Some(waiter(&locks[a.manager], &name, i, &order, opts)));
+        tasks.push(Some(fifo_waiter(&locks[a.manager], &name, i, &order, opts)));
         until_queued(node, &name, i + 1).await;
     }
     for (i, a) in arrivals.iter().enumerate() {

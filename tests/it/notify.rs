@@ -125,16 +125,8 @@ async fn waiters_of_one_manager_get_the_lock_in_arrival_order() {
     let guard = holder.lock(&name).await.unwrap();
     let mut tasks = Vec::new();
     for i in 0..WAITERS {
-        let (waiters, name, order) = (waiters.clone(), name.clone(), Arc::clone(&order));
-        tasks.push(tokio::spawn(async move {
-            let guard = waiters
-                .lock_with(&name, slow_polling(Duration::from_secs(30)))
-                .await
-                .unwrap();
-            order.lock().unwrap().push(i);
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            guard.release().await.unwrap();
-        }));
+        let opts = slow_polling(Duration::from_secs(30));
+        tasks.push(support::fifo_waiter(&waiters, &name, i, &order, opts));
         // Arrivals well apart, so the arrival order is unambiguous.
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

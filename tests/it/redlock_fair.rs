@@ -71,14 +71,8 @@ async fn waiters_of_many_managers_are_served_in_arrival_order_over_five_nodes() 
     let mut tasks = Vec::new();
     for i in 0..WAITERS {
         // Managers in a scrambled order, so arrival order is not manager order.
-        let (manager, task_name, order) =
-            (locks[(i * 3 + 1) % 4].clone(), name.clone(), order.clone());
-        tasks.push(tokio::spawn(async move {
-            let guard = manager.lock_with(&task_name, opts).await.expect("served");
-            order.lock().unwrap().push(i);
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            guard.release().await.expect("release");
-        }));
+        let manager = &locks[(i * 3 + 1) % 4];
+        tasks.push(support::fifo_waiter(manager, &name, i, &order, opts));
         support::eventually(Duration::from_secs(5), &format!("{} queued", i + 1), || {
             let name = name.clone();
             async move { queued(queue, &name).await == i + 1 }

@@ -705,6 +705,24 @@ pub fn lease_key(name: &str) -> String {
     format!("{}{{{name}}}", distlock::DEFAULT_PREFIX)
 }
 
+/// Spawns a waiter that takes `name` with `opts`, records `i` in `order` when served,
+/// holds 20 ms and releases: order tests compare `order` with the arrival order.
+pub fn fifo_waiter(
+    locks: &distlock::LockManager,
+    name: &str,
+    i: usize,
+    order: &std::sync::Arc<Mutex<Vec<usize>>>,
+    opts: distlock::LockOptions,
+) -> tokio::task::JoinHandle<()> {
+    let (locks, name, order) = (locks.clone(), name.to_owned(), std::sync::Arc::clone(order));
+    tokio::spawn(async move {
+        let guard = locks.lock_with(&name, opts).await.expect("served");
+        order.lock().unwrap().push(i);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        guard.release().await.expect("release");
+    })
+}
+
 /// Polls `check` every 10 ms until it returns true; panics with `what` after `limit`.
 pub async fn eventually<F, Fut>(limit: Duration, what: &str, mut check: F)
 where
