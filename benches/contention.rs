@@ -68,6 +68,17 @@ fn main() {
             )
             .await;
             rows.push(summarize("distlock, notifications on", tasks, run, on));
+            // Fair mode in one manager: what the queue's scripts cost, apart from what
+            // spreading the waiters over 8 managers (connections) costs.
+            let fair_one = run_distlock(
+                std::slice::from_ref(&notify),
+                &format!("bench:fair1:{tasks}"),
+                tasks,
+                run,
+                true,
+            )
+            .await;
+            rows.push(summarize("distlock fair, 1 manager", tasks, run, fair_one));
             let off = run_distlock(
                 std::slice::from_ref(&polling),
                 &format!("bench:poll:{tasks}"),
