@@ -390,6 +390,39 @@ async fn a_lost_vote_is_undone_on_every_node_the_attempt_may_have_reached_timed_
     assert_eq!(token_on(&nodes[4], &name).await, None);
 }
 
+/// An acquire returns once a majority took the lease: two frozen nodes do not hold it up
+/// for the node timeout. Their SETs are still sent and waited for after the call returned:
+/// once thawed, they hold the lease too (before the release), and the release removes it
+/// from all five.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_acquire_returns_at_a_majority_and_still_sets_the_lease_on_slow_nodes() {
+    let nodes = five_nodes().await;
+    let locks = redlock(&nodes).await;
+    let name = unique_key("majority-first");
+    warm_up(&locks, &nodes).await;
+    nodes[3].pause().await;
+    nodes[4].pause().await;
+    let started = std::time::Instant::now();
+    let guard = locks.try_lock_with(&name, ttl(30)).await.unwrap();
+    let took = started.elapsed();
+    assert!(
+        took < NODE_TIMEOUT / 2,
+        "the acquire waited {took:?} for the frozen nodes (node timeout {NODE_TIMEOUT:?})"
+    );
+    let live = tokens_on(&nodes[..3], &name).await;
+    assert!(live.iter().all(Option::is_some), "{live:?}");
+    nodes[3].resume().await;
+    nodes[4].resume().await;
+    assert!(
+        on_every_node_within(&nodes, &name, PROMPTLY).await,
+        "the SETs sent to the frozen nodes landed once they thawed"
+    );
+    let token = live[0].clone();
+    assert_eq!(tokens_on(&nodes, &name).await, vec![token; 5]);
+    guard.release().await.unwrap();
+    assert_eq!(tokens_on(&nodes, &name).await, vec![None; 5]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lock_key_of_another_type_fails_its_node_with_wrongtype_not_contention() {
     let nodes = five_nodes().await;
