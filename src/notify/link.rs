@@ -18,6 +18,10 @@ pub(crate) enum Source {
     Shards(Vec<redis::ConnectionInfo>),
 }
 
+/// The longest pause between two tries of a sharded link (see [`Source::retry_cap`]).
+#[cfg(feature = "cluster")]
+const SHARDED_RETRY_CAP: std::time::Duration = std::time::Duration::from_millis(250);
+
 /// An open subscription link.
 pub(super) enum Link {
     Plain(PubSubSink, PubSubStream),
@@ -51,6 +55,18 @@ impl Source {
             Source::Servers(clients) => clients.len().max(1),
             #[cfg(feature = "cluster")]
             Source::Shards(_) => 1,
+        }
+    }
+
+    /// The longest pause between two tries to open the link or subscribe. A cluster's
+    /// subscription fails while a failover or a slot move is under way (its channel's
+    /// primary is gone, or not yet known): it is tried again soon, since the new owner
+    /// answers as soon as the cluster knows it.
+    pub(super) fn retry_cap(&self) -> std::time::Duration {
+        match self {
+            Source::Servers(_) => std::time::Duration::MAX,
+            #[cfg(feature = "cluster")]
+            Source::Shards(_) => SHARDED_RETRY_CAP,
         }
     }
 

@@ -73,7 +73,7 @@ pub(super) async fn run(inner: Arc<Inner>, node: usize, id: u64) {
                     through = through.wrapping_add(1);
                     tracing::debug!(error = %e, "no subscription connection; waiters poll");
                     inner.connection_lost(node, true);
-                    pause(&inner, node, retry_pause(failures)).await;
+                    pause(&inner, node, retry_pause(&inner, node, failures)).await;
                     continue;
                 }
             }
@@ -101,7 +101,7 @@ pub(super) async fn run(inner: Arc<Inner>, node: usize, id: u64) {
                     tracing::debug!(error = %e, "subscription failed; waiters poll");
                     conn = None;
                     inner.connection_lost(node, true);
-                    pause(&inner, node, retry_pause(failures)).await;
+                    pause(&inner, node, retry_pause(&inner, node, failures)).await;
                     continue;
                 }
             }
@@ -168,10 +168,17 @@ async fn sleep_until_opt(at: Option<Instant>) {
     }
 }
 
-fn retry_pause(failures: u32) -> Duration {
+/// The pause after `failures` failures in a row: doubling from [`RETRY_MIN`], at most
+/// [`RETRY_MAX`], or the source's own cap if lower (a cluster's, whose connection follows
+/// a failover by itself).
+fn retry_pause(inner: &Inner, node: usize, failures: u32) -> Duration {
+    let cap = inner
+        .sources
+        .get(node)
+        .map_or(RETRY_MAX, |source| source.retry_cap().min(RETRY_MAX));
     RETRY_MIN
         .saturating_mul(1u32 << failures.saturating_sub(1).min(10))
-        .min(RETRY_MAX)
+        .min(cap)
 }
 
 /// Sleeps `pause`, or less if the manager is dropped meanwhile.
