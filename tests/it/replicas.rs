@@ -191,7 +191,10 @@ async fn auto_extension_short_of_replicas_loses_the_lease_as_not_replicated() {
     let locks = LockManager::connect(&pair.primary_url()).await.unwrap();
     let opts = LockOptions::new()
         .with_ttl(ms(900))
-        .with_replicas(1, ms(50))
+        // A healthy replica acknowledges within a millisecond; 150 ms leaves room for a
+        // loaded machine (CI once saw 0 acknowledgements within 50 ms), and a renewal
+        // (every 300 ms) plus its WAIT still ends well before the 900 ms TTL.
+        .with_replicas(1, ms(150))
         .with_auto_extend(true);
     // Healthy replica: kept alive well past its TTL.
     let kept = locks

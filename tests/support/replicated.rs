@@ -1,6 +1,11 @@
-//! A primary and one replica on free loopback ports, as processes or containers on the
-//! host's network per test backend ([`super::server`]).
+//! A primary and one replica on free loopback ports, as `redis-server` processes on both
+//! test backends ([`super::server`]). On the docker backend their containers acknowledged
+//! `WAIT` too late now and then under CI's load (0 of 1 replicas within 50–100 ms: one CI
+//! run, and 2 of 4 local runs of `replicas::`); the tests of this pair time replica
+//! acknowledgements in tens of milliseconds, so they keep the processes, whose timing
+//! CI has passed many times. The cause is not found yet.
 
+use super::Backend;
 use super::sentinel::{conn, info, wait_for};
 use super::server::{Server, data_server_args};
 
@@ -13,9 +18,9 @@ pub struct ReplicaPair {
 
 impl ReplicaPair {
     pub async fn start() -> ReplicaPair {
-        let first = Server::start(data_server_args).await;
+        let first = Server::start_on(Backend::Process, data_server_args).await;
         let primary = first.port();
-        let second = Server::start(|port, dir| {
+        let second = Server::start_on(Backend::Process, |port, dir| {
             let mut args = data_server_args(port, dir);
             args.extend([
                 "--replicaof".into(),

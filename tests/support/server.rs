@@ -57,10 +57,15 @@ impl Server {
     /// (an outgoing connection's ephemeral port) before the server binds it; the server
     /// then exits, and is started again on another port.
     pub async fn start(args: impl Fn(u16, &Path) -> Vec<String>) -> Server {
+        Self::start_on(backend(), args).await
+    }
+
+    /// [`start`](Self::start) on `backend`, whatever the tests' backend is.
+    pub async fn start_on(backend: Backend, args: impl Fn(u16, &Path) -> Vec<String>) -> Server {
         for _ in 0..5 {
             let port = free_port();
             let dir = fresh_data_dir(port);
-            let run = spawn(port, &dir, &args(port, &dir));
+            let run = spawn(backend, port, &dir, &args(port, &dir));
             let server = Server {
                 port,
                 dir,
@@ -171,8 +176,8 @@ impl Drop for Server {
     }
 }
 
-fn spawn(port: u16, dir: &Path, args: &[String]) -> Run {
-    match backend() {
+fn spawn(backend: Backend, port: u16, dir: &Path, args: &[String]) -> Run {
+    match backend {
         Backend::Process => {
             let child = Command::new(redis_server_bin())
                 .args(args)
