@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use redis::aio::ConnectionLike;
 
-use super::fanout::{bounded, join_all, join_until, no_answer};
+use super::fanout::{bounded, join_all, no_answer};
 use super::vote::{AcquireDecision, decide_acquire};
 use super::{RedlockStore, count};
 use crate::error::{Error, NodeOutcome, QuorumError, QuorumOperation, Result};
@@ -126,10 +126,8 @@ where
     }
 
     /// Asks every node whose answer is not `known` (all of them if `known` is empty) at
-    /// once, and counts the votes from `started`. Returns as soon as a majority took the
-    /// lease within its validity, the slower nodes' answers awaited on a task of their own;
-    /// otherwise waits for every node. Unless the lease is ours, releases it again wherever
-    /// this attempt may have set it.
+    /// once, and counts the votes from `started`. Unless the lease is ours, releases it again wherever this attempt
+    /// may have set it.
     pub(super) async fn acquire_on(
         &self,
         key: &LockKey,
@@ -145,39 +143,22 @@ where
         let ask: Vec<usize> = (0..self.nodes.len())
             .filter(|&i| known[i].is_none())
             .collect();
-        let calls: Vec<_> = ask
-            .iter()
-            .map(|&i| {
-                let (store, key, token) = (self.nodes[i].store.clone(), key.clone(), *token);
-                async move { bounded(limit, store.acquire_here(&key, &token, ttl, false)).await }
-            })
-            .collect();
-        // The call returns as soon as a majority took the lease in time. Every node is
-        // still waited for (or its timeout), on a task of its own once the call returned:
-        // a SET abandoned before its connection sent it would leave the lease on fewer
-        // nodes than answered, one failure closer to losing its majority. Without a
-        // runtime to finish them on, every node is waited for here.
-        let runtime = tokio::runtime::Handle::try_current().ok();
-        let took_before = known
-            .iter()
-            .filter(|a| matches!(a, Some(Ok(Acquire::Taken { .. }))))
-            .count();
-        let (asked, rest) = join_until(calls, |done| {
-            let took = done
-                .iter()
-                .filter(|a| matches!(a, Some(Ok(Acquire::Taken { .. }))))
-                .count();
-            runtime.is_some()
-                && took_before + took >= self.quorum
-                && Instant::now() < ttl.valid_until(started)
-        })
+        // Every node is waited for (or its timeout): a SET abandoned before its connection
+        // sent it would leave the lease on fewer nodes than answered, one failure closer to
+        // losing its majority.
+        let asked = join_all(
+            ask.iter()
+                .map(|&i| {
+                    bounded(
+                        limit,
+                        self.nodes[i].store.acquire_here(key, token, ttl, false),
+                    )
+                })
+                .collect(),
+        )
         .await;
-        if let (false, Some(runtime)) = (rest.is_empty(), runtime) {
-            runtime.spawn(join_all(rest.into_iter().map(|(_, f)| f).collect()));
-            return Ok(Acquire::Taken { fence: None });
-        }
         for (i, answer) in ask.into_iter().zip(asked) {
-            known[i] = answer;
+            known[i] = Some(answer);
         }
         let answers: Vec<Result<Acquire>> = known
             .into_iter()

@@ -1,7 +1,5 @@
-//! Asking every node at once, each bounded in time, on the caller's task: nothing outlives
-//! a dropped call. The one exception is an acquire a majority already granted: its calls
-//! to the slower nodes are finished on a task of their own, each still bounded by the node
-//! timeout, so that every SET is sent and answered (see `acquire_on`).
+//! Asking every node at once, each bounded in time, without spawning: nothing outlives a
+//! dropped call.
 
 use std::future::{Future, poll_fn};
 use std::pin::Pin;
@@ -52,47 +50,6 @@ pub(crate) async fn join_all<F: Future>(futures: Vec<F>) -> Vec<F::Output> {
     .await
 }
 
-/// The futures [`join_until`] left unfinished, each with its index in the input.
-pub(crate) type Unfinished<F> = Vec<(usize, Pin<Box<F>>)>;
-
-/// Polls every future on the current task until all are done, or until `enough` says the
-/// outputs so far (in input order, `None` for the unfinished) settle the question. Returns
-/// those outputs and the futures still running, for the caller to finish or drop.
-pub(crate) async fn join_until<F: Future>(
-    futures: Vec<F>,
-    enough: impl Fn(&[Option<F::Output>]) -> bool,
-) -> (Vec<Option<F::Output>>, Unfinished<F>) {
-    let mut pending: Vec<Option<Pin<Box<F>>>> =
-        futures.into_iter().map(|f| Some(Box::pin(f))).collect();
-    let mut outputs: Vec<Option<F::Output>> = pending.iter().map(|_| None).collect();
-    poll_fn(|cx| {
-        let mut all_done = true;
-        for (slot, output) in pending.iter_mut().zip(outputs.iter_mut()) {
-            if let Some(future) = slot {
-                match future.as_mut().poll(cx) {
-                    Poll::Ready(value) => {
-                        *output = Some(value);
-                        *slot = None;
-                    }
-                    Poll::Pending => all_done = false,
-                }
-            }
-        }
-        if all_done || enough(&outputs) {
-            Poll::Ready(())
-        } else {
-            Poll::Pending
-        }
-    })
-    .await;
-    let unfinished = pending
-        .into_iter()
-        .enumerate()
-        .filter_map(|(i, f)| Some((i, f?)))
-        .collect();
-    (outputs, unfinished)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -123,37 +80,5 @@ mod tests {
             .await
             .expect("join_all polls every future, not one after another");
         assert_eq!(out, [0, 1, 2]);
-    }
-
-    #[tokio::test]
-    async fn join_until_stops_once_enough_and_hands_back_the_rest() {
-        use tokio::sync::oneshot;
-        let (release_last, last) = oneshot::channel::<()>();
-        let futures: Vec<Pin<Box<dyn Future<Output = u8> + Send>>> = vec![
-            Box::pin(async { 0 }),
-            Box::pin(async move {
-                last.await.ok();
-                1
-            }),
-            Box::pin(async { 2 }),
-        ];
-        let (outputs, rest) = tokio::time::timeout(
-            Duration::from_secs(5),
-            join_until(futures, |done| done.iter().flatten().count() >= 2),
-        )
-        .await
-        .expect("two of three finish at once");
-        assert_eq!(outputs, [Some(0), None, Some(2)]);
-        assert_eq!(rest.len(), 1);
-        let (index, future) = rest.into_iter().next().unwrap();
-        assert_eq!(index, 1);
-        release_last.send(()).unwrap();
-        assert_eq!(future.await, 1);
-        // Never enough: every future is awaited, as join_all does.
-        let futures: Vec<Pin<Box<dyn Future<Output = u8> + Send>>> =
-            vec![Box::pin(async { 7 }), Box::pin(async { 8 })];
-        let (outputs, rest) = join_until(futures, |_| false).await;
-        assert_eq!(outputs, [Some(7), Some(8)]);
-        assert!(rest.is_empty());
     }
 }
