@@ -237,6 +237,29 @@ async fn a_release_wakes_a_waiter_through_sharded_pub_sub_on_the_locks_primary()
     drop((locks, waiting));
     until_unsubscribed(&cluster, &channel).await;
     assert_eq!(cluster.keys().await, 0);
+    until_no_connections_left(&cluster).await;
+}
+
+/// Waits until no node has a client connection but the one that asks (replication links
+/// aside): the managers' connections, their subscription links included, are closed once
+/// they are dropped.
+/// Panics after 10 s with the counts per node.
+async fn until_no_connections_left(cluster: &Cluster) {
+    let started = Instant::now();
+    loop {
+        let mut counts = Vec::new();
+        for port in cluster.ports() {
+            counts.push((port, cluster.clients(port).await));
+        }
+        if counts.iter().all(|&(_, n)| n == Some(1)) {
+            return;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "connections left 10 s after the managers were dropped, (port, clients): {counts:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -271,6 +271,24 @@ impl Cluster {
         Some((sharded.first()?.1, classic.first()?.1))
     }
 
+    /// Client connections on the node on `port` that are not replication links (`CLIENT
+    /// LIST` without the flags `M`, its primary, or `S`, a replica), the one that asks
+    /// included; `None` if the node does not answer.
+    pub async fn clients(&self, port: u16) -> Option<u64> {
+        let mut conn = conn(port).await?;
+        let list: String = redis::cmd("CLIENT")
+            .arg("LIST")
+            .query_async(&mut conn)
+            .await
+            .ok()?;
+        let clients = list.lines().filter(|line| {
+            line.split(' ')
+                .find_map(|field| field.strip_prefix("flags="))
+                .is_some_and(|flags| !flags.contains(['M', 'S']))
+        });
+        Some(clients.count() as u64)
+    }
+
     /// Error replies starting with `prefix` (`TRYAGAIN`, `ASK`, `MOVED`) the primaries
     /// gave, from `INFO errorstats`, summed.
     pub async fn errors(&self, prefix: &str) -> u64 {
