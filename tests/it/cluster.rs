@@ -198,6 +198,7 @@ pub(crate) async fn until_unsubscribed(cluster: &Cluster, channel: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_release_wakes_a_waiter_through_sharded_pub_sub_on_the_locks_primary() {
     let cluster = Cluster::start().await;
+    let tasks = alive_tasks();
     let locks = manager(&cluster).await;
     let waiting = manager(&cluster).await;
     let name = unique_key("cluster-notify");
@@ -237,26 +238,35 @@ async fn a_release_wakes_a_waiter_through_sharded_pub_sub_on_the_locks_primary()
     drop((locks, waiting));
     until_unsubscribed(&cluster, &channel).await;
     assert_eq!(cluster.keys().await, 0);
-    until_no_connections_left(&cluster).await;
+    until_nothing_left(&cluster, tasks).await;
+}
+
+/// Tasks alive on the current runtime.
+fn alive_tasks() -> usize {
+    tokio::runtime::Handle::current()
+        .metrics()
+        .num_alive_tasks()
 }
 
 /// Waits until no node has a client connection but the one that asks (replication links
-/// aside): the managers' connections, their subscription links included, are closed once
-/// they are dropped.
-/// Panics after 10 s with the counts per node.
-async fn until_no_connections_left(cluster: &Cluster) {
+/// aside) and the runtime is back to `tasks` alive tasks: the managers' connections and
+/// tasks, their subscription links included, end once they are dropped. Panics after
+/// 10 s with what is left.
+async fn until_nothing_left(cluster: &Cluster, tasks: usize) {
     let started = Instant::now();
     loop {
         let mut counts = Vec::new();
         for port in cluster.ports() {
             counts.push((port, cluster.clients(port).await));
         }
-        if counts.iter().all(|&(_, n)| n == Some(1)) {
+        let alive = alive_tasks();
+        if counts.iter().all(|&(_, n)| n == Some(1)) && alive <= tasks {
             return;
         }
         assert!(
             started.elapsed() < Duration::from_secs(10),
-            "connections left 10 s after the managers were dropped, (port, clients): {counts:?}"
+            "left 10 s after the managers were dropped: {alive} tasks ({tasks} before), \
+             (port, clients): {counts:?}"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
