@@ -292,7 +292,11 @@ impl KeyView {
 }
 
 /// Invariant 1 for one guard: if it believes it holds, the server has its entry
-/// (`left_ms`) and that entry lives at least as long as the belief.
+/// (`left_ms`) and that entry lives at least as long as the belief. The server answered
+/// before `replied`: an entry it no longer had had ended by then, so a missing entry
+/// counts as 0 ms left at `replied` (as in `belief.rs`), and only a belief that outlives
+/// that (beyond the rounding) is a violation. A belief with 2 ms left can meet a missing
+/// key honestly: the check's own round trip may take longer.
 pub(super) fn within_truth(
     belief: &Belief,
     left_ms: Option<i64>,
@@ -303,21 +307,45 @@ pub(super) fn within_truth(
         return Ok(());
     }
     let believed = belief.valid_until.saturating_duration_since(belief.read_at);
-    let Some(left) = left_ms else {
-        return Err(fail(format!(
-            "{what} believes it holds ({believed:?} left) but the server has no entry with its token"
-        )));
-    };
+    let left = left_ms.unwrap_or(0);
     if left == i64::MAX {
         return Ok(());
     }
     let truth = replied + Duration::from_millis(left.max(0) as u64) + ROUNDING;
-    if belief.valid_until > truth {
-        return Err(fail(format!(
-            "belief exceeds truth: {what} believes {believed:?} left, the server grants {left} ms"
-        )));
+    if belief.valid_until <= truth {
+        return Ok(());
     }
-    Ok(())
+    Err(fail(match left_ms {
+        None => format!(
+            "{what} believes it holds ({believed:?} left, {:?} past the server's answer) but \
+             the server has no entry with its token",
+            belief.valid_until.saturating_duration_since(replied)
+        ),
+        Some(_) => {
+            format!(
+                "belief exceeds truth: {what} believes {believed:?} left, the server grants {left} ms"
+            )
+        }
+    }))
+}
+
+#[test]
+fn a_missing_entry_is_a_violation_only_for_a_belief_that_outlives_the_servers_answer() {
+    let read_at = Instant::now();
+    let belief = |left_ms: u64| Belief {
+        held: true,
+        valid_until: read_at + Duration::from_millis(left_ms),
+        read_at,
+    };
+    // The server answered 6 ms after the belief was read: a belief with 2 ms left may
+    // have ended (and its key expired) before the server looked.
+    let replied = read_at + Duration::from_millis(6);
+    assert!(within_truth(&belief(2), None, replied, "short").is_ok());
+    // A belief that still had 50 ms when the server answered "no entry" exceeds it.
+    assert!(within_truth(&belief(56), None, replied, "long").is_err());
+    // An entry with 10 ms left at the answer covers a belief up to then (and rounding).
+    assert!(within_truth(&belief(16), Some(10), replied, "covered").is_ok());
+    assert!(within_truth(&belief(30), Some(10), replied, "beyond").is_err());
 }
 
 /// What every kind of guard can be asked.
