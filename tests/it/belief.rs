@@ -796,6 +796,8 @@ mod property {
             wait_ms: u64,
             /// `Some(max_hold)`: auto-extended, with an optional hold-time cap.
             auto: Option<Option<u64>>,
+            /// Fair mode: through the lock's waiter queue in Redis.
+            fair: bool,
             cancel_ms: Option<u64>,
         },
         Extend {
@@ -874,19 +876,21 @@ mod property {
                 1 => prop_oneof![1 => Just(None), 1 => (50u64..3_000).prop_map(Some)]
                     .prop_map(Some),
             ],
+            any::<bool>(),
             cancel(),
         )
-            .prop_map(|(slot, mgr, name, ttl_ms, wait_ms, auto, cancel_ms)| {
-                Step::Acquire {
+            .prop_map(
+                |(slot, mgr, name, ttl_ms, wait_ms, auto, fair, cancel_ms)| Step::Acquire {
                     slot,
                     mgr,
                     name,
                     ttl_ms,
                     wait_ms,
                     auto,
+                    fair,
                     cancel_ms,
-                }
-            })
+                },
+            )
     }
 
     /// Every case starts by taking a lease in slot 0.
@@ -1138,6 +1142,7 @@ mod property {
                     ttl_ms,
                     wait_ms,
                     auto,
+                    fair,
                     cancel_ms,
                 } => {
                     drop(slots[slot].take());
@@ -1148,7 +1153,8 @@ mod property {
                     let mut opts = LockOptions::new()
                         .with_ttl(Duration::from_millis(ttl_ms))
                         .with_wait(Duration::from_millis(wait_ms))
-                        .with_auto_extend(auto.is_some());
+                        .with_auto_extend(auto.is_some())
+                        .with_fair(fair);
                     if let Some(Some(hold)) = auto {
                         opts = opts.with_max_hold(Duration::from_millis(hold));
                     }

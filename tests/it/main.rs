@@ -19,6 +19,7 @@ mod cluster_reshard;
 mod drop;
 mod failures;
 mod fair;
+mod fair_hostile;
 mod fault_tools;
 mod fencing;
 mod hostile;

@@ -1,0 +1,321 @@
+//! Fair mode with replies delayed, reordered and lost (issue 12's "mutual exclusion in fair
+//! mode" and "cancellation at every await leaves no entry", searched by a generator rather
+//! than replayed): concurrent waiters on one lock over three managers, two of them on
+//! hostile connections (tests/support/hostile.rs) with a random plan per case, one on a
+//! plain connection with release notifications. Waiters start at random times, take the
+//! lock fairly or not, wait or try once, are cancelled at a random point (before, during or
+//! after any of their round trips), hold for a while and release or drop their guard.
+//!
+//! Invariants, per case:
+//! - (a) no two guards believe they hold the lock at once: the intervals from each
+//!   acquire's return to the earlier of its `valid_until()` and its release are disjoint;
+//! - (b) a guard is returned with validity left;
+//! - (c) every call returns within its wait budget plus one command timeout (and slack);
+//! - (d) once every waiter is done and the managers are dropped, nothing is left behind:
+//!   no lease, no queue key, no subscription, connection or task.
+
+use crate::support;
+
+use std::time::{Duration, Instant};
+
+use distlock::{LockManager, LockOptions};
+use proptest::prelude::*;
+use proptest::test_runner::{Config, TestCaseError, TestRunner};
+use support::hostile::{Action, HostileConnection};
+use support::{Baseline, RedisNode, unique_key};
+
+/// The command timeout of every manager: every call's budget includes it once.
+const CMD_TIMEOUT: Duration = Duration::from_secs(1);
+/// What a call may take beyond its wait budget and one command timeout.
+const SLACK: Duration = Duration::from_millis(300);
+/// How long before the caller saw `Ok` a guard may have run out without failing (b):
+/// this thread may be descheduled right after the library returned.
+const B_TOLERANCE: Duration = Duration::from_millis(3);
+
+/// How a hostile connection treats the commands whose sequence number falls on it.
+#[derive(Debug, Clone)]
+struct Chaos {
+    route: usize,
+    send_ms: u64,
+    reply_ms: u64,
+    lose_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone)]
+struct Waiter {
+    /// 0 and 1: hostile connections; 2: a plain connection with notifications.
+    mgr: usize,
+    start_ms: u64,
+    ttl_ms: u64,
+    /// 0: `try_lock_with`; otherwise `lock_with` with this budget.
+    wait_ms: u64,
+    fair: bool,
+    queue_lease_ms: u64,
+    auto: bool,
+    hold_ms: u64,
+    cancel_ms: Option<u64>,
+    /// Release explicitly (else drop the guard).
+    release: bool,
+}
+
+#[derive(Debug, Clone)]
+struct Case {
+    chaos: Vec<Chaos>,
+    waiters: Vec<Waiter>,
+}
+
+fn chaos() -> impl Strategy<Value = Chaos> {
+    (
+        0usize..2,
+        prop_oneof![1 => Just(0u64), 1 => 0u64..120],
+        prop_oneof![1 => Just(0u64), 1 => 0u64..200],
+        prop_oneof![5 => Just(None), 1 => (0u64..200).prop_map(Some)],
+    )
+        .prop_map(|(route, send_ms, reply_ms, lose_ms)| Chaos {
+            route,
+            send_ms,
+            reply_ms,
+            lose_ms,
+        })
+}
+
+fn waiter() -> impl Strategy<Value = Waiter> {
+    (
+        0usize..3,
+        0u64..300,
+        prop_oneof![2 => 60u64..400, 1 => 60u64..2_000],
+        prop_oneof![1 => Just(0u64), 4 => 50u64..1_500],
+        prop_oneof![4 => Just(true), 1 => Just(false)],
+        prop_oneof![1 => Just(1_000u64), 1 => 60u64..1_000],
+        any::<bool>(),
+        0u64..80,
+        prop_oneof![3 => Just(None), 1 => (0u64..600).prop_map(Some)],
+        any::<bool>(),
+    )
+        .prop_map(
+            |(
+                mgr,
+                start_ms,
+                ttl_ms,
+                wait_ms,
+                fair,
+                queue_lease_ms,
+                auto,
+                hold_ms,
+                cancel_ms,
+                release,
+            )| {
+                Waiter {
+                    mgr,
+                    start_ms,
+                    ttl_ms,
+                    wait_ms,
+                    fair,
+                    queue_lease_ms,
+                    auto,
+                    hold_ms,
+                    cancel_ms,
+                    release,
+                }
+            },
+        )
+}
+
+fn case() -> impl Strategy<Value = Case> {
+    (
+        proptest::collection::vec(chaos(), 1..6),
+        proptest::collection::vec(waiter(), 2..8),
+    )
+        .prop_map(|(chaos, waiters)| Case { chaos, waiters })
+}
+
+/// One guard's belief: it held the lock from `from` to `until`.
+#[derive(Debug, Clone, Copy)]
+struct Held {
+    waiter: usize,
+    from: Instant,
+    until: Instant,
+}
+
+/// Runs one waiter; returns its belief interval if it got the lock, or a violation of (b)
+/// or (c).
+async fn run_waiter(
+    locks: LockManager,
+    name: String,
+    i: usize,
+    w: Waiter,
+    origin: Instant,
+) -> Result<Option<Held>, String> {
+    tokio::time::sleep(Duration::from_millis(w.start_ms)).await;
+    let opts = LockOptions::new()
+        .with_ttl(Duration::from_millis(w.ttl_ms))
+        .with_wait(Duration::from_millis(w.wait_ms))
+        .with_fair(w.fair)
+        .with_queue_lease(Duration::from_millis(w.queue_lease_ms))
+        .with_auto_extend(w.auto);
+    let budget = Duration::from_millis(w.wait_ms) + CMD_TIMEOUT + SLACK;
+    let started = Instant::now();
+    let call = async {
+        if w.wait_ms == 0 {
+            locks.try_lock_with(&name, opts).await
+        } else {
+            locks.lock_with(&name, opts).await
+        }
+    };
+    let out = match w.cancel_ms {
+        None => Some(call.await),
+        Some(ms) => tokio::time::timeout(Duration::from_millis(ms), call)
+            .await
+            .ok(),
+    };
+    let returned = Instant::now();
+    if out.is_some() && returned - started > budget {
+        return Err(format!(
+            "(c) waiter {i} took {:?}, over its budget {budget:?}",
+            returned - started
+        ));
+    }
+    let Some(Ok(guard)) = out else {
+        return Ok(None);
+    };
+    if guard.valid_until() + B_TOLERANCE <= returned {
+        return Err(format!(
+            "(b) waiter {i}: Ok(guard) with no validity left at return ({:?} after the start)",
+            returned - origin
+        ));
+    }
+    tokio::time::sleep(Duration::from_millis(w.hold_ms)).await;
+    let until = guard.valid_until().min(Instant::now());
+    if w.release {
+        let _ = tokio::time::timeout(CMD_TIMEOUT + SLACK, guard.release()).await;
+    } else {
+        drop(guard);
+    }
+    Ok(Some(Held {
+        waiter: i,
+        from: returned,
+        until,
+    }))
+}
+
+async fn run(node: &RedisNode, case: Case) -> Result<(), TestCaseError> {
+    let baseline = Baseline::take(node).await;
+    let name = unique_key("fair-hostile");
+    let mut hostiles = Vec::new();
+    let mut managers = Vec::new();
+    for h in 0..2 {
+        let hostile = HostileConnection::connect(&node.client(), 2).await;
+        let chaos = case.chaos.clone();
+        hostile.set_plan(move |cmd| {
+            let c = &chaos[(cmd.seq as usize + h) % chaos.len()];
+            let mut action = Action::pass()
+                .via(c.route)
+                .delay_send(Duration::from_millis(c.send_ms))
+                .delay_reply(Duration::from_millis(c.reply_ms));
+            if let Some(ms) = c.lose_ms {
+                action = action.lose_reply(Duration::from_millis(ms));
+            }
+            action
+        });
+        managers.push(
+            LockManager::builder()
+                .with_command_timeout(CMD_TIMEOUT)
+                .build(hostile.clone())
+                .expect("manager on a hostile connection"),
+        );
+        hostiles.push(hostile);
+    }
+    managers.push(
+        LockManager::builder()
+            .with_command_timeout(CMD_TIMEOUT)
+            .connect(&node.url())
+            .await
+            .expect("plain manager"),
+    );
+    let origin = Instant::now();
+    let tasks: Vec<_> = case
+        .waiters
+        .iter()
+        .enumerate()
+        .map(|(i, w)| {
+            tokio::spawn(run_waiter(
+                managers[w.mgr].clone(),
+                name.clone(),
+                i,
+                w.clone(),
+                origin,
+            ))
+        })
+        .collect();
+    let mut held = Vec::new();
+    let mut failures = Vec::new();
+    for task in tasks {
+        match tokio::time::timeout(Duration::from_secs(30), task).await {
+            Ok(Ok(Ok(Some(h)))) => held.push(h),
+            Ok(Ok(Ok(None))) => {}
+            Ok(Ok(Err(violation))) => failures.push(violation),
+            Ok(Err(e)) => failures.push(format!("a waiter panicked: {e}")),
+            Err(_) => failures.push("a waiter hung for 30 s".to_owned()),
+        }
+    }
+    held.sort_by_key(|h| h.from);
+    for pair in held.windows(2) {
+        let (a, b) = (pair[0], pair[1]);
+        if b.from < a.until {
+            failures.push(format!(
+                "(a) waiters {} and {} both believed they held the lock: {} from {:?} to {:?}, {} from {:?}",
+                a.waiter,
+                b.waiter,
+                a.waiter,
+                a.from - origin,
+                a.until - origin,
+                b.waiter,
+                b.from - origin
+            ));
+        }
+    }
+    for h in &hostiles {
+        h.clear_plan();
+    }
+    drop(managers);
+    drop(hostiles);
+    if let Some(left) = baseline.left_behind(node, Duration::from_secs(6)).await {
+        failures.push(format!("(d) not settled after the case: {left}"));
+    }
+    match failures.is_empty() {
+        true => Ok(()),
+        false => Err(TestCaseError::fail(failures.join("\n"))),
+    }
+}
+
+/// Cases per run: `PROPTEST_CASES`, default 16.
+fn config() -> Config {
+    let cases = std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(16);
+    Config {
+        cases,
+        max_shrink_iters: 32,
+        max_shrink_time: 180_000,
+        failure_persistence: None,
+        ..Config::default()
+    }
+}
+
+/// Generated schedules of fair and plain waiters over hostile and plain connections:
+/// invariants (a)–(d) of the module hold in every case.
+#[test]
+fn fair_waiters_keep_exclusion_and_leave_nothing_under_hostile_schedules() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let node = rt.block_on(RedisNode::start());
+    let result = TestRunner::new(config()).run(&case(), |case| rt.block_on(run(&node, case)));
+    rt.block_on(async move { drop(node) });
+    if let Err(e) = result {
+        panic!("{e}");
+    }
+}
