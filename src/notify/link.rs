@@ -58,15 +58,16 @@ impl Source {
         }
     }
 
-    /// The longest pause between two tries to open the link or subscribe. A cluster's
-    /// subscription fails while a failover or a slot move is under way (its channel's
-    /// primary is gone, or not yet known): it is tried again soon, since the new owner
-    /// answers as soon as the cluster knows it.
-    pub(super) fn retry_cap(&self) -> std::time::Duration {
+    /// The longest pause between two tries to open the link or subscribe, if this source
+    /// has one of its own (`None`: the notifier's own cap). A cluster's subscription fails
+    /// while a failover or a slot move is under way (its channel's primary is gone, or not
+    /// yet known): it is tried again soon, since the new owner answers as soon as the
+    /// cluster knows it.
+    pub(super) fn retry_cap(&self) -> Option<std::time::Duration> {
         match self {
-            Source::Servers(_) => std::time::Duration::MAX,
+            Source::Servers(_) => None,
             #[cfg(feature = "cluster")]
-            Source::Shards(_) => SHARDED_RETRY_CAP,
+            Source::Shards(_) => Some(SHARDED_RETRY_CAP),
         }
     }
 

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::Inner;
-use super::link::{Event, Link};
+use super::link::{Event, Link, Source};
 use crate::error::timed_out;
 
 /// How long the subscription connection stays open with no waiter before it is closed.
@@ -175,7 +175,8 @@ fn retry_pause(inner: &Inner, node: usize, failures: u32) -> Duration {
     let cap = inner
         .sources
         .get(node)
-        .map_or(RETRY_MAX, |source| source.retry_cap().min(RETRY_MAX));
+        .and_then(Source::retry_cap)
+        .map_or(RETRY_MAX, |cap| cap.min(RETRY_MAX));
     RETRY_MIN
         .saturating_mul(1u32 << failures.saturating_sub(1).min(10))
         .min(cap)

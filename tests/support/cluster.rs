@@ -43,12 +43,7 @@ impl Cluster {
         );
         for &port in &ports {
             wait_for(&format!("node {port}: cluster_state:ok"), || async move {
-                let mut conn = conn(port).await?;
-                let info: String = redis::cmd("CLUSTER")
-                    .arg("INFO")
-                    .query_async(&mut conn)
-                    .await
-                    .ok()?;
+                let info: String = query(port, redis::cmd("CLUSTER").arg("INFO")).await?;
                 Some(info.contains("cluster_state:ok"))
             })
             .await;
@@ -165,12 +160,7 @@ impl Cluster {
     pub async fn until_primary(&self, port: u16) {
         wait_for(&format!("node {port} promoted"), || async move {
             let role = info(port, "replication").await?;
-            let mut conn = conn(port).await?;
-            let state: String = redis::cmd("CLUSTER")
-                .arg("INFO")
-                .query_async(&mut conn)
-                .await
-                .ok()?;
+            let state: String = query(port, redis::cmd("CLUSTER").arg("INFO")).await?;
             Some(role.contains("role:master") && state.contains("cluster_state:ok"))
         })
         .await;
@@ -275,12 +265,7 @@ impl Cluster {
     /// LIST` without the flags `M`, its primary, or `S`, a replica), the one that asks
     /// included; `None` if the node does not answer.
     pub async fn clients(&self, port: u16) -> Option<u64> {
-        let mut conn = conn(port).await?;
-        let list: String = redis::cmd("CLIENT")
-            .arg("LIST")
-            .query_async(&mut conn)
-            .await
-            .ok()?;
+        let list: String = query(port, redis::cmd("CLIENT").arg("LIST")).await?;
         let clients = list.lines().filter(|line| {
             line.split(' ')
                 .find_map(|field| field.strip_prefix("flags="))
@@ -358,12 +343,14 @@ async fn node_id(conn: &mut redis::aio::MultiplexedConnection) -> String {
 }
 
 async fn info(port: u16, section: &str) -> Option<String> {
+    query(port, redis::cmd("INFO").arg(section)).await
+}
+
+/// One command on a fresh connection to the node on `port`; `None` if the node does not
+/// answer or the reply is an error.
+async fn query<T: redis::FromRedisValue>(port: u16, cmd: &redis::Cmd) -> Option<T> {
     let mut conn = conn(port).await?;
-    redis::cmd("INFO")
-        .arg(section)
-        .query_async(&mut conn)
-        .await
-        .ok()
+    cmd.query_async(&mut conn).await.ok()
 }
 
 /// Polls `check` every 100 ms until it says `Some(true)`; panics after 60 s.
