@@ -198,40 +198,66 @@ async fn run_waiter(
     }))
 }
 
-async fn run(node: &RedisNode, case: Case) -> Result<(), TestCaseError> {
-    let baseline = Baseline::take(node).await;
-    let name = unique_key("fair-hostile");
+/// A hostile connection to `node` whose plan takes the chaos entry of each command's
+/// sequence number, shifted by `shift` (so that no two connections of a case behave alike).
+async fn hostile_to(node: &RedisNode, chaos: &[Chaos], shift: usize) -> HostileConnection {
+    let hostile = HostileConnection::connect(&node.client(), 2).await;
+    let chaos = chaos.to_vec();
+    hostile.set_plan(move |cmd| {
+        let c = &chaos[(cmd.seq as usize + shift) % chaos.len()];
+        let mut action = Action::pass()
+            .via(c.route)
+            .delay_send(Duration::from_millis(c.send_ms))
+            .delay_reply(Duration::from_millis(c.reply_ms));
+        if let Some(ms) = c.lose_ms {
+            action = action.lose_reply(Duration::from_millis(ms));
+        }
+        action
+    });
+    hostile
+}
+
+/// The three managers of a case: two on hostile connections, one on plain connections
+/// with release notifications. With one node, single-primary managers; with several,
+/// Redlock managers over all of them.
+async fn managers(
+    nodes: &[RedisNode],
+    chaos: &[Chaos],
+) -> (Vec<LockManager>, Vec<HostileConnection>) {
+    let builder = || LockManager::builder().with_command_timeout(CMD_TIMEOUT);
     let mut hostiles = Vec::new();
     let mut managers = Vec::new();
     for h in 0..2 {
-        let hostile = HostileConnection::connect(&node.client(), 2).await;
-        let chaos = case.chaos.clone();
-        hostile.set_plan(move |cmd| {
-            let c = &chaos[(cmd.seq as usize + h) % chaos.len()];
-            let mut action = Action::pass()
-                .via(c.route)
-                .delay_send(Duration::from_millis(c.send_ms))
-                .delay_reply(Duration::from_millis(c.reply_ms));
-            if let Some(ms) = c.lose_ms {
-                action = action.lose_reply(Duration::from_millis(ms));
-            }
-            action
-        });
-        managers.push(
-            LockManager::builder()
-                .with_command_timeout(CMD_TIMEOUT)
-                .build(hostile.clone())
-                .expect("manager on a hostile connection"),
-        );
-        hostiles.push(hostile);
+        let mut conns = Vec::new();
+        for (n, node) in nodes.iter().enumerate() {
+            conns.push(hostile_to(node, chaos, h + n * 2).await);
+        }
+        let manager = match &conns[..] {
+            [one] => builder().build(one.clone()),
+            _ => builder().build_redlock(conns.iter().cloned()),
+        };
+        managers.push(manager.expect("manager on hostile connections"));
+        hostiles.extend(conns);
     }
-    managers.push(
-        LockManager::builder()
-            .with_command_timeout(CMD_TIMEOUT)
-            .connect(&node.url())
-            .await
-            .expect("plain manager"),
-    );
+    let plain = match nodes {
+        [one] => builder().connect(&one.url()).await,
+        _ => {
+            builder()
+                .connect_redlock(nodes.iter().map(RedisNode::url))
+                .await
+        }
+    };
+    managers.push(plain.expect("plain manager"));
+    (managers, hostiles)
+}
+
+async fn run(nodes: &[RedisNode], case: Case) -> Result<(), TestCaseError> {
+    let mut baselines = Vec::new();
+    for node in nodes {
+        baselines.push(Baseline::take(node).await);
+    }
+    let name = unique_key("fair-hostile");
+    let (managers, hostiles) = managers(nodes, &case.chaos).await;
     let origin = Instant::now();
     let tasks: Vec<_> = case
         .waiters
@@ -279,8 +305,10 @@ async fn run(node: &RedisNode, case: Case) -> Result<(), TestCaseError> {
     }
     drop(managers);
     drop(hostiles);
-    if let Some(left) = baseline.left_behind(node, Duration::from_secs(6)).await {
-        failures.push(format!("(d) not settled after the case: {left}"));
+    for (n, (node, baseline)) in nodes.iter().zip(&baselines).enumerate() {
+        if let Some(left) = baseline.left_behind(node, Duration::from_secs(6)).await {
+            failures.push(format!("(d) node {n} not settled after the case: {left}"));
+        }
     }
     match failures.is_empty() {
         true => Ok(()),
@@ -303,19 +331,37 @@ fn config() -> Config {
     }
 }
 
-/// Generated schedules of fair and plain waiters over hostile and plain connections:
-/// invariants (a)–(d) of the module hold in every case.
-#[test]
-fn fair_waiters_keep_exclusion_and_leave_nothing_under_hostile_schedules() {
+/// Runs the generated cases on `nodes` (one: a single primary; several: Redlock).
+fn run_cases(nodes: usize) {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .expect("runtime");
-    let node = rt.block_on(RedisNode::start());
-    let result = TestRunner::new(config()).run(&case(), |case| rt.block_on(run(&node, case)));
-    rt.block_on(async move { drop(node) });
+    let nodes: Vec<RedisNode> = rt.block_on(async {
+        let mut started = Vec::new();
+        for _ in 0..nodes {
+            started.push(RedisNode::start().await);
+        }
+        started
+    });
+    let result = TestRunner::new(config()).run(&case(), |case| rt.block_on(run(&nodes, case)));
+    rt.block_on(async move { drop(nodes) });
     if let Err(e) = result {
         panic!("{e}");
     }
+}
+
+/// Generated schedules of fair and plain waiters over hostile and plain connections to
+/// one primary: invariants (a)–(d) of the module hold in every case.
+#[test]
+fn fair_waiters_keep_exclusion_and_leave_nothing_under_hostile_schedules() {
+    run_cases(1);
+}
+
+/// The same over three primaries (Redlock; fair mode's queue on the lock's first node),
+/// every node behind its own hostile connection in the hostile managers.
+#[test]
+fn redlock_waiters_keep_exclusion_and_leave_nothing_under_hostile_schedules() {
+    run_cases(3);
 }
