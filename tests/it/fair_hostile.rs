@@ -1,14 +1,17 @@
 //! Fair mode with replies delayed, reordered and lost (issue 12's "mutual exclusion in fair
 //! mode" and "cancellation at every await leaves no entry", searched by a generator rather
-//! than replayed): concurrent waiters on one lock over three managers, two of them on
-//! hostile connections (tests/support/hostile.rs) with a random plan per case, one on a
-//! plain connection with release notifications. Waiters start at random times, take the
-//! lock fairly or not, wait or try once, are cancelled at a random point (before, during or
-//! after any of their round trips), hold for a while and release or drop their guard.
+//! than replayed): concurrent waiters over three managers, two of them on hostile
+//! connections (tests/support/hostile.rs) with a random plan per case, one on a plain
+//! connection with release notifications; on one primary, and over three (Redlock). Waiters
+//! start at random times, take a lock (fairly or not), a semaphore's permit, or a
+//! read-write lock as reader or writer, wait or try once, are cancelled at a random point
+//! (before, during or after any of their round trips), hold for a while and release or drop
+//! their guard.
 //!
-//! Invariants, per case:
-//! - (a) no two guards believe they hold the lock at once: the intervals from each
-//!   acquire's return to the earlier of its `valid_until()` and its release are disjoint;
+//! Invariants, per case (a guard's belief: from its acquire's return to the earlier of its
+//! `valid_until()` and its release):
+//! - (a) no two beliefs in the lock overlap, no more than [`PERMITS`] in the semaphore, and
+//!   none with a writer's in the read-write lock;
 //! - (b) a guard is returned with validity left;
 //! - (c) every call returns within its wait budget plus one command timeout (and slack);
 //! - (d) once every waiter is done and the managers are dropped, nothing is left behind:
@@ -41,8 +44,22 @@ struct Chaos {
     lose_ms: Option<u64>,
 }
 
+/// What a waiter takes: the lock, a permit of a semaphore of [`PERMITS`], or a read-write
+/// lock as a reader or the writer (each on a name of its own).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Lock,
+    Permit,
+    Read,
+    Write,
+}
+
+/// The semaphore's permits.
+const PERMITS: u32 = 2;
+
 #[derive(Debug, Clone)]
 struct Waiter {
+    kind: Kind,
     /// 0 and 1: hostile connections; 2: a plain connection with notifications.
     mgr: usize,
     start_ms: u64,
@@ -79,9 +96,18 @@ fn chaos() -> impl Strategy<Value = Chaos> {
         })
 }
 
+fn kind() -> impl Strategy<Value = Kind> {
+    prop_oneof![
+        4 => Just(Kind::Lock),
+        2 => Just(Kind::Permit),
+        1 => Just(Kind::Read),
+        1 => Just(Kind::Write),
+    ]
+}
+
 fn waiter() -> impl Strategy<Value = Waiter> {
     (
-        0usize..3,
+        (kind(), 0usize..3),
         0u64..300,
         prop_oneof![2 => 60u64..400, 1 => 60u64..2_000],
         prop_oneof![1 => Just(0u64), 4 => 50u64..1_500],
@@ -94,7 +120,7 @@ fn waiter() -> impl Strategy<Value = Waiter> {
     )
         .prop_map(
             |(
-                mgr,
+                (kind, mgr),
                 start_ms,
                 ttl_ms,
                 wait_ms,
@@ -106,6 +132,7 @@ fn waiter() -> impl Strategy<Value = Waiter> {
                 release,
             )| {
                 Waiter {
+                    kind,
                     mgr,
                     start_ms,
                     ttl_ms,
@@ -133,8 +160,48 @@ fn case() -> impl Strategy<Value = Case> {
 #[derive(Debug, Clone, Copy)]
 struct Held {
     waiter: usize,
+    kind: Kind,
     from: Instant,
     until: Instant,
+}
+
+/// Violations of (a) among the beliefs `held`: two holders of the lock at once, more
+/// than [`PERMITS`] holders of the semaphore at once, a writer at the same time as anyone
+/// else on the read-write lock.
+fn overlaps(held: &[Held], origin: Instant) -> Vec<String> {
+    let at = |t: Instant| t - origin;
+    let both = |a: &Held, b: &Held| a.from < b.until && b.from < a.until;
+    let mut found = Vec::new();
+    for (n, a) in held.iter().enumerate() {
+        for b in &held[n + 1..] {
+            let conflict = match (a.kind, b.kind) {
+                (Kind::Lock, Kind::Lock) => true,
+                (Kind::Write, Kind::Read | Kind::Write) | (Kind::Read, Kind::Write) => true,
+                _ => false,
+            };
+            if conflict && both(a, b) {
+                found.push(format!(
+                    "(a) waiters {} ({:?}, {:?}..{:?}) and {} ({:?}, {:?}..{:?}) believed they held at once",
+                    a.waiter, a.kind, at(a.from), at(a.until), b.waiter, b.kind, at(b.from), at(b.until)
+                ));
+            }
+        }
+        // The most permits held at once are held at the start of one of them.
+        if a.kind == Kind::Permit {
+            let holders: Vec<usize> = held
+                .iter()
+                .filter(|b| b.kind == Kind::Permit && b.from <= a.from && a.from < b.until)
+                .map(|b| b.waiter)
+                .collect();
+            if holders.len() > PERMITS as usize {
+                found.push(format!(
+                    "(a) waiters {holders:?} believed they held a permit at once at {:?}, of {PERMITS}",
+                    at(a.from)
+                ));
+            }
+        }
+    }
+    found
 }
 
 /// Runs one waiter; returns its belief interval if it got the lock, or a violation of (b)
@@ -155,11 +222,27 @@ async fn run_waiter(
         .with_auto_extend(w.auto);
     let budget = Duration::from_millis(w.wait_ms) + CMD_TIMEOUT + SLACK;
     let started = Instant::now();
+    let try_once = w.wait_ms == 0;
     let call = async {
-        if w.wait_ms == 0 {
-            locks.try_lock_with(&name, opts).await
-        } else {
-            locks.lock_with(&name, opts).await
+        match w.kind {
+            Kind::Lock if try_once => locks.try_lock_with(&name, opts).await,
+            Kind::Lock => locks.lock_with(&name, opts).await,
+            Kind::Permit => {
+                let semaphore = locks.semaphore(format!("{name}:sem"), PERMITS)?;
+                match try_once {
+                    true => semaphore.try_acquire_with(opts).await,
+                    false => semaphore.acquire_with(opts).await,
+                }
+            }
+            Kind::Read | Kind::Write => {
+                let rw = locks.rw_lock(format!("{name}:rw"))?;
+                match (w.kind, try_once) {
+                    (Kind::Read, true) => rw.try_read().await,
+                    (Kind::Read, false) => rw.read_with(opts).await,
+                    (_, true) => rw.try_write().await,
+                    (_, false) => rw.write_with(opts).await,
+                }
+            }
         }
     };
     let out = match w.cancel_ms {
@@ -193,6 +276,7 @@ async fn run_waiter(
     }
     Ok(Some(Held {
         waiter: i,
+        kind: w.kind,
         from: returned,
         until,
     }))
@@ -284,22 +368,7 @@ async fn run(nodes: &[RedisNode], case: Case) -> Result<(), TestCaseError> {
             Err(_) => failures.push("a waiter hung for 30 s".to_owned()),
         }
     }
-    held.sort_by_key(|h| h.from);
-    for pair in held.windows(2) {
-        let (a, b) = (pair[0], pair[1]);
-        if b.from < a.until {
-            failures.push(format!(
-                "(a) waiters {} and {} both believed they held the lock: {} from {:?} to {:?}, {} from {:?}",
-                a.waiter,
-                b.waiter,
-                a.waiter,
-                a.from - origin,
-                a.until - origin,
-                b.waiter,
-                b.from - origin
-            ));
-        }
-    }
+    failures.extend(overlaps(&held, origin));
     for h in &hostiles {
         h.clear_plan();
     }
