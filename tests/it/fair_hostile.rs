@@ -174,11 +174,12 @@ fn overlaps(held: &[Held], origin: Instant) -> Vec<String> {
     let mut found = Vec::new();
     for (n, a) in held.iter().enumerate() {
         for b in &held[n + 1..] {
-            let conflict = match (a.kind, b.kind) {
-                (Kind::Lock, Kind::Lock) => true,
-                (Kind::Write, Kind::Read | Kind::Write) | (Kind::Read, Kind::Write) => true,
-                _ => false,
-            };
+            let conflict = matches!(
+                (a.kind, b.kind),
+                (Kind::Lock, Kind::Lock)
+                    | (Kind::Write, Kind::Read | Kind::Write)
+                    | (Kind::Read, Kind::Write)
+            );
             if conflict && both(a, b) {
                 found.push(format!(
                     "(a) waiters {} ({:?}, {:?}..{:?}) and {} ({:?}, {:?}..{:?}) believed they held at once",
