@@ -86,11 +86,15 @@ async fn soak() {
                 let k = rng.random_range(0..KEYS);
                 let name = format!("{prefix}:{k}");
                 let auto = rng.random_bool(0.3);
+                // Fair and plain callers mix on the same keys: the queue must stay sound
+                // under faults too, and a plain caller simply does not see it.
+                let fair = rng.random_bool(0.4);
+                let opts = opts.with_auto_extend(auto).with_fair(fair);
                 let attempt = tokio::time::timeout(CALL_BOUND, async {
                     if rng.random_bool(0.5) {
-                        locks.lock_with(&name, opts.with_auto_extend(auto)).await
+                        locks.lock_with(&name, opts).await
                     } else {
-                        locks.try_lock_with(&name, opts.with_auto_extend(auto)).await
+                        locks.try_lock_with(&name, opts).await
                     }
                 })
                 .await
@@ -199,16 +203,20 @@ async fn soak() {
     }
 
     // Leaks: once every holder is done, every lease must be gone within its TTL (plus a
-    // second for the server's expiry and background releases). One that stays is leaked.
+    // second for the server's expiry and background releases), and every fair-mode queue
+    // within its entries' lease (1 s, shorter than that). One that stays is leaked.
     tokio::time::sleep(TTL + Duration::from_secs(1)).await;
     let mut raw = node.conn().await;
     let mut leaked = 0;
     for k in 0..KEYS {
-        let exists: bool = raw
-            .exists(support::lease_key(&format!("{prefix}:{k}")))
-            .await
-            .unwrap();
-        leaked += u64::from(exists);
+        let lease = support::lease_key(&format!("{prefix}:{k}"));
+        for key in [lease.clone(), format!("{lease}:q"), format!("{lease}:qx")] {
+            let exists: bool = raw.exists(&key).await.unwrap();
+            if exists {
+                eprintln!("LEAK {key}");
+            }
+            leaked += u64::from(exists);
+        }
     }
     let c = &*counters;
     let violations = c.violations.load(Ordering::Relaxed);
