@@ -67,6 +67,45 @@ impl LockGuard {
         &self.handle.lease
     }
 
+    /// Fair mode: a lease the previous holder's release handed over is set for at most the
+    /// waiter's entry lease. Extends it to `ttl` in the background; the deadline believed
+    /// stays the handoff's until the server confirms (and, if it never answers, is never
+    /// raised). A lease already released or lost is left alone.
+    pub(crate) fn extend_in_background(&self, ttl: Ttl) {
+        let Some(runtime) = &self.runtime else {
+            return;
+        };
+        let (lease, store) = (Arc::clone(&self.handle.lease), Arc::clone(&self.store));
+        let span = tracing::debug_span!(
+            "distlock.take_up",
+            key = %lease.key,
+            token = lease.token.short(),
+            ttl_ms = ttl.as_millis()
+        );
+        runtime.spawn(
+            async move {
+                let Some(op) = lease.begin_extend(ttl, Instant::now(), true) else {
+                    return;
+                };
+                let pending = PendingExtend::new(&lease, op);
+                // On error `pending` is dropped: the outcome is unknown and keeps counting.
+                match store.extend(&lease.key, &lease.token, ttl).await {
+                    Ok(Verdict::Done) => {
+                        if pending.confirm() {
+                            tracing::debug!("handed lease extended to its TTL");
+                        }
+                    }
+                    Ok(Verdict::Lost(reason)) => {
+                        pending.refused();
+                        lease.mark_lost(reason);
+                    }
+                    Err(e) => tracing::debug!(error = %e, "could not extend a handed lease"),
+                }
+            }
+            .instrument(span),
+        );
+    }
+
     /// A cloneable, read-only view of this lease (fencing token, deadline, [`lost`]) to
     /// hand to other tasks.
     ///

@@ -35,6 +35,7 @@ const FENCE_SUFFIX: &[u8] = b":fence";
 const RELEASED_SUFFIX: &[u8] = b":released";
 const QUEUE_SUFFIX: &[u8] = b":q";
 const QUEUE_EXPIRY_SUFFIX: &[u8] = b":qx";
+const QUEUE_HANDOFF_SUFFIX: &[u8] = b":qh";
 
 impl LockKey {
     pub(crate) fn new(prefix: &[u8], name: &[u8]) -> Result<Self> {
@@ -115,6 +116,13 @@ impl LockKey {
     /// Fair mode: the hash of each waiter's entry expiry (server ms).
     pub(crate) fn queue_expiry(&self) -> Vec<u8> {
         [self.lease(), QUEUE_EXPIRY_SUFFIX].concat()
+    }
+
+    /// Fair mode on one primary: the hash of handoff terms (waiter id → the token, TTL,
+    /// fence counter TTL and entry lease its release would hand over) and of leases handed
+    /// over and not yet taken up (token → waiter id and fencing token).
+    pub(crate) fn queue_handoff(&self) -> Vec<u8> {
+        [self.lease(), QUEUE_HANDOFF_SUFFIX].concat()
     }
 
     /// The name the caller gave.

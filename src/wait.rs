@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use crate::backoff::Delays;
 use crate::error::Error;
 use crate::key::LockKey;
-use crate::notify::{Notifier, Waiter};
+use crate::notify::{Handoff, Notifier, Waiter};
 
 /// Waiting past a holder's reported remaining TTL by this much finds the key expired.
 const EXPIRY_SLACK: Duration = Duration::from_millis(1);
@@ -137,6 +137,12 @@ impl<'a> Wait<'a> {
     /// behind other waiters of its manager): the lock is contended.
     pub(crate) fn retrying(&self) -> bool {
         self.attempts > 1 || self.waiter.is_some()
+    }
+
+    /// Fair mode on one primary: the last lease a release announced it handed to this
+    /// call, if it listens.
+    pub(crate) fn handed(&self) -> Option<Handoff> {
+        self.waiter.as_ref()?.handed()
     }
 
     /// The attempt took the lock.

@@ -70,6 +70,15 @@ pub(super) struct QueueEntry<'a> {
     pub(super) armed: bool,
 }
 
+impl QueueEntry<'_> {
+    /// The call holds the lock (which took it out of the queue): nothing to leave.
+    pub(super) fn disarm(entry: &mut Option<Self>) {
+        if let Some(entry) = entry {
+            entry.armed = false;
+        }
+    }
+}
+
 impl Drop for QueueEntry<'_> {
     fn drop(&mut self) {
         if !self.armed {

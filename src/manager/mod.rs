@@ -14,7 +14,6 @@ use crate::error::{Error, Result};
 use crate::guard::LockGuard;
 use crate::key::{LockKey, Token};
 use crate::lease::{Lease, LeaseHandle};
-use crate::metrics::Meter;
 use crate::notify::Notifier;
 use crate::options::{Checked, LockOptions, Replicas};
 use crate::store::{Acquire, LeaseStore, Queue, no_queue};
@@ -22,6 +21,7 @@ use crate::wait::{InQueue, Wait};
 
 mod cleanup;
 mod derived;
+mod handoff;
 mod replicas;
 
 use cleanup::{PendingAcquire, QueueEntry, waiter_id};
@@ -80,7 +80,13 @@ impl fmt::Debug for LockManager {
 /// The result of one acquire attempt.
 enum Attempt {
     Taken(LockGuard),
-    Held { pttl: Option<Duration> },
+    /// Held by another owner; `token` and `sent`: this attempt's token and send time (a
+    /// fair-mode release may hand the lease to that token, see [`Handoff`]).
+    Held {
+        pttl: Option<Duration>,
+        token: Token,
+        sent: Instant,
+    },
 }
 
 impl LockManager {
@@ -221,7 +227,17 @@ impl LockManager {
                 .zip(request.fair)
                 .map(|(id, lease)| InQueue { id, lease });
             let mut wait = Wait::new(&key, notifier, in_queue, delays, started, deadline);
+            // Fair mode: token and send time of the last attempt answered "queued" (none
+            // after one whose outcome is unknown: it may take up a handed lease itself).
+            let mut queued_as: Option<(Token, Instant)> = None;
             loop {
+                // A handed lease needs no attempt of its own (the release that handed it
+                // took this call out of the queue, and its announcement ended the pause).
+                if let Some(guard) = self.take_handed(&key, &request, &wait, &mut queued_as) {
+                    QueueEntry::disarm(&mut entry);
+                    wait.acquired();
+                    return Ok(guard);
+                }
                 if wait.attempt_now() {
                     let queue = waiter
                         .as_deref()
@@ -237,15 +253,18 @@ impl LockManager {
                         .await
                     {
                         Ok(Attempt::Taken(guard)) => {
-                            // The acquire took the caller out of the queue.
-                            if let Some(entry) = entry.as_mut() {
-                                entry.armed = false;
-                            }
+                            QueueEntry::disarm(&mut entry);
                             wait.acquired();
                             return Ok(guard);
                         }
-                        Ok(Attempt::Held { pttl }) => wait.held(pttl),
-                        Err(e) if e.is_transient() => wait.failed(e),
+                        Ok(Attempt::Held { pttl, token, sent }) => {
+                            queued_as = request.fair.map(|_| (token, sent));
+                            wait.held(pttl);
+                        }
+                        Err(e) if e.is_transient() => {
+                            queued_as = None;
+                            wait.failed(e);
+                        }
                         Err(e) => return Err(e),
                     }
                 }
@@ -320,7 +339,7 @@ impl LockManager {
             });
             match self.attempt(&key, &request, queue, None, false).await? {
                 Attempt::Taken(guard) => Ok(guard),
-                Attempt::Held { pttl } => Err(Error::Contended {
+                Attempt::Held { pttl, .. } => Err(Error::Contended {
                     key: key.display(),
                     retry_after: pttl,
                 }),
@@ -516,27 +535,16 @@ impl LockManager {
             Acquire::Taken { fence } => {
                 tracing::debug!(token = token.short(), ?fence, "acquired");
                 let lease = Lease::new(key.clone(), token, fence, ttl, sent, replied);
-                let lease = Arc::new(lease.with_replicas(request.replicas));
-                let meter = Meter::start(sent);
-                let extension = match (&runtime, auto_extend) {
-                    (Some(runtime), true) => Some(self.shared.auto_extender.register(
-                        Arc::clone(&lease),
-                        sent,
-                        request.max_hold,
-                        runtime,
-                        meter.clone(),
-                    )),
-                    _ => None,
-                };
-                Ok(Attempt::Taken(LockGuard::new(
+                let lease = lease.with_replicas(request.replicas);
+                Ok(Attempt::Taken(self.guard_for(
                     lease,
-                    Arc::clone(&self.shared.store),
+                    sent,
+                    auto_extend,
+                    request.max_hold,
                     runtime,
-                    extension,
-                    meter,
                 )))
             }
-            Acquire::Held { pttl } => Ok(Attempt::Held { pttl }),
+            Acquire::Held { pttl } => Ok(Attempt::Held { pttl, token, sent }),
         }
     }
 }

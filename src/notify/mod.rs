@@ -100,6 +100,37 @@ struct Slot {
     /// Fair mode: the waiter id its lock's queue in Redis knows it by. A release names the
     /// waiter whose turn it is, and only that one is woken.
     id: Option<Box<[u8]>>,
+    /// Fair mode on one primary: the last lease a release announced it handed to this
+    /// waiter.
+    handed: Mutex<Option<Handoff>>,
+}
+
+/// A lease a fair-mode release handed to a waiter (announced `<id> <token> <fence>`): the
+/// token the waiter's queue entry left, and the fencing token taken for it (`0`: none).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Handoff {
+    pub(crate) token: Box<[u8]>,
+    pub(crate) fence: u64,
+}
+
+impl Handoff {
+    /// Splits a fair-mode announcement into the waiter id and, if it hands a lease over,
+    /// the handoff.
+    fn parse(payload: &[u8]) -> (&[u8], Option<Handoff>) {
+        let mut parts = payload.splitn(3, |&b| b == b' ');
+        let id = parts.next().unwrap_or_default();
+        let handoff = match (parts.next(), parts.next()) {
+            (Some(token), Some(fence)) => std::str::from_utf8(fence)
+                .ok()
+                .and_then(|f| f.parse().ok())
+                .map(|fence| Handoff {
+                    token: token.into(),
+                    fence,
+                }),
+            _ => None,
+        };
+        (id, handoff)
+    }
 }
 
 /// A registered waiter: wakes on a release of its lock, or when its bound passes.
@@ -227,6 +258,7 @@ impl Notifier {
         let slot = Arc::new(Slot {
             wake: Notify::new(),
             id: id.map(Into::into),
+            handed: Mutex::new(None),
         });
         {
             let mut state = self.inner.state();
@@ -292,14 +324,21 @@ impl Inner {
         }
     }
 
-    /// A release on `channel` named `id` (fair mode): wakes that waiter if it waits here.
-    /// Nobody else is woken, here or in any other manager.
-    fn wake_id(&self, channel: &[u8], id: &[u8]) {
+    /// A release on `channel` named `id` (fair mode): wakes that waiter if it waits here,
+    /// with the lease it was `handed`, if any. Nobody else is woken, here or in any other
+    /// manager.
+    fn wake_id(&self, channel: &[u8], id: &[u8], handed: Option<Handoff>) {
         let slot = self
             .state()
             .queues
             .find(channel, |s| s.id.as_deref() == Some(id));
         if let Some(slot) = slot {
+            if handed.is_some() {
+                *slot
+                    .handed
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner()) = handed;
+            }
             slot.wake.notify_one();
         }
     }
@@ -319,7 +358,8 @@ impl Inner {
             // A release several waiters can use at once (read permits, a writer's release).
             self.wake_channel(channel);
         } else {
-            self.wake_id(channel, payload);
+            let (id, handed) = Handoff::parse(payload);
+            self.wake_id(channel, id, handed);
         }
     }
 
@@ -446,6 +486,15 @@ impl Waiter {
     /// When the holder's lease runs out, as last reported by a waiter of this lock.
     pub(crate) fn held_until(&self) -> Option<Instant> {
         self.inner.state().queues.held_until(&self.channel)
+    }
+
+    /// Fair mode: the last lease a release announced it handed to this waiter.
+    pub(crate) fn handed(&self) -> Option<Handoff> {
+        self.slot
+            .handed
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
     }
 
     /// Back in the queue before the next attempt, at the front if a notification woke it:

@@ -13,6 +13,7 @@
 //! | the release channel | `<prefix>{<name>}:released` |
 //! | fair mode: the waiter queue, ids by arrival (a sorted set) | `<prefix>{<name>}:q` |
 //! | fair mode: each waiter's entry expiry, server ms (a hash) | `<prefix>{<name>}:qx` |
+//! | fair mode on one primary: handoff terms and handed leases (a hash) | `<prefix>{<name>}:qh` |
 //!
 //! The braces make `<name>` the Redis Cluster hash tag: all of them share one slot.
 //!
@@ -38,7 +39,12 @@
 //!   names the next waiter, on the channel `<prefix>{<name>}:released:<manager id>` of the
 //!   manager it waits in), and [`LEAVE_QUEUE`] when a waiter gives up. A waiter's entry
 //!   is a short lease its retries refresh, so a crashed waiter holds up the queue for at
-//!   most that lease.
+//!   most that lease. On one primary (not over several) a waiter also leaves its handoff
+//!   terms, and the release ([`RELEASE_HANDOFF`]) writes the next waiter's lease itself,
+//!   for the shorter of its TTL and its entry lease, and announces `<id> <token> <fence>`:
+//!   the waiter holds without an acquire of its own, and extends the lease to its TTL in
+//!   the background. A handed lease nobody takes up (a crashed waiter) ends within the
+//!   entry lease.
 //!
 //! Tokens are 32 lower-case hex digits (a UUID v4 from the operating system's CSPRNG),
 //! fresh for every acquisition. Scripts are sent by SHA (`EVALSHA`); when the server
@@ -196,150 +202,8 @@ end
 return out
 "#;
 
-/// Fair mode's Lua helpers: `head_of` drops the expired entries at the head of the queue
-/// and returns the first live waiter id (or `nil`); `announce` publishes a waiter id on the
-/// channel of its manager (`<channel>:<manager id>` for an id `<manager id>.<random>`, the
-/// lock's channel for an id without a dot); `server_ms` is the server time in ms.
-macro_rules! queue_head {
-    () => {
-        r#"
-local function head_of(queue, expiries, now_ms)
-  while true do
-    local first = redis.call('ZRANGE', queue, 0, 0)[1]
-    if not first then return nil end
-    local expires = tonumber(redis.call('HGET', expiries, first))
-    if expires and expires > now_ms then return first end
-    redis.call('ZREM', queue, first)
-    redis.call('HDEL', expiries, first)
-  end
-end
-local function announce(channel, head)
-  local at = string.find(head, '.', 1, true)
-  if at then channel = channel .. ':' .. string.sub(head, 1, at - 1) end
-  redis.pcall('PUBLISH', channel, head)
-end
-local function server_ms()
-  local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
-"#
-    };
-}
-
-/// Fair mode's acquire: take the lease if it is free and nobody waits before the caller;
-/// otherwise queue the caller (or refresh its entry) behind the waiters already there.
-///
-/// `KEYS[1]` lease key, `KEYS[2]` fence counter key, `KEYS[3]` the queue (a sorted set of
-/// waiter ids by arrival), `KEYS[4]` the queue's entry expiries (a hash: waiter id → server
-/// time in ms). `ARGV[1]` token, `ARGV[2]` TTL in ms, `ARGV[3]` fence counter TTL in ms, or
-/// `0` for no fencing token, `ARGV[4]` the waiter id (one per waiting call), `ARGV[5]` the
-/// entry lease in ms, `ARGV[6]` `1` to join the queue if the caller must wait, `0` for one
-/// attempt that leaves no entry (`try_lock`).
-///
-/// First the expired entries at the head are dropped: a waiter that stopped refreshing its
-/// entry (crashed, or gave up without cleaning up) holds up the queue for at most its entry
-/// lease. The lease is taken when the key is free and the queue is empty or headed by the
-/// caller, who then leaves the queue. Otherwise a caller that queues gets (or keeps) its
-/// place: arrival order by the server clock in µs, strictly increasing. Each write keeps
-/// the queue's keys alive for at least one entry lease, so they vanish with their waiters.
-///
-/// Returns `{1, fence}` when taken (`fence` is `0` without fencing), `{0, wait_ms, place}`
-/// otherwise: `wait_ms` is the holder's PTTL, or, when the key is free but another waiter
-/// heads the queue, that waiter's remaining entry lease (`-1`: a key without expiry);
-/// `place` is the caller's place in the queue (`0` first, `-1` not queued). A key of
-/// another type answers a `WRONGTYPE` error.
-pub const ACQUIRE_FAIR: &str = concat!(
-    queue_head!(),
-    r#"local now_ms = server_ms()
-local last = 0
-if ARGV[3] ~= '0' then
-local raw = redis.call('GET', KEYS[2])
-"#,
-    fence_counter_check!(),
-    r#"end
-local head = head_of(KEYS[3], KEYS[4], now_ms)
-local kind = redis.call('TYPE', KEYS[1])['ok']
-if kind == 'none' and (not head or head == ARGV[4]) then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-  if head then
-    redis.call('ZREM', KEYS[3], head)
-    redis.call('HDEL', KEYS[4], head)
-  end
-  if ARGV[3] == '0' then return {1, 0} end
-"#,
-    fence_next!(),
-    r#"  return {1, fence}
-end
-if kind ~= 'none' and kind ~= 'string' then
-  return redis.error_reply('WRONGTYPE lock key holds a ' .. kind .. ', not a lease')
-end
-local entry = tonumber(ARGV[5])
-if ARGV[6] == '1' or redis.call('ZSCORE', KEYS[3], ARGV[4]) then
-  if not redis.call('ZSCORE', KEYS[3], ARGV[4]) then
-    local t = redis.call('TIME')
-    local score = tonumber(t[1]) * 1000000 + tonumber(t[2])
-    local tail = redis.call('ZRANGE', KEYS[3], -1, -1, 'WITHSCORES')
-    if tail[2] and tonumber(tail[2]) >= score then score = tonumber(tail[2]) + 1 end
-    redis.call('ZADD', KEYS[3], string.format('%d', score), ARGV[4])
-  end
-  redis.call('HSET', KEYS[4], ARGV[4], string.format('%d', now_ms + entry))
-  for _, k in ipairs({KEYS[3], KEYS[4]}) do
-    if redis.call('PTTL', k) < entry then redis.call('PEXPIRE', k, entry) end
-  end
-  if not head then head = ARGV[4] end
-end
-local place = redis.call('ZRANK', KEYS[3], ARGV[4]) or -1
-if kind == 'none' then
-  return {0, tonumber(redis.call('HGET', KEYS[4], head)) - now_ms, place}
-end
-return {0, redis.call('PTTL', KEYS[1]), place}
-"#
-);
-
-/// Fair mode's release: [`RELEASE`], then the announcement names the waiter whose turn it
-/// is, so that only that waiter (in whichever process it waits) is woken.
-///
-/// `KEYS[1]` lease key, `KEYS[2]` the queue, `KEYS[3]` the queue's entry expiries.
-/// `ARGV[1]` token, `ARGV[2]` (optional) the release channel. Expired entries at the head
-/// are dropped first; the message is the first live waiter id, published on the channel of
-/// its manager (`<channel>:<manager id>` for an id `<manager id>.<random>`), or an empty
-/// message on the lock's channel if nobody queues.
-/// Result codes as for [`RELEASE`].
-pub const RELEASE_FAIR: &str = concat!(
-    queue_head!(),
-    r#"local v = redis.call('GET', KEYS[1])
-if v == ARGV[1] then
-  redis.call('DEL', KEYS[1])
-  if ARGV[2] then
-    local head = head_of(KEYS[2], KEYS[3], server_ms())
-    if head then announce(ARGV[2], head) else redis.pcall('PUBLISH', ARGV[2], '') end
-  end
-  return 1
-elseif v then
-  return -1
-end
-return 0
-"#
-);
-
-/// Fair mode: a waiter leaves the queue (it gave up or was cancelled). If it headed the
-/// queue and the key is free, the next live waiter is announced, as a release would.
-///
-/// `KEYS[1]` lease key, `KEYS[2]` the queue, `KEYS[3]` the queue's entry expiries.
-/// `ARGV[1]` the waiter id, `ARGV[2]` (optional) the release channel. Returns `1` if the
-/// entry was there, `0` if not.
-pub const LEAVE_QUEUE: &str = concat!(
-    queue_head!(),
-    r#"local first = redis.call('ZRANGE', KEYS[2], 0, 0)[1]
-local removed = redis.call('ZREM', KEYS[2], ARGV[1])
-redis.call('HDEL', KEYS[3], ARGV[1])
-if first == ARGV[1] and ARGV[2] and redis.call('EXISTS', KEYS[1]) == 0 then
-  local head = head_of(KEYS[2], KEYS[3], server_ms())
-  if head then announce(ARGV[2], head) end
-end
-return removed
-"#
-);
+mod fair;
+pub use fair::{ACQUIRE_FAIR, LEAVE_QUEUE, RELEASE_FAIR, RELEASE_HANDOFF};
 
 /// A script of the protocol: its body and its SHA1, computed once.
 pub(crate) struct Script {
@@ -413,6 +277,9 @@ pub(crate) mod script {
     /// [`super::RELEASE_FAIR`].
     pub(crate) static RELEASE_FAIR: LazyLock<Script> =
         LazyLock::new(|| Script::new(super::RELEASE_FAIR));
+    /// [`super::RELEASE_HANDOFF`].
+    pub(crate) static RELEASE_HANDOFF: LazyLock<Script> =
+        LazyLock::new(|| Script::new(super::RELEASE_HANDOFF));
     /// [`super::LEAVE_QUEUE`].
     pub(crate) static LEAVE_QUEUE: LazyLock<Script> =
         LazyLock::new(|| Script::new(super::LEAVE_QUEUE));
@@ -440,7 +307,8 @@ mod tests {
         let announcing = [
             (&*script::RELEASE, 1),
             (&*script::RELEASE_FAIR, 2),
-            (&*script::LEAVE_QUEUE, 1),
+            (&*script::RELEASE_HANDOFF, 2),
+            (&*script::LEAVE_QUEUE, 2),
             (&*semaphore::script::RELEASE, 1),
             (&*rw::script::RELEASE_WRITE, 1),
         ];

@@ -57,13 +57,17 @@ where
             0
         };
         let entry_ms = u64::try_from(queue.lease.as_millis()).unwrap_or(u64::MAX);
+        let qh = self.hands_off().then(|| key.queue_handoff());
         let call = |cmd: &mut redis::Cmd| {
-            cmd.arg(4)
+            cmd.arg(if qh.is_some() { 5 } else { 4 })
                 .arg(key.lease())
                 .arg(key.fence())
                 .arg(&q)
-                .arg(&qx)
-                .arg(token.as_bytes())
+                .arg(&qx);
+            if let Some(qh) = &qh {
+                cmd.arg(qh);
+            }
+            cmd.arg(token.as_bytes())
                 .arg(ttl.as_millis())
                 .arg(fence_ttl)
                 .arg(queue.waiter)
@@ -92,7 +96,17 @@ where
         let mut conn = self.conn.clone();
         let (q, qx) = (key.queue(), key.queue_expiry());
         let eval = self.script_cmd(&script::LEAVE_QUEUE, true, &|cmd| {
-            cmd.arg(3).arg(key.lease()).arg(&q).arg(&qx).arg(waiter);
+            if self.hands_off() {
+                cmd.arg(5)
+                    .arg(key.lease())
+                    .arg(&q)
+                    .arg(&qx)
+                    .arg(key.fence())
+                    .arg(key.queue_handoff());
+            } else {
+                cmd.arg(3).arg(key.lease()).arg(&q).arg(&qx);
+            }
+            cmd.arg(waiter);
             if self.announce_releases {
                 cmd.arg(key.released_channel());
             }

@@ -2,9 +2,10 @@
 
 use redis::aio::ConnectionLike;
 
-use super::{NodeAnswer, RedisStore, answer, release_script};
+use super::{NodeAnswer, RedisStore, answer};
 use crate::error::Result;
 use crate::key::{LockKey, Token};
+use crate::protocol::{Script, script};
 
 impl<C> RedisStore<C>
 where
@@ -14,7 +15,9 @@ where
     pub(crate) async fn release_here(&self, key: &LockKey, token: &Token) -> Result<NodeAnswer> {
         let mut conn = self.conn.clone();
         let call = |cmd: &mut redis::Cmd| self.release_args(cmd, key, token);
-        let code: i64 = self.invoke(release_script(key), call, &mut conn).await?;
+        let code: i64 = self
+            .invoke(self.release_script(key), call, &mut conn)
+            .await?;
         answer(code)
     }
 
@@ -40,16 +43,40 @@ where
     /// answer a slow link may never deliver within the command timeout.
     pub(crate) async fn release_by_body(&self, key: &LockKey, token: &Token) -> Result<NodeAnswer> {
         let mut conn = self.conn.clone();
-        let eval = self.script_cmd(release_script(key), true, &|cmd| {
+        let eval = self.script_cmd(self.release_script(key), true, &|cmd| {
             self.release_args(cmd, key, token)
         });
         let code: i64 = self.bounded(eval.query_async(&mut conn)).await?;
         answer(code)
     }
 
+    /// Fair mode on one primary that announces releases: a release hands the lease to the
+    /// next waiter ([`script::RELEASE_HANDOFF`]); over several primaries (whose nodes
+    /// announce `~`) no single node may hand a lease over.
+    pub(crate) fn hands_off(&self) -> bool {
+        self.announce_releases && self.release_payload.is_none()
+    }
+
+    /// The release script of `key`: in fair mode, the one that hands the lease over or
+    /// names the next waiter.
+    fn release_script(&self, key: &LockKey) -> &'static Script {
+        match (key.is_queued(), self.hands_off()) {
+            (true, true) => &script::RELEASE_HANDOFF,
+            (true, false) => &script::RELEASE_FAIR,
+            (false, _) => &script::RELEASE,
+        }
+    }
+
     /// Key count, keys and arguments of the release script.
     fn release_args(&self, cmd: &mut redis::Cmd, key: &LockKey, token: &Token) {
-        if key.is_queued() {
+        if key.is_queued() && self.hands_off() {
+            cmd.arg(5)
+                .arg(key.lease())
+                .arg(key.queue())
+                .arg(key.queue_expiry())
+                .arg(key.fence())
+                .arg(key.queue_handoff());
+        } else if key.is_queued() {
             cmd.arg(3)
                 .arg(key.lease())
                 .arg(key.queue())

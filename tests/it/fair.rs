@@ -496,3 +496,211 @@ fn generated_schedules_are_served_in_arrival_order() {
         .unwrap();
     rt.block_on(async move { drop(node) });
 }
+
+/// Runs [`distlock::protocol::RELEASE_HANDOFF`] for `token` as a holder speaking the raw
+/// protocol would; `then_pause`: pauses the server's writes for that long in the same
+/// pipeline, so nothing the handoff's announcement sets off can write before it ends.
+async fn release_handoff(
+    conn: &mut redis::aio::MultiplexedConnection,
+    name: &str,
+    token: &str,
+    then_pause: Option<Duration>,
+) -> i64 {
+    let lease = lease_key(name);
+    let mut pipe = redis::pipe();
+    pipe.cmd("EVAL")
+        .arg(distlock::protocol::RELEASE_HANDOFF)
+        .arg(5)
+        .arg(&lease)
+        .arg(queue_key(name))
+        .arg(format!("{}x", queue_key(name)))
+        .arg(format!("{lease}:fence"))
+        .arg(format!("{}h", queue_key(name)))
+        .arg(token)
+        .arg(format!("{lease}:released"));
+    if let Some(pause) = then_pause {
+        pipe.cmd("CLIENT")
+            .arg("PAUSE")
+            .arg(pause.as_millis() as u64)
+            .arg("WRITE")
+            .ignore();
+    }
+    let (code,): (i64,) = pipe.query_async(conn).await.expect("RELEASE_HANDOFF");
+    code
+}
+
+async fn get(conn: &mut redis::aio::MultiplexedConnection, key: &str) -> Option<String> {
+    redis::cmd("GET")
+        .arg(key)
+        .query_async(conn)
+        .await
+        .expect("GET")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_hands_the_lease_to_the_next_waiter_before_it_returns() {
+    const ENTRY: Duration = Duration::from_millis(800);
+    let node = RedisNode::start().await;
+    let mut conn = node.conn().await;
+    let baseline = Baseline::take(&node).await;
+    let locks = managers(&node, 2).await;
+    let name = unique_key("fair-handoff");
+    let opts = fair(Duration::from_secs(10)).with_queue_lease(ENTRY);
+
+    let guard = locks[0].lock_with(&name, opts).await.unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let waiter = {
+        let (lock, name) = (locks[1].clone(), name.clone());
+        tokio::spawn(async move {
+            let guard = lock.lock_with(&name, opts).await.expect("served");
+            tx.send(guard).ok();
+        })
+    };
+    until_queued(&node, &name, 1).await;
+    // Let the waiter subscribe and queue again: it sleeps on the announcement.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    guard.release().await.unwrap();
+    // The release wrote the waiter's lease itself: the key is never free in between.
+    let handed = get(&mut conn, &lease_key(&name))
+        .await
+        .expect("the release handed the lease over");
+    let served = tokio::time::timeout(Duration::from_secs(2), rx)
+        .await
+        .expect("served within the announcement")
+        .unwrap();
+    waiter.await.unwrap();
+    assert!(served.is_held());
+    // The waiter holds the handed token (no acquire of its own replaced it), and the
+    // background extension lifts the entry lease's PX to the full TTL.
+    assert_eq!(
+        get(&mut conn, &lease_key(&name)).await.as_deref(),
+        Some(&*handed)
+    );
+    support::eventually(Duration::from_secs(3), "extended to the TTL", || {
+        let (mut conn, key, remaining) = (conn.clone(), lease_key(&name), served.remaining());
+        async move {
+            let pttl: i64 = redis::cmd("PTTL")
+                .arg(key)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            pttl > 5_000 && remaining > Duration::from_secs(5)
+        }
+    })
+    .await;
+    served
+        .release()
+        .await
+        .expect("the handed lease is released by its holder");
+    assert_eq!(get(&mut conn, &lease_key(&name)).await, None);
+    drop(locks);
+    baseline.assert_settled(&node, Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handed_lease_is_believed_for_at_most_the_entry_lease_until_extended() {
+    const ENTRY: Duration = Duration::from_millis(1500);
+    const PAUSE: Duration = Duration::from_millis(400);
+    let node = RedisNode::start().await;
+    let mut conn = node.conn().await;
+    let baseline = Baseline::take(&node).await;
+    let locks = managers(&node, 1).await;
+    let name = unique_key("fair-handoff-belief");
+    let opts = fair(Duration::from_secs(10)).with_queue_lease(ENTRY);
+
+    // A holder speaking the raw protocol.
+    let _: () = redis::cmd("SET")
+        .arg(lease_key(&name))
+        .arg("00000000000000000000000000000001")
+        .arg("PX")
+        .arg(10_000)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let waiter = {
+        let (lock, name) = (locks[0].clone(), name.clone());
+        tokio::spawn(async move {
+            let guard = lock.lock_with(&name, opts).await.expect("served");
+            tx.send((guard, Instant::now())).ok();
+        })
+    };
+    until_queued(&node, &name, 1).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The handoff, then no write for 0.4 s: the waiter's extension cannot land before.
+    let code = release_handoff(
+        &mut conn,
+        &name,
+        "00000000000000000000000000000001",
+        Some(PAUSE),
+    )
+    .await;
+    assert_eq!(code, 1);
+    let (served, at) = tokio::time::timeout(Duration::from_secs(1), rx)
+        .await
+        .expect("served by the announcement, with writes paused")
+        .unwrap();
+    waiter.await.unwrap();
+    // The server set the lease for the entry lease: the belief is no longer.
+    assert!(
+        served.valid_until() <= at + ENTRY,
+        "believed {:?} past the handoff",
+        served.valid_until() - at
+    );
+    // Once writes resume, the extension lands and the belief grows to the TTL.
+    support::eventually(Duration::from_secs(5), "extended after the pause", || {
+        let remaining = served.remaining();
+        async move { remaining > Duration::from_secs(5) }
+    })
+    .await;
+    served.release().await.unwrap();
+    drop(locks);
+    baseline.assert_settled(&node, Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_handed_to_a_crashed_waiter_holds_up_the_queue_at_most_its_entry_lease() {
+    const LEASE: Duration = Duration::from_millis(600);
+    let node = RedisNode::start().await;
+    let mut conn = node.conn().await;
+    let baseline = Baseline::take(&node).await;
+    let locks = managers(&node, 2).await;
+    let name = unique_key("fair-handoff-crash");
+    let opts = fair(Duration::from_secs(10)).with_queue_lease(LEASE);
+
+    let guard = locks[0].lock_with(&name, opts).await.unwrap();
+    // A waiter of another manager queues first with its handoff terms (a 30 s TTL) and
+    // crashes: the release hands it the lease, which nobody takes up.
+    let crashed = "0123456789abcdef.crashed";
+    stale_entry(&mut conn, &name, crashed, LEASE).await;
+    let _: () = redis::cmd("HSET")
+        .arg(format!("{}h", queue_key(&name)))
+        .arg(crashed)
+        .arg(format!("{} 30000 0 {}", "ab".repeat(16), LEASE.as_millis()))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let order = Arc::new(Mutex::new(Vec::new()));
+    let next = fifo_waiter(&locks[1], &name, 1, &order, opts);
+    until_queued(&node, &name, 2).await;
+    let released = Instant::now();
+    guard.release().await.unwrap();
+    assert_eq!(
+        get(&mut conn, &lease_key(&name)).await.as_deref(),
+        Some(&*"ab".repeat(16)),
+        "handed to the crashed waiter"
+    );
+    tokio::time::timeout(Duration::from_secs(5), next)
+        .await
+        .expect("served once the handed lease ended")
+        .unwrap();
+    let waited = released.elapsed();
+    // The handed lease lasts the entry lease, not the 30 s TTL its terms asked for.
+    assert!(
+        waited <= LEASE + LEASE / 3 + Duration::from_millis(250),
+        "{waited:?}"
+    );
+    eprintln!("a lease handed to a crashed waiter held up the queue for {waited:?}");
+    drop(locks);
+    baseline.assert_settled(&node, Duration::from_secs(5)).await;
+}

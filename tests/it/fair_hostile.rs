@@ -148,10 +148,25 @@ fn waiter() -> impl Strategy<Value = Waiter> {
         )
 }
 
+/// A waiter of a queue that forms at once: fair, on the lock, arriving within 60 ms, with a
+/// budget long enough to be served (where releases hand the lease from one to the next).
+fn queued_waiter() -> impl Strategy<Value = Waiter> {
+    (waiter(), 0u64..60, 500u64..1_500).prop_map(|(w, start_ms, wait_ms)| Waiter {
+        kind: Kind::Lock,
+        fair: true,
+        start_ms,
+        wait_ms,
+        ..w
+    })
+}
+
 fn case() -> impl Strategy<Value = Case> {
     (
         proptest::collection::vec(chaos(), 1..6),
-        proptest::collection::vec(waiter(), 2..8),
+        prop_oneof![
+            proptest::collection::vec(waiter(), 2..8),
+            proptest::collection::vec(queued_waiter(), 3..8),
+        ],
     )
         .prop_map(|(chaos, waiters)| Case { chaos, waiters })
 }
@@ -302,8 +317,9 @@ async fn hostile_to(node: &RedisNode, chaos: &[Chaos], shift: usize) -> HostileC
     hostile
 }
 
-/// The three managers of a case: two on hostile connections, one on plain connections
-/// with release notifications. With one node, single-primary managers; with several,
+/// The three managers of a case: two on hostile connections (on one primary, the second
+/// listens for releases on a plain link), one on plain connections with release
+/// notifications. With one node, single-primary managers; with several,
 /// Redlock managers over all of them.
 async fn managers(
     nodes: &[RedisNode],
@@ -318,6 +334,11 @@ async fn managers(
             conns.push(hostile_to(node, chaos, h + n * 2).await);
         }
         let manager = match &conns[..] {
+            // The second one listens for releases: its waiters hear a handed lease on a
+            // plain link while their attempts go through the hostile one.
+            [one] if h == 1 => builder()
+                .with_notify_via(nodes[0].client())
+                .build(one.clone()),
             [one] => builder().build(one.clone()),
             _ => builder().build_redlock(conns.iter().cloned()),
         };
