@@ -18,9 +18,10 @@ use crate::wait::Wait;
 impl LockManager {
     /// Fair mode on one primary: the guard of a lease a release handed to this call, if
     /// one was announced for the token of its last attempt answered "queued". The server
-    /// wrote it after that attempt ran, for the shorter of the TTL and the entry lease: the
-    /// belief counts that from the attempt's send time, and the lease is extended to the
-    /// full TTL in the background. A handoff whose belief has already run out is not
+    /// wrote it after that attempt ran, until the TTL from then or the end of the queue
+    /// entry that attempt set (its entry lease after it ran), whichever comes first: the
+    /// belief counts the shorter of TTL and entry lease from the attempt's send time, and
+    /// the lease is extended to the full TTL in the background. A handoff whose belief has already run out is not
     /// taken (the next attempt takes the lease up with a fresh TTL instead).
     pub(super) fn take_handed(
         &self,

@@ -37,8 +37,10 @@ end
 
 /// Fair mode on one primary, the lock just freed: `next_turn` hands the lease to the first
 /// live waiter that left handoff terms (`<token> <ttl ms> <fence counter ttl ms or 0> <entry
-/// lease ms>`): sets the lease to its token for the shorter of its TTL and its entry lease,
-/// takes the next fencing token if it asked for one, takes it out of the queue, records the
+/// lease ms>`): sets the lease to its token until its TTL or its queue entry ends, whichever
+/// comes first (the attempt that left the terms set the entry's expiry, its entry lease
+/// after it ran, so the lease ends no earlier than the waiter believes), takes the next
+/// fencing token if it asked for one, takes it out of the queue, records the
 /// handed lease (`<token>` → `<id> <fence>`) and announces `<id> <token> <fence>`. A waiter
 /// without terms is announced as by [`RELEASE_FAIR`]; nobody waiting: an empty message. A
 /// fence counter that is not a counter hands nothing over (the waiter's own acquire then
@@ -48,7 +50,8 @@ macro_rules! queue_handoff {
         r#"
 local function next_turn(lease, queue, expiries, fence, terms, channel)
   if not channel then return end
-  local head = head_of(queue, expiries, server_ms(), terms)
+  local now = server_ms()
+  local head = head_of(queue, expiries, now, terms)
   if not head then
     redis.pcall('PUBLISH', channel, '')
     return
@@ -77,7 +80,8 @@ local function next_turn(lease, queue, expiries, fence, terms, channel)
     if now_us > f then f = now_us end
     redis.call('SET', fence, string.format('%d', f), 'PX', fence_ttl)
   end
-  local px = math.min(tonumber(ttl), tonumber(entry))
+  local left = tonumber(redis.call('HGET', expiries, head)) - now
+  local px = math.min(tonumber(ttl), tonumber(entry), left)
   redis.call('SET', lease, token, 'PX', px)
   redis.call('ZREM', queue, head)
   redis.call('HDEL', expiries, head)

@@ -41,7 +41,7 @@
 //!   is a short lease its retries refresh, so a crashed waiter holds up the queue for at
 //!   most that lease. On one primary (not over several) a waiter also leaves its handoff
 //!   terms, and the release ([`RELEASE_HANDOFF`]) writes the next waiter's lease itself,
-//!   for the shorter of its TTL and its entry lease, and announces `<id> <token> <fence>`:
+//!   until its TTL or its queue entry ends (whichever comes first), and announces `<id> <token> <fence>`:
 //!   the waiter holds without an acquire of its own, and extends the lease to its TTL in
 //!   the background. A handed lease nobody takes up (a crashed waiter) ends within the
 //!   entry lease.
