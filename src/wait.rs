@@ -133,6 +133,12 @@ impl<'a> Wait<'a> {
         true
     }
 
+    /// The attempts made so far, this one included (fair mode numbers its attempts so a
+    /// late one cannot take over a lease handed to a later one).
+    pub(crate) fn attempts(&self) -> u64 {
+        u64::from(self.attempts)
+    }
+
     /// Whether an earlier attempt of this call found the lock held (or this call queued
     /// behind other waiters of its manager): the lock is contended.
     pub(crate) fn retrying(&self) -> bool {

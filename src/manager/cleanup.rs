@@ -70,7 +70,23 @@ pub(super) struct QueueEntry<'a> {
     pub(super) armed: bool,
 }
 
-impl QueueEntry<'_> {
+impl<'a> QueueEntry<'a> {
+    /// The armed entry of waiter `id` in the queue of `key`.
+    pub(super) fn new(
+        store: &'a Arc<dyn LeaseStore>,
+        key: &'a LockKey,
+        id: Box<[u8]>,
+        runtime: Option<&'a Handle>,
+    ) -> Self {
+        QueueEntry {
+            store,
+            key,
+            id,
+            runtime,
+            armed: true,
+        }
+    }
+
     /// The call holds the lock (which took it out of the queue): nothing to leave.
     pub(super) fn disarm(entry: &mut Option<Self>) {
         if let Some(entry) = entry {

@@ -215,13 +215,9 @@ impl LockManager {
             // leaves the queue (in the background) however the call ends without the lock.
             let waiter = request.fair.map(|_| waiter_id(notifier));
             let runtime = Handle::try_current().ok();
-            let mut entry = waiter.as_ref().map(|id| QueueEntry {
-                store: &self.shared.store,
-                key: &key,
-                id: id.clone(),
-                runtime: runtime.as_ref(),
-                armed: true,
-            });
+            let store = &self.shared.store;
+            let mut entry = (waiter.as_ref())
+                .map(|id| QueueEntry::new(store, &key, id.clone(), runtime.as_ref()));
             let in_queue = waiter
                 .as_deref()
                 .zip(request.fair)
@@ -246,6 +242,7 @@ impl LockManager {
                             waiter: id,
                             lease,
                             join: true,
+                            attempt: wait.attempts(),
                         });
                     let retry = wait.retrying();
                     match self
@@ -336,6 +333,7 @@ impl LockManager {
                 waiter: waiter.as_bytes(),
                 lease,
                 join: false,
+                attempt: 1,
             });
             match self.attempt(&key, &request, queue, None, false).await? {
                 Attempt::Taken(guard) => Ok(guard),

@@ -36,15 +36,16 @@ end
 }
 
 /// Fair mode on one primary, the lock just freed: `next_turn` hands the lease to the first
-/// live waiter that left handoff terms (`<token> <ttl ms> <fence counter ttl ms or 0> <entry
-/// lease ms>`): sets the lease to its token until its TTL or its queue entry ends, whichever
-/// comes first (the attempt that left the terms set the entry's expiry, its entry lease
-/// after it ran, so the lease ends no earlier than the waiter believes), takes the next
-/// fencing token if it asked for one, takes it out of the queue, records the
-/// handed lease (`<token>` → `<id> <fence>`) and announces `<id> <token> <fence>`. A waiter
-/// without terms is announced as by [`RELEASE_FAIR`]; nobody waiting: an empty message. A
-/// fence counter that is not a counter hands nothing over (the waiter's own acquire then
-/// reports it). Needs `queue_head!()` before it.
+/// live waiter that left handoff terms (`<token> <ttl ms> <fence counter ttl ms or 0>
+/// <entry lease ms> <attempt number>`): sets the lease to its token until its TTL or its
+/// queue entry ends, whichever comes first (the attempt that left the terms set the
+/// entry's expiry, its entry lease after it ran, so the lease ends no earlier than the
+/// waiter believes), takes the next fencing token if it asked for one, takes it out of the
+/// queue, records the handed lease (`<token>` → `<id> <fence> <attempt number>`) and
+/// announces `<id> <token> <fence>`. A waiter without terms is announced as by
+/// [`RELEASE_FAIR`]; nobody waiting: an empty message. A fence counter that is not a
+/// counter hands nothing over (the waiter's own acquire then reports it). Needs
+/// `queue_head!()` before it.
 macro_rules! queue_handoff {
     () => {
         r#"
@@ -57,8 +58,10 @@ local function next_turn(lease, queue, expiries, fence, terms, channel)
     return
   end
   local t = redis.call('HGET', terms, head)
-  local token, ttl, fence_ttl, entry
-  if t then token, ttl, fence_ttl, entry = string.match(t, '^(%x+) (%d+) (%d+) (%d+)$') end
+  local token, ttl, fence_ttl, entry, attempt
+  if t then
+    token, ttl, fence_ttl, entry, attempt = string.match(t, '^(%x+) (%d+) (%d+) (%d+) (%d+)$')
+  end
   if not token then
     announce(channel, head)
     return
@@ -86,7 +89,7 @@ local function next_turn(lease, queue, expiries, fence, terms, channel)
   redis.call('ZREM', queue, head)
   redis.call('HDEL', expiries, head)
   redis.call('HDEL', terms, head)
-  redis.call('HSET', terms, token, head .. ' ' .. string.format('%d', f))
+  redis.call('HSET', terms, token, head .. ' ' .. string.format('%d', f) .. ' ' .. attempt)
   if redis.call('PTTL', terms) < px then redis.call('PEXPIRE', terms, px) end
   announce(channel, head, head .. ' ' .. token .. ' ' .. string.format('%d', f))
 end
@@ -104,10 +107,13 @@ end
 /// entry lease in ms, `ARGV[6]` `1` to join the queue if the caller must wait, `0` for one
 /// attempt that leaves no entry (`try_lock`).
 ///
-/// `KEYS[5]` (optional, one primary only): the handoff hash. With it, a queued caller
-/// leaves its handoff terms (`ARGV[1]`, `ARGV[2]`, `ARGV[3]`, `ARGV[5]`) for
-/// [`RELEASE_HANDOFF`], and a caller whose waiter id a lease was handed to takes it up: the
-/// lease is set to `ARGV[1]` with the full TTL and the handoff's fencing token returned.
+/// `KEYS[5]` (optional, one primary only): the handoff hash, and `ARGV[7]` the attempt's
+/// number within its call (increasing). With them, a queued caller leaves its handoff terms
+/// (`ARGV[1]`, `ARGV[2]`, `ARGV[3]`, `ARGV[5]`, `ARGV[7]`) for [`RELEASE_HANDOFF`], and a
+/// later attempt of a caller whose waiter id a lease was handed to takes it up: the lease
+/// is set to `ARGV[1]` with the full TTL and the handoff's fencing token returned. An
+/// earlier attempt arriving late (the caller may hold the lease on the announcement alone)
+/// changes nothing and answers "held", not queued.
 ///
 /// First the expired entries at the head are dropped: a waiter that stopped refreshing its
 /// entry (crashed, or gave up without cleaning up) holds up the queue for at most its entry
@@ -152,12 +158,18 @@ if kind == 'string' and KEYS[5] then
   local handed = redis.call('HGET', KEYS[5], holder)
   local mine = ARGV[4] .. ' '
   if handed and string.sub(handed, 1, #mine) == mine then
+    local fence, attempt = string.match(string.sub(handed, #mine + 1), '^(%d+) (%d+)$')
+    if not attempt or tonumber(ARGV[7]) <= tonumber(attempt) then
+      -- An attempt sent before the one the lease was handed to, arriving late: its
+      -- caller may hold the lease on the announcement alone.
+      return {0, redis.call('PTTL', KEYS[1]), -1}
+    end
     redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
     redis.call('HDEL', KEYS[5], holder, ARGV[4])
     redis.call('ZREM', KEYS[3], ARGV[4])
     redis.call('HDEL', KEYS[4], ARGV[4])
     if ARGV[3] == '0' then return {1, 0} end
-    return {1, tonumber(string.sub(handed, #mine + 1))}
+    return {1, tonumber(fence)}
   end
 end
 local entry = tonumber(ARGV[5])
@@ -171,7 +183,8 @@ if ARGV[6] == '1' or redis.call('ZSCORE', KEYS[3], ARGV[4]) then
   end
   redis.call('HSET', KEYS[4], ARGV[4], string.format('%d', now_ms + entry))
   if KEYS[5] then
-    redis.call('HSET', KEYS[5], ARGV[4], ARGV[1] .. ' ' .. ARGV[2] .. ' ' .. ARGV[3] .. ' ' .. ARGV[5])
+    local terms = {ARGV[1], ARGV[2], ARGV[3], ARGV[5], ARGV[7]}
+    redis.call('HSET', KEYS[5], ARGV[4], table.concat(terms, ' '))
   end
   for _, k in ipairs({KEYS[3], KEYS[4], KEYS[5]}) do
     if redis.call('PTTL', k) < entry then redis.call('PEXPIRE', k, entry) end

@@ -34,6 +34,9 @@ pub(crate) struct Queue<'a> {
     /// Join the queue if the caller must wait (a waiting call); `false`: one attempt that
     /// leaves no entry (`try_lock`).
     pub(crate) join: bool,
+    /// The attempt's number within its call, increasing: a release hands the lease to one
+    /// attempt's token, and an earlier attempt arriving late must not take it over.
+    pub(crate) attempt: u64,
 }
 
 impl<C> RedisStore<C>
@@ -73,6 +76,9 @@ where
                 .arg(queue.waiter)
                 .arg(entry_ms)
                 .arg(if queue.join { 1 } else { 0 });
+            if qh.is_some() {
+                cmd.arg(queue.attempt);
+            }
         };
         let reply: Vec<i64> = self.invoke(&script::ACQUIRE_FAIR, call, &mut conn).await?;
         match reply[..] {

@@ -676,7 +676,11 @@ async fn a_lease_handed_to_a_crashed_waiter_ends_with_its_queue_entry() {
     let _: () = redis::cmd("HSET")
         .arg(format!("{}h", queue_key(&name)))
         .arg(crashed)
-        .arg(format!("{} 30000 0 {}", "ab".repeat(16), LEASE.as_millis()))
+        .arg(format!(
+            "{} 30000 0 {} 1",
+            "ab".repeat(16),
+            LEASE.as_millis()
+        ))
         .query_async(&mut conn)
         .await
         .unwrap();
@@ -709,5 +713,94 @@ async fn a_lease_handed_to_a_crashed_waiter_ends_with_its_queue_entry() {
         "a lease handed to a crashed waiter held up the queue {waited:?} after its last refresh"
     );
     drop(locks);
+    baseline.assert_settled(&node, Duration::from_secs(5)).await;
+}
+
+/// One [`distlock::protocol::ACQUIRE_FAIR`] by waiter `id` with `token`, as the `attempt`th
+/// attempt of its call (one primary: with the handoff hash).
+async fn acquire_fair(
+    conn: &mut redis::aio::MultiplexedConnection,
+    name: &str,
+    id: &str,
+    token: &str,
+    attempt: u64,
+) -> Vec<i64> {
+    let lease = lease_key(name);
+    redis::cmd("EVAL")
+        .arg(distlock::protocol::ACQUIRE_FAIR)
+        .arg(5)
+        .arg(&lease)
+        .arg(format!("{lease}:fence"))
+        .arg(queue_key(name))
+        .arg(format!("{}x", queue_key(name)))
+        .arg(format!("{}h", queue_key(name)))
+        .arg(token)
+        .arg(10_000)
+        .arg(0)
+        .arg(id)
+        .arg(5_000)
+        .arg(1)
+        .arg(attempt)
+        .query_async(conn)
+        .await
+        .expect("ACQUIRE_FAIR")
+}
+
+/// A waiter's attempt that reaches the server late (delayed on the way, after a later
+/// attempt of the same call queued and a release handed the lease to that later one) must
+/// not take the handed lease from under the waiter, which may already hold it on the
+/// release's announcement alone; a later attempt of a waiter that missed the announcement
+/// still takes it up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_attempt_does_not_take_over_a_lease_handed_to_a_later_one() {
+    let node = RedisNode::start().await;
+    let mut conn = node.conn().await;
+    let baseline = Baseline::take(&node).await;
+    let name = unique_key("fair-late-attempt");
+    let lease = lease_key(&name);
+    let (holder, late, handed, later) = (
+        "00000000000000000000000000000001",
+        "00000000000000000000000000000002",
+        "00000000000000000000000000000003",
+        "00000000000000000000000000000004",
+    );
+    let _: () = redis::cmd("SET")
+        .arg(&lease)
+        .arg(holder)
+        .arg("PX")
+        .arg(10_000)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    // Attempt 3 queues; the release hands it the lease.
+    let reply = acquire_fair(&mut conn, &name, "m.w", handed, 3).await;
+    assert_eq!(reply[0], 0, "queued: {reply:?}");
+    assert_eq!(release_handoff(&mut conn, &name, holder, None).await, 1);
+    assert_eq!(get(&mut conn, &lease).await.as_deref(), Some(handed));
+    // Attempt 2, sent before attempt 3, arrives now: it changes nothing.
+    let reply = acquire_fair(&mut conn, &name, "m.w", late, 2).await;
+    assert_eq!(
+        reply[0], 0,
+        "the late attempt did not take the lock: {reply:?}"
+    );
+    assert_eq!(
+        get(&mut conn, &lease).await.as_deref(),
+        Some(handed),
+        "the handed lease still holds the token its holder believes in"
+    );
+    assert_eq!(
+        queued(&mut conn, &name).await,
+        0,
+        "and it did not queue again"
+    );
+    // Attempt 5 (the waiter missed the announcement) takes the handed lease up.
+    let reply = acquire_fair(&mut conn, &name, "m.w", later, 5).await;
+    assert_eq!(reply[0], 1, "taken up: {reply:?}");
+    assert_eq!(get(&mut conn, &lease).await.as_deref(), Some(later));
+    let _: () = redis::cmd("DEL")
+        .arg(&lease)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
     baseline.assert_settled(&node, Duration::from_secs(5)).await;
 }
