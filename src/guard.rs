@@ -84,21 +84,9 @@ impl LockGuard {
         );
         runtime.spawn(
             async move {
-                let Some(op) = lease.begin_extend(ttl, Instant::now(), true) else {
-                    return;
-                };
-                let pending = PendingExtend::new(&lease, op);
-                // On error `pending` is dropped: the outcome is unknown and keeps counting.
-                match store.extend(&lease.key, &lease.token, ttl).await {
-                    Ok(Verdict::Done) => {
-                        if pending.confirm() {
-                            tracing::debug!("handed lease extended to its TTL");
-                        }
-                    }
-                    Ok(Verdict::Lost(reason)) => {
-                        pending.refused();
-                        lease.mark_lost(reason);
-                    }
+                match extend_lease(&lease, &*store, None, ttl).await {
+                    Ok(Ok(())) => tracing::debug!("handed lease extended to its TTL"),
+                    Ok(Err(reason)) => lease.mark_lost(reason),
                     Err(e) => tracing::debug!(error = %e, "could not extend a handed lease"),
                 }
             }
@@ -230,43 +218,12 @@ impl LockGuard {
             ttl_ms = ttl.as_millis()
         );
         async {
-            let sent = Instant::now();
-            // Counted before it is sent: from now on the server may run it, in whatever
-            // order with other extends and auto-extensions, so the deadline believed drops to
-            // what it would leave at once.
-            let Some(op) = lease.begin_extend(ttl, sent, true) else {
-                // A loss, once seen, is final: never revive a lease reported gone.
-                let reason = lease.lost().unwrap_or(LostReason::Expired);
-                return Err(self.lose(reason));
-            };
-            if let Some(extension) = &self.extension {
-                // Auto-extension follows the new TTL and deadline, not the old schedule.
-                extension.reschedule();
-            }
-            let pending = PendingExtend::new(lease, op);
-            // On error `pending` is dropped: the outcome is unknown and keeps counting.
-            // A replica-acknowledged lease that too few replicas acknowledged is
-            // `Error::NotReplicated` here: `pending` keeps counting the extend as unknown,
-            // so the deadline stays the earlier of the old one and the new one.
-            let verdict = match lease.replicas {
-                Some(replicas) => {
-                    self.store
-                        .extend_replicated(&lease.key, &lease.token, ttl, replicas)
-                        .await?
+            match extend_lease(lease, &*self.store, self.extension.as_ref(), ttl).await? {
+                Ok(()) => {
+                    tracing::debug!("extended");
+                    Ok(())
                 }
-                None => self.store.extend(&lease.key, &lease.token, ttl).await?,
-            };
-            if verdict != Verdict::Done {
-                pending.refused();
-                return self.judge(verdict, || {});
-            }
-            if pending.confirm() {
-                tracing::debug!("extended");
-                Ok(())
-            } else {
-                // The reply came back after the lease's validity had ended.
-                let reason = lease.lost().unwrap_or(LostReason::Expired);
-                Err(self.lose(reason))
+                Err(reason) => Err(self.lose(reason)),
             }
         }
         .instrument(span)
@@ -352,6 +309,51 @@ impl LockGuard {
             key: lease.key.display(),
             reason,
         }
+    }
+}
+
+/// One extend of `lease` to `ttl` on `store`, as a caller's extend: counted before it is
+/// sent (from then on the server may run it, in whatever order with other extends and
+/// auto-extensions, so the deadline believed drops to what it would leave at once), with
+/// `extension` (if any) planning again from the new TTL and deadline.
+///
+/// `Ok(Ok(()))`: extended. `Ok(Err(reason))`: the lease is lost — found lost before (a
+/// loss is final: a lease reported gone is never revived), found gone or taken now, or the
+/// reply came back after its validity ended. `Err`: the outcome is unknown and keeps
+/// counting. A replica-acknowledged lease that too few replicas acknowledged is
+/// `Error::NotReplicated`, an unknown outcome too: the deadline stays the earlier of the
+/// old one and the new one.
+async fn extend_lease(
+    lease: &Lease,
+    store: &dyn LeaseStore,
+    extension: Option<&AutoExtension>,
+    ttl: Ttl,
+) -> Result<std::result::Result<(), LostReason>> {
+    let sent = Instant::now();
+    let Some(op) = lease.begin_extend(ttl, sent, true) else {
+        return Ok(Err(lease.lost().unwrap_or(LostReason::Expired)));
+    };
+    if let Some(extension) = extension {
+        extension.reschedule();
+    }
+    let pending = PendingExtend::new(lease, op);
+    // On error `pending` is dropped: the outcome is unknown and keeps counting.
+    let verdict = match lease.replicas {
+        Some(replicas) => {
+            store
+                .extend_replicated(&lease.key, &lease.token, ttl, replicas)
+                .await?
+        }
+        None => store.extend(&lease.key, &lease.token, ttl).await?,
+    };
+    if let Verdict::Lost(reason) = verdict {
+        pending.refused();
+        return Ok(Err(reason));
+    }
+    if pending.confirm() {
+        Ok(Ok(()))
+    } else {
+        Ok(Err(lease.lost().unwrap_or(LostReason::Expired)))
     }
 }
 

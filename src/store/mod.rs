@@ -355,6 +355,15 @@ where
     }
 }
 
+/// The release script of `key`: in fair mode, the one that names the next waiter.
+fn release_script(key: &LockKey) -> &'static Script {
+    if key.is_queued() {
+        &script::RELEASE_FAIR
+    } else {
+        &script::RELEASE
+    }
+}
+
 /// The refusal of replica acknowledgement where `what` has no single primary to ask.
 pub(crate) fn no_replicas(what: &str) -> Error {
     Error::invalid(
