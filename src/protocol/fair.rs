@@ -1,13 +1,15 @@
-//! Fair mode's scripts: the waiter queue beside the lock, its acquire, its releases (the
-//! one that names the next waiter and the one that hands it the lease) and leaving it.
-//! Re-exported from [`crate::protocol`]; the macros they share with the other scripts
-//! (`fence_counter_check!`, `fence_next!`) come from there.
+//! Fair mode's scripts: the waiter queue beside the lock, its acquire, its release (which
+//! hands the lease to the next waiter or names it) and leaving it. Re-exported from
+//! [`crate::protocol`]; the macros they share with the other scripts
+//! (`fence_counter_check!`, `fence_next!`, `fence_fn!`) come from there.
 
 /// Fair mode's Lua helpers: `head_of` drops the expired entries at the head of the queue
 /// (and their handoff terms, if `terms` is given) and returns the first live waiter id (or
 /// `nil`); `announce` publishes a message (by default the waiter id) on the channel of the
 /// waiter's manager (`<channel>:<manager id>` for an id `<manager id>.<random>`, the lock's
-/// channel for an id without a dot); `server_ms` is the server time in ms.
+/// channel for an id without a dot); `server_ms` is the server time in ms; `handed_to`
+/// returns the token of a lease (a string key) that a release handed to waiter `id` and
+/// nobody took up yet, with the rest of its handoff record (`<fence> <attempt number>`).
 macro_rules! queue_head {
     () => {
         r#"
@@ -31,6 +33,14 @@ local function server_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
+local function handed_to(lease, terms, id)
+  local holder = redis.call('GET', lease)
+  local handed = holder and redis.call('HGET', terms, holder)
+  local mine = id .. ' '
+  if handed and string.sub(handed, 1, #mine) == mine then
+    return holder, string.sub(handed, #mine + 1)
+  end
+end
 "#
     };
 }
@@ -45,7 +55,7 @@ end
 /// announces `<id> <token> <fence>`. A waiter without terms is announced as by
 /// [`RELEASE_FAIR`]; nobody waiting: an empty message. A fence counter that is not a
 /// counter hands nothing over (the waiter's own acquire then reports it). Needs
-/// `queue_head!()` before it.
+/// `queue_head!()` and `fence_fn!()` before it.
 macro_rules! queue_handoff {
     () => {
         r#"
@@ -57,7 +67,7 @@ local function next_turn(lease, queue, expiries, fence, terms, channel)
     redis.pcall('PUBLISH', channel, '')
     return
   end
-  local t = redis.call('HGET', terms, head)
+  local t = terms and redis.call('HGET', terms, head)
   local token, ttl, fence_ttl, entry, attempt
   if t then
     token, ttl, fence_ttl, entry, attempt = string.match(t, '^(%x+) (%d+) (%d+) (%d+) (%d+)$')
@@ -68,20 +78,11 @@ local function next_turn(lease, queue, expiries, fence, terms, channel)
   end
   local f = 0
   if fence_ttl ~= '0' then
-    local raw = redis.call('GET', fence)
-    local last = 0
-    if raw then
-      if not string.match(raw, '^%d+$') or #raw > 16 or tonumber(raw) >= 9007199254740992 then
-        announce(channel, head)
-        return
-      end
-      last = tonumber(raw)
+    f = next_fence(fence, fence_ttl, redis.call('TIME'))
+    if not f then
+      announce(channel, head)
+      return
     end
-    local now = redis.call('TIME')
-    f = last + 1
-    local now_us = tonumber(now[1]) * 1000000 + tonumber(now[2])
-    if now_us > f then f = now_us end
-    redis.call('SET', fence, string.format('%d', f), 'PX', fence_ttl)
   end
   local left = tonumber(redis.call('HGET', expiries, head)) - now
   local px = math.min(tonumber(ttl), tonumber(entry), left)
@@ -109,7 +110,7 @@ end
 ///
 /// `KEYS[5]` (optional, one primary only): the handoff hash, and `ARGV[7]` the attempt's
 /// number within its call (increasing). With them, a queued caller leaves its handoff terms
-/// (`ARGV[1]`, `ARGV[2]`, `ARGV[3]`, `ARGV[5]`, `ARGV[7]`) for [`RELEASE_HANDOFF`], and a
+/// (`ARGV[1]`, `ARGV[2]`, `ARGV[3]`, `ARGV[5]`, `ARGV[7]`) for [`RELEASE_FAIR`], and a
 /// later attempt of a caller whose waiter id a lease was handed to takes it up: the lease
 /// is set to `ARGV[1]` with the full TTL and the handoff's fencing token returned. An
 /// earlier attempt arriving late (the caller may hold the lease on the announcement alone)
@@ -144,7 +145,7 @@ if kind == 'none' and (not head or head == ARGV[4]) then
     redis.call('ZREM', KEYS[3], head)
     redis.call('HDEL', KEYS[4], head)
   end
-  if KEYS[5] then redis.call('HDEL', KEYS[5], ARGV[4]) end
+  if head and KEYS[5] then redis.call('HDEL', KEYS[5], ARGV[4]) end
   if ARGV[3] == '0' then return {1, 0} end
 "#,
     fence_next!(),
@@ -154,11 +155,9 @@ if kind ~= 'none' and kind ~= 'string' then
   return redis.error_reply('WRONGTYPE lock key holds a ' .. kind .. ', not a lease')
 end
 if kind == 'string' and KEYS[5] then
-  local holder = redis.call('GET', KEYS[1])
-  local handed = redis.call('HGET', KEYS[5], holder)
-  local mine = ARGV[4] .. ' '
-  if handed and string.sub(handed, 1, #mine) == mine then
-    local fence, attempt = string.match(string.sub(handed, #mine + 1), '^(%d+) (%d+)$')
+  local holder, handed = handed_to(KEYS[1], KEYS[5], ARGV[4])
+  if holder then
+    local fence, attempt = string.match(handed, '^(%d+) (%d+)$')
     if not attempt or tonumber(ARGV[7]) <= tonumber(attempt) then
       -- An attempt sent before the one the lease was handed to, arriving late: its
       -- caller may hold the lease on the announcement alone.
@@ -199,46 +198,26 @@ return {0, redis.call('PTTL', KEYS[1]), place}
 "#
 );
 
-/// Fair mode's release: [`RELEASE`](super::RELEASE), then the announcement names the waiter whose turn it
-/// is, so that only that waiter (in whichever process it waits) is woken.
+/// Fair mode's release: [`RELEASE`](super::RELEASE), then the turn passes to the first
+/// live waiter (expired entries at the head are dropped first). On one primary the lease is
+/// handed to it if it left handoff terms (see `next_turn`); otherwise, and over several
+/// primaries, the message names it, so that only that waiter (in whichever process it
+/// waits) is woken: its id, published on the channel of its manager (`<channel>:<manager
+/// id>` for an id `<manager id>.<random>`), or an empty message on the lock's channel if
+/// nobody queues.
 ///
-/// `KEYS[1]` lease key, `KEYS[2]` the queue, `KEYS[3]` the queue's entry expiries.
-/// `ARGV[1]` token, `ARGV[2]` (optional) the release channel. Expired entries at the head
-/// are dropped first; the message is the first live waiter id, published on the channel of
-/// its manager (`<channel>:<manager id>` for an id `<manager id>.<random>`), or an empty
-/// message on the lock's channel if nobody queues.
-/// Result codes as for [`RELEASE`](super::RELEASE).
+/// `KEYS[1]` lease key, `KEYS[2]` the queue, `KEYS[3]` the queue's entry expiries; on one
+/// primary also `KEYS[4]` the fence counter and `KEYS[5]` the handoff hash. `ARGV[1]`
+/// token, `ARGV[2]` (optional) the release channel: without it nothing is handed over or
+/// announced. Result codes as for [`RELEASE`](super::RELEASE).
 pub const RELEASE_FAIR: &str = concat!(
     queue_head!(),
-    r#"local v = redis.call('GET', KEYS[1])
-if v == ARGV[1] then
-  redis.call('DEL', KEYS[1])
-  if ARGV[2] then
-    local head = head_of(KEYS[2], KEYS[3], server_ms())
-    if head then announce(ARGV[2], head) else redis.pcall('PUBLISH', ARGV[2], '') end
-  end
-  return 1
-elseif v then
-  return -1
-end
-return 0
-"#
-);
-
-/// Fair mode on one primary: [`RELEASE`](super::RELEASE), then the lease is handed to the next waiter that
-/// left handoff terms (see `next_turn`), or that waiter is announced as by [`RELEASE_FAIR`].
-///
-/// `KEYS[1]` lease key, `KEYS[2]` the queue, `KEYS[3]` the queue's entry expiries, `KEYS[4]`
-/// the fence counter, `KEYS[5]` the handoff hash. `ARGV[1]` token, `ARGV[2]` (optional) the
-/// release channel: without it nothing is handed over or announced.
-/// Result codes as for [`RELEASE`](super::RELEASE).
-pub const RELEASE_HANDOFF: &str = concat!(
-    queue_head!(),
+    fence_fn!(),
     queue_handoff!(),
     r#"local v = redis.call('GET', KEYS[1])
 if v == ARGV[1] then
   redis.call('DEL', KEYS[1])
-  redis.call('HDEL', KEYS[5], ARGV[1])
+  if KEYS[5] then redis.call('HDEL', KEYS[5], ARGV[1]) end
   next_turn(KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], ARGV[2])
   return 1
 elseif v then
@@ -258,22 +237,20 @@ return 0
 /// entry was there, `0` if not.
 pub const LEAVE_QUEUE: &str = concat!(
     queue_head!(),
+    fence_fn!(),
     queue_handoff!(),
     r#"local first = redis.call('ZRANGE', KEYS[2], 0, 0)[1]
 local removed = redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('HDEL', KEYS[3], ARGV[1])
 if KEYS[5] then
   redis.call('HDEL', KEYS[5], ARGV[1])
-  if redis.call('TYPE', KEYS[1])['ok'] == 'string' then
-    local holder = redis.call('GET', KEYS[1])
-    local handed = redis.call('HGET', KEYS[5], holder)
-    local mine = ARGV[1] .. ' '
-    if handed and string.sub(handed, 1, #mine) == mine then
-      redis.call('DEL', KEYS[1])
-      redis.call('HDEL', KEYS[5], holder)
-      next_turn(KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], ARGV[2])
-      return removed
-    end
+  local holder = redis.call('TYPE', KEYS[1])['ok'] == 'string'
+    and handed_to(KEYS[1], KEYS[5], ARGV[1])
+  if holder then
+    redis.call('DEL', KEYS[1])
+    redis.call('HDEL', KEYS[5], holder)
+    next_turn(KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], ARGV[2])
+    return removed
   end
 end
 if first == ARGV[1] and ARGV[2] and redis.call('EXISTS', KEYS[1]) == 0 then

@@ -40,11 +40,11 @@
 //!   manager it waits in), and [`LEAVE_QUEUE`] when a waiter gives up. A waiter's entry
 //!   is a short lease its retries refresh, so a crashed waiter holds up the queue for at
 //!   most that lease. On one primary (not over several) a waiter also leaves its handoff
-//!   terms, and the release ([`RELEASE_HANDOFF`]) writes the next waiter's lease itself,
-//!   until its TTL or its queue entry ends (whichever comes first), and announces `<id> <token> <fence>`:
-//!   the waiter holds without an acquire of its own, and extends the lease to its TTL in
-//!   the background. A handed lease nobody takes up (a crashed waiter) ends within the
-//!   entry lease.
+//!   terms, and the release (the same script, given the fence counter and the handoff
+//!   hash too) writes the next waiter's lease itself, until its TTL or its queue entry ends
+//!   (whichever comes first), and announces `<id> <token> <fence>`: the waiter holds
+//!   without an acquire of its own, and extends the lease to its TTL in the background. A
+//!   handed lease nobody takes up (a crashed waiter) ends with its queue entry.
 //!
 //! Tokens are 32 lower-case hex digits (a UUID v4 from the operating system's CSPRNG),
 //! fresh for every acquisition. Scripts are sent by SHA (`EVALSHA`); when the server
@@ -203,7 +203,7 @@ return out
 "#;
 
 mod fair;
-pub use fair::{ACQUIRE_FAIR, LEAVE_QUEUE, RELEASE_FAIR, RELEASE_HANDOFF};
+pub use fair::{ACQUIRE_FAIR, LEAVE_QUEUE, RELEASE_FAIR};
 
 /// A script of the protocol: its body and its SHA1, computed once.
 pub(crate) struct Script {
@@ -277,9 +277,6 @@ pub(crate) mod script {
     /// [`super::RELEASE_FAIR`].
     pub(crate) static RELEASE_FAIR: LazyLock<Script> =
         LazyLock::new(|| Script::new(super::RELEASE_FAIR));
-    /// [`super::RELEASE_HANDOFF`].
-    pub(crate) static RELEASE_HANDOFF: LazyLock<Script> =
-        LazyLock::new(|| Script::new(super::RELEASE_HANDOFF));
     /// [`super::LEAVE_QUEUE`].
     pub(crate) static LEAVE_QUEUE: LazyLock<Script> =
         LazyLock::new(|| Script::new(super::LEAVE_QUEUE));
@@ -307,7 +304,6 @@ mod tests {
         let announcing = [
             (&*script::RELEASE, 1),
             (&*script::RELEASE_FAIR, 2),
-            (&*script::RELEASE_HANDOFF, 2),
             (&*script::LEAVE_QUEUE, 2),
             (&*semaphore::script::RELEASE, 1),
             (&*rw::script::RELEASE_WRITE, 1),

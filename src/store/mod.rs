@@ -355,7 +355,8 @@ where
     }
 }
 
-/// The release script of `key`: in fair mode, the one that names the next waiter.
+/// The release script of `key`: in fair mode, the one that hands the lease to the next
+/// waiter or names it.
 fn release_script(key: &LockKey) -> &'static Script {
     if key.is_queued() {
         &script::RELEASE_FAIR

@@ -2,10 +2,9 @@
 
 use redis::aio::ConnectionLike;
 
-use super::{NodeAnswer, RedisStore, answer};
+use super::{NodeAnswer, RedisStore, answer, release_script};
 use crate::error::Result;
 use crate::key::{LockKey, Token};
-use crate::protocol::{Script, script};
 
 impl<C> RedisStore<C>
 where
@@ -15,9 +14,7 @@ where
     pub(crate) async fn release_here(&self, key: &LockKey, token: &Token) -> Result<NodeAnswer> {
         let mut conn = self.conn.clone();
         let call = |cmd: &mut redis::Cmd| self.release_args(cmd, key, token);
-        let code: i64 = self
-            .invoke(self.release_script(key), call, &mut conn)
-            .await?;
+        let code: i64 = self.invoke(release_script(key), call, &mut conn).await?;
         answer(code)
     }
 
@@ -43,7 +40,7 @@ where
     /// answer a slow link may never deliver within the command timeout.
     pub(crate) async fn release_by_body(&self, key: &LockKey, token: &Token) -> Result<NodeAnswer> {
         let mut conn = self.conn.clone();
-        let eval = self.script_cmd(self.release_script(key), true, &|cmd| {
+        let eval = self.script_cmd(release_script(key), true, &|cmd| {
             self.release_args(cmd, key, token)
         });
         let code: i64 = self.bounded(eval.query_async(&mut conn)).await?;
@@ -51,20 +48,10 @@ where
     }
 
     /// Fair mode on one primary that announces releases: a release hands the lease to the
-    /// next waiter ([`script::RELEASE_HANDOFF`]); over several primaries (whose nodes
-    /// announce `~`) no single node may hand a lease over.
+    /// next waiter ([`RELEASE_FAIR`](crate::protocol::RELEASE_FAIR) with the handoff keys);
+    /// over several primaries (whose nodes announce `~`) no single node may hand a lease over.
     pub(crate) fn hands_off(&self) -> bool {
         self.announce_releases && self.release_payload.is_none()
-    }
-
-    /// The release script of `key`: in fair mode, the one that hands the lease over or
-    /// names the next waiter.
-    fn release_script(&self, key: &LockKey) -> &'static Script {
-        match (key.is_queued(), self.hands_off()) {
-            (true, true) => &script::RELEASE_HANDOFF,
-            (true, false) => &script::RELEASE_FAIR,
-            (false, _) => &script::RELEASE,
-        }
     }
 
     /// Key count, keys and arguments of the release script.

@@ -497,8 +497,8 @@ fn generated_schedules_are_served_in_arrival_order() {
     rt.block_on(async move { drop(node) });
 }
 
-/// Runs [`distlock::protocol::RELEASE_HANDOFF`] for `token` as a holder speaking the raw
-/// protocol would; `then_pause`: pauses the server's writes for that long in the same
+/// Runs [`distlock::protocol::RELEASE_FAIR`] with the handoff keys for `token`, as a holder
+/// speaking the raw protocol would; `then_pause`: pauses the server's writes for that long in the same
 /// pipeline, so nothing the handoff's announcement sets off can write before it ends.
 async fn release_handoff(
     conn: &mut redis::aio::MultiplexedConnection,
@@ -509,7 +509,7 @@ async fn release_handoff(
     let lease = lease_key(name);
     let mut pipe = redis::pipe();
     pipe.cmd("EVAL")
-        .arg(distlock::protocol::RELEASE_HANDOFF)
+        .arg(distlock::protocol::RELEASE_FAIR)
         .arg(5)
         .arg(&lease)
         .arg(queue_key(name))
@@ -525,7 +525,7 @@ async fn release_handoff(
             .arg("WRITE")
             .ignore();
     }
-    let (code,): (i64,) = pipe.query_async(conn).await.expect("RELEASE_HANDOFF");
+    let (code,): (i64,) = pipe.query_async(conn).await.expect("RELEASE_FAIR");
     code
 }
 
