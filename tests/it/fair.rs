@@ -609,14 +609,7 @@ async fn a_handed_lease_is_believed_for_at_most_the_entry_lease_until_extended()
     let opts = fair(Duration::from_secs(10)).with_queue_lease(ENTRY);
 
     // A holder speaking the raw protocol.
-    let _: () = redis::cmd("SET")
-        .arg(lease_key(&name))
-        .arg("00000000000000000000000000000001")
-        .arg("PX")
-        .arg(10_000)
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    support::set_lease(&mut conn, &name, "00000000000000000000000000000001", 10_000).await;
     let (tx, rx) = tokio::sync::oneshot::channel();
     let waiter = {
         let (lock, name) = (locks[0].clone(), name.clone());
@@ -764,14 +757,7 @@ async fn a_late_attempt_does_not_take_over_a_lease_handed_to_a_later_one() {
         "00000000000000000000000000000003",
         "00000000000000000000000000000004",
     );
-    let _: () = redis::cmd("SET")
-        .arg(&lease)
-        .arg(holder)
-        .arg("PX")
-        .arg(10_000)
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    support::set_lease(&mut conn, &name, holder, 10_000).await;
     // Attempt 3 queues; the release hands it the lease.
     let reply = acquire_fair(&mut conn, &name, "m.w", handed, 3).await;
     assert_eq!(reply[0], 0, "queued: {reply:?}");

@@ -257,14 +257,7 @@ async fn extend_of_a_lease_taken_behind_its_back_fails_with_taken_and_leaves_the
         .await
         .unwrap();
     // Another owner's token replaces ours while our local deadline is still ahead.
-    let _: () = redis::cmd("SET")
-        .arg(lease_key(&name))
-        .arg("another-owner")
-        .arg("PX")
-        .arg(3000)
-        .query_async(&mut raw)
-        .await
-        .unwrap();
+    support::set_lease(&mut raw, &name, "another-owner", 3000).await;
     match guard.extend(Duration::from_secs(60)).await {
         Err(Error::Lost { reason, .. }) => assert_eq!(reason, LostReason::Taken),
         other => panic!("expected Lost(Taken), got {other:?}"),

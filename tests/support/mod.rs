@@ -705,6 +705,24 @@ pub fn lease_key(name: &str) -> String {
     format!("{}{{{name}}}", distlock::DEFAULT_PREFIX)
 }
 
+/// Sets the lease of lock `name` to `token` for `px_ms`, as another owner speaking the raw
+/// protocol would.
+pub async fn set_lease(
+    conn: &mut redis::aio::MultiplexedConnection,
+    name: &str,
+    token: &str,
+    px_ms: u64,
+) {
+    let _: () = redis::cmd("SET")
+        .arg(lease_key(name))
+        .arg(token)
+        .arg("PX")
+        .arg(px_ms)
+        .query_async(conn)
+        .await
+        .expect("SET the lease");
+}
+
 /// Spawns a waiter that takes `name` with `opts`, records `i` in `order` when served,
 /// holds 20 ms and releases: order tests compare `order` with the arrival order.
 pub fn fifo_waiter(
