@@ -119,8 +119,8 @@ impl LockKey {
     }
 
     /// Fair mode on one primary: the hash of handoff terms (waiter id → the token, TTL,
-    /// fence counter TTL and entry lease its release would hand over) and of leases handed
-    /// over and not yet taken up (token → waiter id and fencing token).
+    /// fence counter TTL, entry lease and attempt number a release would hand over) and of
+    /// leases handed over (token → waiter id, fencing token and attempt number).
     pub(crate) fn queue_handoff(&self) -> Vec<u8> {
         [self.lease(), QUEUE_HANDOFF_SUFFIX].concat()
     }

@@ -21,8 +21,8 @@ impl LockManager {
     /// wrote it after that attempt ran, until the TTL from then or the end of the queue
     /// entry that attempt set (its entry lease after it ran), whichever comes first: the
     /// belief counts the shorter of TTL and entry lease from the attempt's send time, and
-    /// the lease is extended to the full TTL in the background. A handoff whose belief has already run out is not
-    /// taken (the next attempt takes the lease up with a fresh TTL instead).
+    /// the lease is extended to the full TTL in the background. A handoff whose belief has
+    /// already run out is not taken (a later attempt takes the lease up with a fresh TTL).
     pub(super) fn take_handed(
         &self,
         key: &LockKey,

@@ -96,22 +96,30 @@ where
         }
     }
 
+    /// Key count and keys of fair mode's release and leave scripts: the lease, the queue
+    /// and its entry expiries; where a release hands the lease over, also the fence counter
+    /// and the handoff hash.
+    pub(super) fn queue_keys(&self, cmd: &mut redis::Cmd, key: &LockKey) {
+        if self.hands_off() {
+            cmd.arg(5)
+                .arg(key.lease())
+                .arg(key.queue())
+                .arg(key.queue_expiry());
+            cmd.arg(key.fence()).arg(key.queue_handoff());
+        } else {
+            cmd.arg(3)
+                .arg(key.lease())
+                .arg(key.queue())
+                .arg(key.queue_expiry());
+        }
+    }
+
     /// Fair mode: `waiter` leaves the queue of `key` on this server ([`script::LEAVE_QUEUE`]),
     /// sent by body like a background release.
     pub(crate) async fn leave_queue_here(&self, key: &LockKey, waiter: &[u8]) -> Result<()> {
         let mut conn = self.conn.clone();
-        let (q, qx) = (key.queue(), key.queue_expiry());
         let eval = self.script_cmd(&script::LEAVE_QUEUE, true, &|cmd| {
-            if self.hands_off() {
-                cmd.arg(5)
-                    .arg(key.lease())
-                    .arg(&q)
-                    .arg(&qx)
-                    .arg(key.fence())
-                    .arg(key.queue_handoff());
-            } else {
-                cmd.arg(3).arg(key.lease()).arg(&q).arg(&qx);
-            }
+            self.queue_keys(cmd, key);
             cmd.arg(waiter);
             if self.announce_releases {
                 cmd.arg(key.released_channel());

@@ -56,18 +56,8 @@ where
 
     /// Key count, keys and arguments of the release script.
     fn release_args(&self, cmd: &mut redis::Cmd, key: &LockKey, token: &Token) {
-        if key.is_queued() && self.hands_off() {
-            cmd.arg(5)
-                .arg(key.lease())
-                .arg(key.queue())
-                .arg(key.queue_expiry())
-                .arg(key.fence())
-                .arg(key.queue_handoff());
-        } else if key.is_queued() {
-            cmd.arg(3)
-                .arg(key.lease())
-                .arg(key.queue())
-                .arg(key.queue_expiry());
+        if key.is_queued() {
+            self.queue_keys(cmd, key);
         } else {
             cmd.arg(1).arg(key.lease());
         }
