@@ -498,13 +498,13 @@ fn generated_schedules_are_served_in_arrival_order() {
 }
 
 /// Runs [`distlock::protocol::RELEASE_FAIR`] with the handoff keys for `token`, as a holder
-/// speaking the raw protocol would; `then_pause`: pauses the server's writes for that long in the same
-/// pipeline, so nothing the handoff's announcement sets off can write before it ends.
+/// speaking the raw protocol would, and `then` right after it in the same pipeline (nothing
+/// the handoff's announcement sets off runs in between).
 async fn release_handoff(
     conn: &mut redis::aio::MultiplexedConnection,
     name: &str,
     token: &str,
-    then_pause: Option<Duration>,
+    then: &[redis::Cmd],
 ) -> i64 {
     let lease = lease_key(name);
     let mut pipe = redis::pipe();
@@ -518,15 +518,51 @@ async fn release_handoff(
         .arg(format!("{}h", queue_key(name)))
         .arg(token)
         .arg(format!("{lease}:released"));
-    if let Some(pause) = then_pause {
-        pipe.cmd("CLIENT")
-            .arg("PAUSE")
-            .arg(pause.as_millis() as u64)
-            .arg("WRITE")
-            .ignore();
+    for cmd in then {
+        pipe.add_command(cmd.clone()).ignore();
     }
     let (code,): (i64,) = pipe.query_async(conn).await.expect("RELEASE_FAIR");
     code
+}
+
+/// `CLIENT PAUSE <pause> WRITE`: the server runs no write (nor script) until it ends.
+fn pause_writes(pause: Duration) -> redis::Cmd {
+    let mut cmd = redis::cmd("CLIENT");
+    cmd.arg("PAUSE").arg(pause.as_millis() as u64).arg("WRITE");
+    cmd
+}
+
+/// A holder of `name` speaking the raw protocol, a waiter of `lock` queued behind it, then
+/// the holder's release hands the lease over, followed by `then`: the waiter's guard and
+/// when it came back.
+async fn served_by_handoff(
+    node: &RedisNode,
+    lock: &LockManager,
+    name: &str,
+    opts: LockOptions,
+    then: &[redis::Cmd],
+) -> (distlock::LockGuard, Instant) {
+    const HOLDER: &str = "00000000000000000000000000000001";
+    let mut conn = node.conn().await;
+    support::set_lease(&mut conn, name, HOLDER, 10_000).await;
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let waiter = {
+        let (lock, name) = (lock.clone(), name.to_owned());
+        tokio::spawn(async move {
+            let guard = lock.lock_with(&name, opts).await.expect("served");
+            tx.send((guard, Instant::now())).ok();
+        })
+    };
+    until_queued(node, name, 1).await;
+    // Let the waiter subscribe and queue again: it sleeps on the announcement.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(release_handoff(&mut conn, name, HOLDER, then).await, 1);
+    let served = tokio::time::timeout(Duration::from_secs(1), rx)
+        .await
+        .expect("served by the announcement")
+        .unwrap();
+    waiter.await.unwrap();
+    served
 }
 
 async fn get(conn: &mut redis::aio::MultiplexedConnection, key: &str) -> Option<String> {
@@ -608,37 +644,25 @@ async fn a_handed_lease_is_believed_for_at_most_the_entry_lease_until_extended()
     let name = unique_key("fair-handoff-belief");
     let opts = fair(Duration::from_secs(10)).with_queue_lease(ENTRY);
 
-    // A holder speaking the raw protocol.
-    support::set_lease(&mut conn, &name, "00000000000000000000000000000001", 10_000).await;
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    let waiter = {
-        let (lock, name) = (locks[0].clone(), name.clone());
-        tokio::spawn(async move {
-            let guard = lock.lock_with(&name, opts).await.expect("served");
-            tx.send((guard, Instant::now())).ok();
-        })
-    };
-    until_queued(&node, &name, 1).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
     // The handoff, then no write for 0.4 s: the waiter's extension cannot land before.
-    let code = release_handoff(
-        &mut conn,
-        &name,
-        "00000000000000000000000000000001",
-        Some(PAUSE),
-    )
-    .await;
-    assert_eq!(code, 1);
-    let (served, at) = tokio::time::timeout(Duration::from_secs(1), rx)
-        .await
-        .expect("served by the announcement, with writes paused")
-        .unwrap();
-    waiter.await.unwrap();
+    let (served, at) =
+        served_by_handoff(&node, &locks[0], &name, opts, &[pause_writes(PAUSE)]).await;
     // The server set the lease for the entry lease: the belief is no longer.
     assert!(
         served.valid_until() <= at + ENTRY,
         "believed {:?} past the handoff",
         served.valid_until() - at
+    );
+    // And the server's lease ends no earlier than believed (reads run during the pause).
+    let asked = Instant::now();
+    let pttl: u64 = redis::cmd("PTTL")
+        .arg(lease_key(&name))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(
+        asked + Duration::from_millis(pttl + 3) >= served.valid_until(),
+        "believed past the server's lease: PTTL {pttl} ms"
     );
     // Once writes resume, the extension lands and the belief grows to the TTL.
     support::eventually(Duration::from_secs(5), "extended after the pause", || {
@@ -648,6 +672,42 @@ async fn a_handed_lease_is_believed_for_at_most_the_entry_lease_until_extended()
     .await;
     served.release().await.unwrap();
     drop(locks);
+    baseline.assert_settled(&node, Duration::from_secs(5)).await;
+}
+
+/// A handed lease that is gone by the time its extension lands (here: another owner's
+/// token in its place) is reported lost for the reason the server gives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handed_lease_taken_before_its_extension_lands_is_reported_taken() {
+    let node = RedisNode::start().await;
+    let baseline = Baseline::take(&node).await;
+    let locks = managers(&node, 1).await;
+    let name = unique_key("fair-handoff-taken");
+    let opts = fair(Duration::from_secs(10)).with_queue_lease(Duration::from_millis(1500));
+    let mut overwrite = redis::cmd("SET");
+    overwrite
+        .arg(lease_key(&name))
+        .arg("another-owner")
+        .arg("PX")
+        .arg(2_000);
+    let then = [overwrite, pause_writes(Duration::from_millis(200))];
+    let (served, _) = served_by_handoff(&node, &locks[0], &name, opts, &then).await;
+    let reason = tokio::time::timeout(Duration::from_secs(3), served.lost())
+        .await
+        .expect("the extension found the lease gone");
+    assert_eq!(reason, distlock::LostReason::Taken);
+    assert!(!served.is_held());
+    match served.release().await {
+        Err(Error::Lost { reason, .. }) => assert_eq!(reason, distlock::LostReason::Taken),
+        other => panic!("expected Lost(Taken), got {other:?}"),
+    }
+    let mut conn = node.conn().await;
+    let _: () = redis::cmd("DEL")
+        .arg(lease_key(&name))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    drop((conn, locks));
     baseline.assert_settled(&node, Duration::from_secs(5)).await;
 }
 
@@ -761,7 +821,7 @@ async fn a_late_attempt_does_not_take_over_a_lease_handed_to_a_later_one() {
     // Attempt 3 queues; the release hands it the lease.
     let reply = acquire_fair(&mut conn, &name, "m.w", handed, 3).await;
     assert_eq!(reply[0], 0, "queued: {reply:?}");
-    assert_eq!(release_handoff(&mut conn, &name, holder, None).await, 1);
+    assert_eq!(release_handoff(&mut conn, &name, holder, &[]).await, 1);
     assert_eq!(get(&mut conn, &lease).await.as_deref(), Some(handed));
     // Attempt 2, sent before attempt 3, arrives now: it changes nothing.
     let reply = acquire_fair(&mut conn, &name, "m.w", late, 2).await;
