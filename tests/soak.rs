@@ -204,13 +204,15 @@ async fn soak() {
 
     // Leaks: once every holder is done, every lease must be gone within its TTL (plus a
     // second for the server's expiry and background releases), and every fair-mode queue
-    // within its entries' lease (1 s, shorter than that). One that stays is leaked.
+    // (entries, expiries, handoff records) within its entries' lease (1 s, shorter than
+    // that). One that stays is leaked.
     tokio::time::sleep(TTL + Duration::from_secs(1)).await;
     let mut raw = node.conn().await;
     let mut leaked = 0;
     for k in 0..KEYS {
         let lease = support::lease_key(&format!("{prefix}:{k}"));
-        for key in [lease.clone(), format!("{lease}:q"), format!("{lease}:qx")] {
+        let queue = [":q", ":qx", ":qh"].map(|suffix| format!("{lease}{suffix}"));
+        for key in std::iter::once(lease.clone()).chain(queue) {
             let exists: bool = raw.exists(&key).await.unwrap();
             if exists {
                 eprintln!("LEAK {key}");
