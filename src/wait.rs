@@ -151,6 +151,12 @@ impl<'a> Wait<'a> {
         self.waiter.as_ref()?.handed()
     }
 
+    /// Fair mode: whether a release named this call as the next waiter since the last time
+    /// this was asked (the attempt about to be made is its turn, as of that release).
+    pub(crate) fn named(&self) -> bool {
+        self.waiter.as_ref().is_some_and(Waiter::take_named)
+    }
+
     /// The attempt took the lock.
     pub(crate) fn acquired(&self) {
         tracing::debug!(

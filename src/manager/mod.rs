@@ -243,6 +243,7 @@ impl LockManager {
                             lease,
                             join: true,
                             attempt: wait.attempts(),
+                            named: wait.named(),
                         });
                     let retry = wait.retrying();
                     match self
@@ -334,6 +335,7 @@ impl LockManager {
                 lease,
                 join: false,
                 attempt: 1,
+                named: false,
             });
             match self.attempt(&key, &request, queue, None, false).await? {
                 Attempt::Taken(guard) => Ok(guard),

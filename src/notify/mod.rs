@@ -39,6 +39,7 @@ mod queue;
 mod task;
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -103,6 +104,8 @@ struct Slot {
     /// Fair mode on one primary: the last lease a release announced it handed to this
     /// waiter.
     handed: Mutex<Option<Handoff>>,
+    /// Fair mode: a release named this waiter since its last attempt.
+    named: AtomicBool,
 }
 
 /// A lease a fair-mode release handed to a waiter (announced `<id> <token> <fence>`): the
@@ -259,6 +262,7 @@ impl Notifier {
             wake: Notify::new(),
             id: id.map(Into::into),
             handed: Mutex::new(None),
+            named: AtomicBool::new(false),
         });
         {
             let mut state = self.inner.state();
@@ -339,6 +343,7 @@ impl Inner {
                     .lock()
                     .unwrap_or_else(|poisoned| poisoned.into_inner()) = handed;
             }
+            slot.named.store(true, Ordering::Release);
             slot.wake.notify_one();
         }
     }
@@ -486,6 +491,12 @@ impl Waiter {
     /// When the holder's lease runs out, as last reported by a waiter of this lock.
     pub(crate) fn held_until(&self) -> Option<Instant> {
         self.inner.state().queues.held_until(&self.channel)
+    }
+
+    /// Fair mode: whether a release named this waiter since this was last asked (its
+    /// next attempt is its turn, as of that release).
+    pub(crate) fn take_named(&self) -> bool {
+        self.slot.named.swap(false, Ordering::AcqRel)
     }
 
     /// Fair mode: the last lease a release announced it handed to this waiter.

@@ -164,6 +164,20 @@ where
             .into_iter()
             .map(|answer| answer.unwrap_or_else(|| Err(no_answer(limit))))
             .collect();
+        self.settle(key, token, ttl, started, answers).await
+    }
+
+    /// Counts the votes of `answers` (one per node, in node order) of an attempt started at
+    /// `started`; unless the lease is ours, releases it again wherever this attempt may have
+    /// set it.
+    async fn settle(
+        &self,
+        key: &LockKey,
+        token: &Token,
+        ttl: Ttl,
+        started: Instant,
+        answers: Vec<Result<Acquire>>,
+    ) -> Result<Acquire> {
         let elapsed = started.elapsed();
         let in_time = Instant::now() < ttl.valid_until(started);
         let decision = decide_acquire(&answers, self.quorum, in_time);
@@ -238,6 +252,9 @@ where
     ) -> Result<Acquire> {
         let started = Instant::now();
         let first = self.first_node(key);
+        if queue.named && self.nodes.len() > 1 {
+            return self.acquire_fair_named(key, token, ttl, queue).await;
+        }
         // "Held" here means queued (or refreshed) on the first node.
         let answer = bounded(
             self.node_timeout,
@@ -248,6 +265,50 @@ where
         .await;
         self.then_the_rest(key, token, ttl, started, first, answer)
             .await
+    }
+
+    /// Fair mode, for a caller a release just named as the next waiter: every node at once
+    /// (the release let the lease go on the other nodes before it named the caller on the
+    /// first node, so one round trip decides). The first node still decides whose turn it
+    /// is: if it answers "queued" (the caller is not at the head after all), the attempt
+    /// is held, and the lease is let go wherever it may have been set, even on a majority.
+    async fn acquire_fair_named(
+        &self,
+        key: &LockKey,
+        token: &Token,
+        ttl: Ttl,
+        queue: Queue<'_>,
+    ) -> Result<Acquire> {
+        let started = Instant::now();
+        let first = self.first_node(key);
+        let limit = self.node_timeout;
+        let answers = join_all(
+            (0..self.nodes.len())
+                .map(|i| async move {
+                    let store = &self.nodes[i].store;
+                    if i == first {
+                        let call = store.acquire_queued_here(key, token, ttl, false, queue);
+                        bounded(limit, call).await
+                    } else {
+                        bounded(limit, store.acquire_here(key, token, ttl, false)).await
+                    }
+                })
+                .collect(),
+        )
+        .await;
+        if let Some(Ok(Acquire::Held { pttl })) = answers.get(first) {
+            let pttl = *pttl;
+            let maybe_ours: Vec<usize> = answers
+                .iter()
+                .enumerate()
+                .filter(|(_, a)| !matches!(a, Ok(Acquire::Held { .. })))
+                .map(|(i, _)| i)
+                .collect();
+            tracing::debug!(key = %key, "named as the next waiter, but queued on the first node");
+            self.release_on(&maybe_ours, key, token, true).await;
+            return Ok(Acquire::Held { pttl });
+        }
+        self.settle(key, token, ttl, started, answers).await
     }
 
     /// Fair mode: `waiter` leaves the queue on the key's first node.

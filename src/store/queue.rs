@@ -37,6 +37,10 @@ pub(crate) struct Queue<'a> {
     /// The attempt's number within its call, increasing: a release hands the lease to one
     /// attempt's token, and an earlier attempt arriving late must not take it over.
     pub(crate) attempt: u64,
+    /// A release named the caller as the next waiter just before this attempt: over
+    /// several primaries, the attempt asks every node at once (the release let the lease
+    /// go on the others before it named the caller on the queue's node).
+    pub(crate) named: bool,
 }
 
 impl<C> RedisStore<C>

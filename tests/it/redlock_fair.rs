@@ -137,3 +137,94 @@ async fn with_the_queues_node_down_fair_locks_still_exclude_and_leave_nothing() 
         }
     }
 }
+
+/// The lease value on every node, in node order.
+async fn values(nodes: &[RedisNode], name: &str) -> Vec<Option<String>> {
+    let mut all = Vec::new();
+    for node in nodes {
+        let value: Option<String> = redis::cmd("GET")
+            .arg(lease_key(name))
+            .query_async(&mut node.conn().await)
+            .await
+            .expect("GET");
+        all.push(value);
+    }
+    all
+}
+
+/// A waiter named by a release asks every node at once; if the queue's node says it is
+/// not its turn after all (here: another owner holds the lease there, and no other node),
+/// the waiter takes nothing, not even the majority the other four nodes gave it, and
+/// leaves no lease on them. Its real turn still comes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_named_waiter_whose_turn_the_queues_node_denies_takes_nothing() {
+    let nodes = five_nodes().await;
+    let name = unique_key("redlock-fair-named");
+    let first = queue_node(&name, nodes.len());
+    let locks = redlock(&nodes).await;
+    let mut conn = nodes[first].conn().await;
+    support::set_lease(&mut conn, &name, "other-owner", 30_000).await;
+
+    let waiter = {
+        let (locks, name) = (locks.clone(), name.clone());
+        tokio::spawn(async move { locks.lock_with(&name, fair(Duration::from_secs(30))).await })
+    };
+    support::eventually(Duration::from_secs(5), "queued", || {
+        let name = name.clone();
+        let node = &nodes[first];
+        async move { queued(node, &name).await == 1 }
+    })
+    .await;
+    // Give the waiter time to subscribe (its second attempt follows the subscription).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let ids: Vec<String> = redis::cmd("ZRANGE")
+        .arg(format!("{}:q", lease_key(&name)))
+        .arg(0)
+        .arg(-1)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let id = ids[0].clone();
+    let manager = id.split('.').next().unwrap().to_owned();
+    let channel = format!("{}:released:{manager}", lease_key(&name));
+    let publish = |payload: String| {
+        let mut cmd = redis::cmd("PUBLISH");
+        cmd.arg(&channel).arg(payload);
+        cmd
+    };
+    let heard: i64 = publish(id.clone()).query_async(&mut conn).await.unwrap();
+    assert!(heard >= 1, "the waiter listens on {channel}");
+
+    // Its named attempt runs; afterwards only the other owner's lease is left anywhere.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !waiter.is_finished(),
+        "the waiter took the lock out of turn"
+    );
+    let mut expected = vec![None; nodes.len()];
+    expected[first] = Some("other-owner".to_owned());
+    assert_eq!(values(&nodes, &name).await, expected);
+    assert_eq!(queued(&nodes[first], &name).await, 1, "still queued");
+
+    // Its real turn: the other owner lets go and the waiter is named again.
+    let _: i64 = redis::cmd("DEL")
+        .arg(lease_key(&name))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let _: i64 = publish(id).query_async(&mut conn).await.unwrap();
+    let guard = tokio::time::timeout(Duration::from_secs(5), waiter)
+        .await
+        .expect("served on its turn")
+        .unwrap()
+        .expect("the lock");
+    let held = values(&nodes, &name).await;
+    assert!(held[0].is_some(), "{held:?}");
+    assert!(
+        held.iter().all(|v| *v == held[0]),
+        "one token on every node: {held:?}"
+    );
+    guard.release().await.unwrap();
+    assert_eq!(values(&nodes, &name).await, vec![None; nodes.len()]);
+    assert_eq!(queued(&nodes[first], &name).await, 0);
+}
