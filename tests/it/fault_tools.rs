@@ -129,6 +129,42 @@ async fn latency_delays_every_round_trip() {
     );
 }
 
+/// Latency is a pipe, not a queue: a request sent while an earlier one is in flight is not
+/// held behind that one's delay, as on a link between hosts. Two PINGs 10 ms apart over
+/// 400 ms each way: the second is answered about 800 ms after it was sent; a proxy that
+/// delays one chunk at a time takes about 1,200 ms (its request waits for the first one's
+/// 400 ms, and so does its reply).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn latency_delays_chunks_in_flight_together_not_one_after_another() {
+    let node = RedisNode::start().await;
+    let proxy = FaultProxy::start(node.port()).await;
+    // The client's own reply timeout is longer than any wait here.
+    let config = redis::AsyncConnectionConfig::new().set_response_timeout(None);
+    let conn = redis::Client::open(proxy.url().as_str())
+        .unwrap()
+        .get_multiplexed_async_connection_with_config(&config)
+        .await
+        .unwrap();
+    proxy.set(Fault::Latency(Duration::from_millis(400)));
+    let mut first_conn = conn.clone();
+    let first = tokio::spawn(async move { ping(&mut first_conn, Duration::from_secs(10)).await });
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let mut second_conn = conn.clone();
+    let sent = Instant::now();
+    let second = ping(&mut second_conn, Duration::from_secs(10)).await;
+    let elapsed = sent.elapsed();
+    assert_eq!(second.expect("answered").unwrap(), "PONG");
+    assert_eq!(first.await.unwrap().expect("answered").unwrap(), "PONG");
+    assert!(
+        elapsed >= Duration::from_millis(800),
+        "the second PING still waited 400 ms each way: {elapsed:?}"
+    );
+    assert!(
+        elapsed < Duration::from_millis(1_000),
+        "the second PING waited for the first one's delay: {elapsed:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reset_breaks_open_connections_and_cut_refuses_new_ones_until_restored() {
     let node = RedisNode::start().await;

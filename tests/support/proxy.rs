@@ -306,9 +306,11 @@ impl Direction {
     }
 }
 
-/// Moves bytes one way. A chunk that was read is held at the write until the fault lets
-/// this direction through, and meanwhile nothing more is read: the rest waits in the
-/// kernel's buffers, as it would behind a real partition.
+/// Moves bytes one way. A chunk that was read is held until the fault lets this direction
+/// through, and meanwhile nothing more is read: the rest waits in the kernel's buffers, as
+/// it would behind a real partition. Under [`Fault::Latency`] the link is a pipe, not a
+/// queue: each chunk is delivered that long after it was read, while the chunks behind
+/// it are already being read (a chunk does not wait for the delay of the one before).
 async fn pump(
     mut from: ReadHalf<'_>,
     mut to: WriteHalf<'_>,
@@ -316,34 +318,52 @@ async fn pump(
     control: &Control,
     generation: u64,
 ) {
-    let mut faults = control.fault.subscribe();
-    let mut buf = vec![0u8; 16 * 1024];
-    loop {
-        let n = match from.read(&mut buf).await {
-            Ok(0) | Err(_) => break,
-            Ok(n) => n,
-        };
-        let fault = match faults.wait_for(|f| direction.open_under(*f)).await {
-            Ok(fault) => *fault,
-            Err(_) => break,
-        };
-        if let Fault::Latency(delay) = fault {
-            tokio::time::sleep(delay).await;
+    // Chunks in flight under latency; a bounded pipe, so a stalled writer stops the reader.
+    let (in_flight, mut arriving) =
+        tokio::sync::mpsc::channel::<(tokio::time::Instant, Vec<u8>)>(256);
+    let read = async move {
+        let mut faults = control.fault.subscribe();
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            let n = match from.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            if faults.wait_for(|f| direction.open_under(*f)).await.is_err() {
+                break;
+            }
+            let read_at = tokio::time::Instant::now();
+            if in_flight.send((read_at, buf[..n].to_vec())).await.is_err() {
+                break;
+            }
         }
-        // A reset wins over a fault lifted right after it: bytes held for a connection
-        // that was reset are never delivered.
-        if *control.reset_generation.borrow() > generation {
-            break;
+    };
+    let write = async {
+        let mut faults = control.fault.subscribe();
+        while let Some((read_at, chunk)) = arriving.recv().await {
+            let fault = match faults.wait_for(|f| direction.open_under(*f)).await {
+                Ok(fault) => *fault,
+                Err(_) => break,
+            };
+            if let Fault::Latency(delay) = fault {
+                tokio::time::sleep_until(read_at + delay).await;
+            }
+            // A reset wins over a fault lifted right after it: bytes held for a connection
+            // that was reset are never delivered.
+            if *control.reset_generation.borrow() > generation {
+                break;
+            }
+            if to.write_all(&chunk).await.is_err() {
+                break;
+            }
+            let counter = match direction {
+                Direction::ToServer => &control.counters.bytes_to_server,
+                Direction::ToClient => &control.counters.bytes_to_client,
+            };
+            counter.fetch_add(chunk.len() as u64, Ordering::Relaxed);
         }
-        if to.write_all(&buf[..n]).await.is_err() {
-            break;
-        }
-        let counter = match direction {
-            Direction::ToServer => &control.counters.bytes_to_server,
-            Direction::ToClient => &control.counters.bytes_to_client,
-        };
-        counter.fetch_add(n as u64, Ordering::Relaxed);
-    }
-    // Pass the end of the stream on, so a closed client closes its server connection.
-    let _ = to.shutdown().await;
+        // Pass the end of the stream on, so a closed client closes its server connection.
+        let _ = to.shutdown().await;
+    };
+    tokio::join!(read, write);
 }
