@@ -16,6 +16,12 @@
 //! took some nodes and fewer than a majority of the others were held. The count comes from
 //! distlock's `split_vote` debug event. `DISTLOCK_CONTENTION_SECS` sets the seconds per row
 //! (5). Under `cargo test` it runs a short smoke version.
+//!
+//! `DISTLOCK_BENCH_LATENCY_MS=N` puts every node (the baseline's too) behind a proxy that
+//! delivers each chunk N ms late in either direction (a round trip of 2N ms and more, as
+//! between hosts): then a handoff costs what its round trips in a row cost, not the CPU
+//! that five servers and the client share on one machine. The proxies run on a runtime of
+//! their own.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -111,7 +117,38 @@ fn main() {
         );
         vec![a, b, c, d, e]
     });
-    let urls: Vec<String> = nodes.iter().map(support::RedisNode::url).collect();
+    let latency_ms: u64 = std::env::var("DISTLOCK_BENCH_LATENCY_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    // The proxies' runtime lives as long as the bench.
+    let proxy_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("proxy runtime");
+    let proxies: Vec<support::proxy::FaultProxy> = if latency_ms > 0 {
+        nodes
+            .iter()
+            .map(|node| {
+                let proxy = proxy_rt.block_on(support::proxy::FaultProxy::start(node.port()));
+                proxy.set(support::proxy::Fault::Latency(Duration::from_millis(
+                    latency_ms,
+                )));
+                proxy
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let urls: Vec<String> = if proxies.is_empty() {
+        nodes.iter().map(support::RedisNode::url).collect()
+    } else {
+        proxies
+            .iter()
+            .map(support::proxy::FaultProxy::url)
+            .collect()
+    };
     let rows = rt.block_on(async {
         let one = managers(&urls, 1, true).await;
         let eight = managers(&urls, 8, true).await;
@@ -119,13 +156,12 @@ fn main() {
         let eight_polling = managers(&urls, 8, false).await;
         let mut rows = Vec::new();
         for &tasks in counts {
-            let base = run_baseline(
-                nodes[0].conn().await,
-                &format!("bench:base:{tasks}"),
-                tasks,
-                run,
-            )
-            .await;
+            let base_conn = redis::Client::open(urls[0].as_str())
+                .expect("url")
+                .get_multiplexed_async_connection()
+                .await
+                .expect("baseline connection");
+            let base = run_baseline(base_conn, &format!("bench:base:{tasks}"), tasks, run).await;
             let mut baseline = summarize(
                 "tokio Mutex + same Redis commands, one node (baseline)",
                 tasks,
@@ -159,7 +195,7 @@ fn main() {
     });
     print_rows(
         &format!(
-            "contention on one Redlock lock: hold {HOLD:?}, {OUTSIDE:?} outside, {run:?} per row, backend {:?}",
+            "contention on one Redlock lock: hold {HOLD:?}, {OUTSIDE:?} outside, {run:?} per row, backend {:?}, added latency {latency_ms} ms each way",
             support::backend()
         ),
         Some("split votes"),
