@@ -12,9 +12,9 @@
 //! with one manager; Redlock with the tasks spread over 8 managers (as 8 processes would
 //! be), in the default mode and in fair mode; and one and 8 managers with release
 //! notifications off (waiters poll). A split vote is
-//! an acquire whose nodes answered but gave nobody a majority as far as it can tell: it
-//! took some nodes and fewer than a majority of the others were held. The count comes from
-//! distlock's `split_vote` debug event. `DISTLOCK_CONTENTION_SECS` sets the seconds per row
+//! an acquire that took some nodes, not a majority, and after which no other holder has a
+//! majority either as far as its answers tell (each node's "held" answer names its
+//! holder's token). The count comes from distlock's `split_vote` debug event. `DISTLOCK_CONTENTION_SECS` sets the seconds per row
 //! (5). Under `cargo test` it runs a short smoke version.
 //!
 //! `DISTLOCK_BENCH_LATENCY_MS=N` puts every node (the baseline's too) behind a proxy that

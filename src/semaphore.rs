@@ -233,6 +233,7 @@ pub(crate) fn grant(reply: redis::Value, fenced: bool) -> Result<Acquire> {
             pttl: u64::try_from(value)
                 .ok()
                 .map(std::time::Duration::from_millis),
+            holder: None,
         }),
         other => Err(Error::unexpected_reply(format!("acquire returned {other}"))),
     }

@@ -544,7 +544,7 @@ impl LockManager {
                     runtime,
                 )))
             }
-            Acquire::Held { pttl } => Ok(Attempt::Held { pttl, token, sent }),
+            Acquire::Held { pttl, .. } => Ok(Attempt::Held { pttl, token, sent }),
         }
     }
 }

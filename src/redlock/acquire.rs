@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use redis::aio::ConnectionLike;
 
 use super::fanout::{bounded, join_all, no_answer};
-use super::vote::{AcquireDecision, decide_acquire};
+use super::vote::{AcquireDecision, decide_acquire, split_vote};
 use super::{RedlockStore, count};
 use crate::error::{Error, NodeOutcome, QuorumError, QuorumOperation, Result};
 use crate::key::{LockKey, Token};
@@ -113,8 +113,8 @@ where
         first: usize,
         answer: Result<Acquire>,
     ) -> Result<Acquire> {
-        if let Ok(Acquire::Held { pttl }) = answer {
-            return Ok(Acquire::Held { pttl });
+        if let Ok(held @ Acquire::Held { .. }) = answer {
+            return Ok(held);
         }
         if let Err(e) = &answer {
             tracing::debug!(key = %key, error = %e, "the key's first node failed; asking every node");
@@ -206,12 +206,15 @@ where
                     // go to its first node alone for a while.
                     self.collisions().note(key.lease());
                 }
-                if took > 0 && held < self.quorum {
+                if split_vote(&answers, self.quorum) {
                     // Nobody has a majority as far as this attempt can tell.
                     tracing::debug!(split_vote = true, key = %key, took, held, "split vote");
                 }
                 tracing::debug!(key = %key, ?retry_after, "no majority: held by another owner");
-                Ok(Acquire::Held { pttl: retry_after })
+                Ok(Acquire::Held {
+                    pttl: retry_after,
+                    holder: None,
+                })
             }
             AcquireDecision::NoQuorum { validity_ran_out } => {
                 let error = QuorumError {
@@ -220,7 +223,9 @@ where
                     needed: self.quorum,
                     nodes: self.reports(answers, |a| match a {
                         Acquire::Taken { .. } => NodeOutcome::Confirmed,
-                        Acquire::Held { pttl } => NodeOutcome::HeldByOther { retry_after: pttl },
+                        Acquire::Held { pttl, .. } => {
+                            NodeOutcome::HeldByOther { retry_after: pttl }
+                        }
                     }),
                     elapsed,
                     validity_ran_out,
@@ -296,8 +301,8 @@ where
                 .collect(),
         )
         .await;
-        if let Some(Ok(Acquire::Held { pttl })) = answers.get(first) {
-            let pttl = *pttl;
+        if let Some(Ok(held @ Acquire::Held { .. })) = answers.get(first) {
+            let held = *held;
             let maybe_ours: Vec<usize> = answers
                 .iter()
                 .enumerate()
@@ -306,7 +311,7 @@ where
                 .collect();
             tracing::debug!(key = %key, "named as the next waiter, but queued on the first node");
             self.release_on(&maybe_ours, key, token, true).await;
-            return Ok(Acquire::Held { pttl });
+            return Ok(held);
         }
         self.settle(key, token, ttl, started, answers).await
     }

@@ -38,7 +38,7 @@ pub(crate) fn decide_acquire(
     let mut held: Vec<Option<Duration>> = answers
         .iter()
         .filter_map(|a| match a {
-            Ok(Acquire::Held { pttl }) => Some(*pttl),
+            Ok(Acquire::Held { pttl, .. }) => Some(*pttl),
             _ => None,
         })
         .collect();
@@ -65,6 +65,37 @@ pub(crate) fn decide_acquire(
         .copied()
         .flatten();
     AcquireDecision::Held { retry_after }
+}
+
+/// Whether an acquire that took some nodes but not a majority split the vote: no other
+/// holder has a majority either, as far as the answers tell. "Held" answers that name
+/// their holder are counted per holder; those that do not could all be one holder's, so
+/// they count for whichever holder has the most.
+pub(crate) fn split_vote(answers: &[Result<Acquire>], quorum: usize) -> bool {
+    let took = answers
+        .iter()
+        .filter(|a| matches!(a, Ok(Acquire::Taken { .. })))
+        .count();
+    if took == 0 || took >= quorum {
+        return false;
+    }
+    let mut named: Vec<(u64, usize)> = Vec::new();
+    let mut unnamed = 0;
+    for answer in answers {
+        match answer {
+            Ok(Acquire::Held {
+                holder: Some(holder),
+                ..
+            }) => match named.iter_mut().find(|(h, _)| h == holder) {
+                Some((_, n)) => *n += 1,
+                None => named.push((*holder, 1)),
+            },
+            Ok(Acquire::Held { holder: None, .. }) => unnamed += 1,
+            _ => {}
+        }
+    }
+    let most = named.iter().map(|&(_, n)| n).max().unwrap_or(0);
+    most + unnamed < quorum
 }
 
 /// Classifies the answers to a compare-and-act call (extend, release) over all N nodes.
@@ -123,6 +154,7 @@ mod tests {
     fn held(pttl: u64) -> Result<Acquire> {
         Ok(Acquire::Held {
             pttl: Some(ms(pttl)),
+            holder: None,
         })
     }
 
@@ -226,5 +258,37 @@ mod tests {
             decide_verdict(&[Ok(Done), Ok(Done), Ok(Done)], 2, false),
             NO_QUORUM
         );
+    }
+
+    fn held_by(holder: u64) -> Result<Acquire> {
+        Ok(Acquire::Held {
+            pttl: Some(ms(500)),
+            holder: Some(holder),
+        })
+    }
+
+    #[test]
+    fn a_split_vote_is_nobody_with_a_majority() {
+        // Two of five taken, the other three split between two holders: nobody has three.
+        let split = [taken(), taken(), held_by(1), held_by(1), held_by(2)];
+        assert!(split_vote(&split, 3));
+        // Two of five taken, one failed, two held by one holder: nobody has three.
+        let with_failure = [taken(), taken(), held_by(1), held_by(1), Err(err())];
+        assert!(split_vote(&with_failure, 3));
+    }
+
+    #[test]
+    fn a_race_lost_to_one_holder_is_no_split_vote() {
+        // Another holder has three of five: it holds the lock.
+        let lost = [taken(), taken(), held_by(1), held_by(1), held_by(1)];
+        assert!(!split_vote(&lost, 3));
+        // Holders not named could all be one: no split vote is claimed.
+        let unnamed = [taken(), taken(), held(1), held(1), held_by(2)];
+        assert!(!split_vote(&unnamed, 3));
+        // Nothing taken, or a majority taken: no split either way.
+        let none = [held_by(1), held_by(2), held_by(3), held_by(1), held_by(2)];
+        assert!(!split_vote(&none, 3));
+        let ours = [taken(), taken(), taken(), held_by(1), held_by(2)];
+        assert!(!split_vote(&ours, 3));
     }
 }

@@ -38,8 +38,14 @@ pub(crate) type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 pub(crate) enum Acquire {
     /// The lease is ours; `fence` is its fencing token, where the store can give one.
     Taken { fence: Option<u64> },
-    /// Another owner holds the key; `pttl` is how long its lease has left, if known.
-    Held { pttl: Option<Duration> },
+    /// Another owner holds the key; `pttl` is how long its lease has left, if known, and
+    /// `holder` a hash of the holder's token where the server's answer named it (over
+    /// several primaries, answers from different holders tell a split vote from a lost
+    /// race).
+    Held {
+        pttl: Option<Duration>,
+        holder: Option<u64>,
+    },
 }
 
 /// What one server's compare-and-act command (extend, release) found.
@@ -414,9 +420,13 @@ where
             .arg("GET");
         // A key of another type answers `WRONGTYPE`: an error, not contention.
         let held: Option<redis::Value> = self.bounded(set.query_async(&mut conn)).await?;
-        if held.is_none() {
+        let Some(held) = held else {
             return Ok(Acquire::Taken { fence: None });
-        }
+        };
+        let holder = match held {
+            redis::Value::BulkString(value) => Some(holder_hash(&value)),
+            _ => None,
+        };
         // Held by another owner: how long it has left bounds the caller's wait. Only
         // contended attempts pay for this second command.
         let pttl: i64 = self
@@ -425,6 +435,7 @@ where
         // -1: a key without expiry (set by something else than distlock); -2: gone since.
         Ok(Acquire::Held {
             pttl: u64::try_from(pttl).ok().map(Duration::from_millis),
+            holder,
         })
     }
 
@@ -451,6 +462,7 @@ where
             // PTTL is -1 for a key without expiry (set by something else than distlock).
             0 => Ok(Acquire::Held {
                 pttl: u64::try_from(value).ok().map(Duration::from_millis),
+                holder: None,
             }),
             other => Err(Error::unexpected_reply(format!("acquire returned {other}"))),
         }
@@ -517,4 +529,12 @@ where
             out
         }
     }
+}
+
+/// A hash of a holder's token (FNV-1a, 64 bit): enough to tell the holders of a lock's
+/// nodes apart in one vote, never used for anything a lease depends on.
+fn holder_hash(token: &[u8]) -> u64 {
+    token.iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    })
 }

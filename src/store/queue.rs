@@ -93,6 +93,7 @@ where
             // -1: a key without expiry (set by something else than distlock).
             [0, wait, _place] => Ok(Acquire::Held {
                 pttl: u64::try_from(wait).ok().map(Duration::from_millis),
+                holder: None,
             }),
             _ => Err(Error::unexpected_reply(format!(
                 "fair acquire returned {reply:?}"

@@ -294,6 +294,7 @@ where
                 },
                 0 => Acquire::Held {
                     pttl: u64::try_from(value).ok().map(Duration::from_millis),
+                    holder: None,
                 },
                 other => {
                     return Err(Error::unexpected_reply(format!("acquire returned {other}")));
@@ -325,6 +326,7 @@ where
                     .map_err(|e| Error::unexpected_reply(e.to_string()))?;
                 Acquire::Held {
                     pttl: u64::try_from(pttl).ok().map(Duration::from_millis),
+                    holder: None,
                 }
             };
             (outcome, acked)

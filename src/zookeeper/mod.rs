@@ -250,7 +250,10 @@ impl ZkStore {
             }),
             Some(Some(_)) => {
                 self.leave(key, token).await?;
-                Ok(Acquire::Held { pttl: None })
+                Ok(Acquire::Held {
+                    pttl: None,
+                    holder: None,
+                })
             }
             None => Err(vanished()),
         }
@@ -322,7 +325,13 @@ impl ZkStore {
             // The budget is spent: leave the queue. If the delete fails, the error keeps
             // the manager's abandoned-acquire release armed, which deletes it later.
             self.leave(key, token).await?;
-            return Ok((Acquire::Held { pttl: None }, asked));
+            return Ok((
+                Acquire::Held {
+                    pttl: None,
+                    holder: None,
+                },
+                asked,
+            ));
         }
     }
 

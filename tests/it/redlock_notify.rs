@@ -307,3 +307,64 @@ async fn a_node_that_stays_down_does_not_wake_the_waiters_again_and_again() {
     }
     assert!(released.elapsed() < Duration::from_secs(10), "handed on");
 }
+
+/// Sets `name`'s lease to `owner`'s token on `node`, as another client would.
+async fn set_owner(node: &RedisNode, name: &str, owner: &str) {
+    let _: () = redis::cmd("SET")
+        .arg(support::lease_key(name))
+        .arg(owner)
+        .arg("PX")
+        .arg(30_000)
+        .query_async(&mut node.conn().await)
+        .await
+        .unwrap();
+}
+
+/// A split vote (the `split_vote` debug event the contention bench counts) is an attempt
+/// after which nobody has a majority; the holders' tokens the nodes answer with tell it
+/// from a race lost to one holder. One thread, so the capturing subscriber sees every
+/// event.
+#[tokio::test(flavor = "current_thread")]
+async fn a_split_vote_is_told_from_a_race_lost_to_one_holder() {
+    let capture = support::logs::Capture::default();
+    let _default = tracing::subscriber::set_default(capture.clone());
+    let nodes = five_nodes().await;
+    let locks = LockManager::builder()
+        .with_node_timeout(NODE_TIMEOUT)
+        .with_notify(false)
+        .connect_redlock(nodes.iter().map(RedisNode::url))
+        .await
+        .unwrap();
+    let splits = || capture.find(tracing::Level::DEBUG, "split_vote=true").len();
+
+    // One holder on three nodes: the attempt takes two and loses to a majority.
+    let lost = unique_key("redlock-lost-race");
+    for node in &nodes[..3] {
+        set_owner(node, &lost, "holder-a").await;
+    }
+    let err = locks.try_lock(&lost).await.unwrap_err();
+    assert!(err.is_held_by_other(), "{err:?}");
+    assert_eq!(splits(), 0, "a race lost to one holder is no split vote");
+
+    // Two holders, on two nodes and on one: the attempt takes two, nobody has three.
+    let split = unique_key("redlock-split");
+    for node in &nodes[..2] {
+        set_owner(node, &split, "holder-a").await;
+    }
+    set_owner(&nodes[2], &split, "holder-b").await;
+    let err = locks.try_lock(&split).await.unwrap_err();
+    assert!(err.is_held_by_other(), "{err:?}");
+    assert_eq!(splits(), 1, "nobody has a majority: a split vote");
+
+    // The attempts left nothing of theirs: the two free nodes are free again.
+    for name in [&lost, &split] {
+        for node in &nodes[3..] {
+            let value: Option<String> = redis::cmd("GET")
+                .arg(support::lease_key(name))
+                .query_async(&mut node.conn().await)
+                .await
+                .unwrap();
+            assert_eq!(value, None, "{name}");
+        }
+    }
+}
