@@ -90,11 +90,15 @@ where
                 .failed_at(first)
                 .is_some_and(|at| at.elapsed() < SKIP_FAILED);
         if skip {
-            return self.acquire_on(key, token, ttl, started, Vec::new()).await;
+            return self
+                .acquire_on(key, token, ttl, started, Vec::new(), true)
+                .await;
         }
         let answer = bounded(
             self.node_timeout,
-            self.nodes[first].store.acquire_here(key, token, ttl, false),
+            self.nodes[first]
+                .store
+                .acquire_here_contended(key, token, ttl),
         )
         .await;
         self.then_the_rest(key, token, ttl, started, first, answer)
@@ -122,12 +126,14 @@ where
         }
         let mut known: Vec<Option<Result<Acquire>>> = self.nodes.iter().map(|_| None).collect();
         known[first] = Some(answer);
-        self.acquire_on(key, token, ttl, started, known).await
+        self.acquire_on(key, token, ttl, started, known, true).await
     }
 
     /// Asks every node whose answer is not `known` (all of them if `known` is empty) at
-    /// once, and counts the votes from `started`. Unless the lease is ours, releases it again wherever this attempt
-    /// may have set it.
+    /// once, and counts the votes from `started`. A `contended` attempt sends each node's
+    /// `PTTL` with its `SET` (see
+    /// [`acquire_here_contended`](crate::store::RedisStore::acquire_here_contended)).
+    /// Unless the lease is ours, releases it again wherever this attempt may have set it.
     pub(super) async fn acquire_on(
         &self,
         key: &LockKey,
@@ -135,6 +141,7 @@ where
         ttl: Ttl,
         started: Instant,
         known: Vec<Option<Result<Acquire>>>,
+        contended: bool,
     ) -> Result<Acquire> {
         let limit = self.node_timeout;
         let mut known = known;
@@ -148,11 +155,13 @@ where
         // losing its majority.
         let asked = join_all(
             ask.iter()
-                .map(|&i| {
-                    bounded(
-                        limit,
-                        self.nodes[i].store.acquire_here(key, token, ttl, false),
-                    )
+                .map(|&i| async move {
+                    let store = &self.nodes[i].store;
+                    if contended {
+                        bounded(limit, store.acquire_here_contended(key, token, ttl)).await
+                    } else {
+                        bounded(limit, store.acquire_here(key, token, ttl, false)).await
+                    }
                 })
                 .collect(),
         )
@@ -295,7 +304,7 @@ where
                         let call = store.acquire_queued_here(key, token, ttl, false, queue);
                         bounded(limit, call).await
                     } else {
-                        bounded(limit, store.acquire_here(key, token, ttl, false)).await
+                        bounded(limit, store.acquire_here_contended(key, token, ttl)).await
                     }
                 })
                 .collect(),

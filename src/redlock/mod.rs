@@ -351,7 +351,7 @@ where
         ttl: Ttl,
         _fenced: bool,
     ) -> BoxFuture<'a, Result<Acquire>> {
-        Box::pin(self.acquire_on(key, token, ttl, Instant::now(), Vec::new()))
+        Box::pin(self.acquire_on(key, token, ttl, Instant::now(), Vec::new(), false))
     }
 
     fn acquire_contended<'a>(

@@ -423,19 +423,43 @@ where
         let Some(held) = held else {
             return Ok(Acquire::Taken { fence: None });
         };
-        let holder = match held {
-            redis::Value::BulkString(value) => Some(holder_hash(&value)),
-            _ => None,
-        };
         // Held by another owner: how long it has left bounds the caller's wait. Only
         // contended attempts pay for this second command.
         let pttl: i64 = self
             .bounded(redis::cmd("PTTL").arg(key.lease()).query_async(&mut conn))
             .await?;
         // -1: a key without expiry (set by something else than distlock); -2: gone since.
-        Ok(Acquire::Held {
-            pttl: u64::try_from(pttl).ok().map(Duration::from_millis),
-            holder,
+        Ok(held_by(&held, pttl))
+    }
+
+    /// [`acquire_here`](Self::acquire_here) for a contended attempt over several
+    /// primaries: the `PTTL` a "held" answer needs goes with the `SET`, in one round trip
+    /// (one command more, also when the `SET` takes the key). A node that another
+    /// contender holds then costs no second round trip, which the whole vote, the
+    /// winner's included, would wait for.
+    pub(crate) async fn acquire_here_contended(
+        &self,
+        key: &LockKey,
+        token: &Token,
+        ttl: Ttl,
+    ) -> Result<Acquire> {
+        let mut conn = self.conn.clone();
+        let mut pipe = redis::pipe();
+        pipe.cmd("SET")
+            .arg(key.lease())
+            .arg(token.as_bytes())
+            .arg("NX")
+            .arg("PX")
+            .arg(ttl.as_millis())
+            .arg("GET")
+            .cmd("PTTL")
+            .arg(key.lease());
+        // A key of another type answers `WRONGTYPE`: an error, not contention.
+        let (held, pttl): (Option<redis::Value>, i64) =
+            self.bounded(pipe.query_async(&mut conn)).await?;
+        Ok(match held {
+            None => Acquire::Taken { fence: None },
+            Some(held) => held_by(&held, pttl),
         })
     }
 
@@ -528,6 +552,18 @@ where
             }
             out
         }
+    }
+}
+
+/// "Held": the holder's token as the `SET ... GET` answered it, and the `PTTL` of its
+/// lease (-1: a key without expiry, set by something else than distlock; -2: gone since).
+fn held_by(held: &redis::Value, pttl: i64) -> Acquire {
+    Acquire::Held {
+        pttl: u64::try_from(pttl).ok().map(Duration::from_millis),
+        holder: match held {
+            redis::Value::BulkString(value) => Some(holder_hash(value)),
+            _ => None,
+        },
     }
 }
 

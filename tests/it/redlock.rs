@@ -795,3 +795,63 @@ async fn connect_needs_a_majority_of_distinct_nodes() {
         other => panic!("expected an invalid argument, got {other:?}"),
     }
 }
+
+/// A contended attempt (one that follows an attempt that found the lock held) asks each
+/// node's `PTTL` with its `SET`: a node another owner holds costs no second round trip,
+/// which the whole vote, the winner's included, would wait for. Observed through the
+/// guard's validity, which counts from the winning attempt's start: with 250 ms each way
+/// to every node, a winning attempt of one round trip leaves about TTL − 0.5 s, one that
+/// waits for a second round trip on the held nodes at most TTL − 1 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_contended_attempt_learns_a_held_nodes_ttl_in_the_same_round_trip() {
+    const TTL: Duration = Duration::from_secs(3);
+    const EACH_WAY: Duration = Duration::from_millis(250);
+    let nodes = five_nodes().await;
+    let mut proxies = Vec::new();
+    for node in &nodes {
+        proxies.push(FaultProxy::start(node.port()).await);
+    }
+    let locks = LockManager::builder()
+        .with_node_timeout(Duration::from_secs(3))
+        .with_command_timeout(Duration::from_secs(3))
+        .with_notify(false)
+        .connect_redlock(proxies.iter().map(FaultProxy::url))
+        .await
+        .unwrap();
+    warm_up(&locks, &nodes).await;
+    let name = unique_key("contended-pttl");
+    // Another owner: for good on two nodes, for 600 ms on the other three, so the first
+    // attempt finds the lock held and the next one (contended) takes three nodes.
+    for (i, node) in nodes.iter().enumerate() {
+        let px = if i < 2 { 30_000 } else { 600 };
+        support::set_lease(&mut node.conn().await, &name, "another-owner", px).await;
+    }
+    for proxy in &proxies {
+        proxy.set(Fault::Latency(EACH_WAY));
+    }
+    let options = LockOptions::new()
+        .with_ttl(TTL)
+        .with_wait(Duration::from_secs(20))
+        .with_backoff(
+            distlock::Backoff::new()
+                .with_base(Duration::from_millis(50))
+                .with_cap(Duration::from_millis(50))
+                .with_jitter(false),
+        );
+    let guard = locks.lock_with(&name, options).await.unwrap();
+    let left = guard
+        .valid_until()
+        .saturating_duration_since(Instant::now());
+    for proxy in &proxies {
+        proxy.set(Fault::Pass);
+    }
+    assert!(
+        left > TTL - Duration::from_millis(800),
+        "the winning attempt took two round trips: {left:?} of {TTL:?} left"
+    );
+    guard.release().await.unwrap();
+    let mut expected = vec![None; nodes.len()];
+    expected[0] = Some("another-owner".to_owned());
+    expected[1] = Some("another-owner".to_owned());
+    assert_eq!(tokens_on(&nodes, &name).await, expected);
+}
