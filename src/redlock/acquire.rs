@@ -7,8 +7,8 @@
 //! got there in between), a caller that retries after finding the lock held asks the key's
 //! *first node* (chosen by the key, so every contender picks the same one) alone first,
 //! for [`COLLISION_MEMORY`]: one contender wins there, the others learn "held" for the
-//! price of one command and touch no other node. Only the winner asks the remaining nodes,
-//! and needs a majority as always: the order is an optimisation of who tries, never a
+//! price of one round trip to one node and touch no other. Only the winner asks the
+//! remaining nodes, and needs a majority as always: the order is an optimisation of who tries, never a
 //! change of what makes a lease ours. Without a recent collision (one waiter woken per
 //! release) the extra round trip is not paid. A first node that fails is skipped (every
 //! node asked at once) for [`SKIP_FAILED`].
