@@ -68,6 +68,32 @@ where
         usize::try_from(hash).unwrap_or(0) % self.nodes.len().max(1)
     }
 
+    /// One node's part of an attempt, bounded by the node timeout: the fair acquire where
+    /// `queue` is given (the key's first node in fair mode), else the card's `SET`, with
+    /// its `PTTL` in the same round trip for a `contended` attempt.
+    async fn ask_node(
+        &self,
+        i: usize,
+        key: &LockKey,
+        token: &Token,
+        ttl: Ttl,
+        contended: bool,
+        queue: Option<Queue<'_>>,
+    ) -> Result<Acquire> {
+        let store = &self.nodes[i].store;
+        let limit = self.node_timeout;
+        match queue {
+            Some(queue) => {
+                let call = store.acquire_queued_here(key, token, ttl, false, queue);
+                bounded(limit, call).await
+            }
+            None if contended => {
+                bounded(limit, store.acquire_here_contended(key, token, ttl)).await
+            }
+            None => bounded(limit, store.acquire_here(key, token, ttl, false)).await,
+        }
+    }
+
     /// The keys whose acquires collided lately.
     fn collisions(&self) -> std::sync::MutexGuard<'_, Collisions> {
         self.collisions.lock().unwrap_or_else(|p| p.into_inner())
@@ -94,13 +120,7 @@ where
                 .acquire_on(key, token, ttl, started, Vec::new(), true)
                 .await;
         }
-        let answer = bounded(
-            self.node_timeout,
-            self.nodes[first]
-                .store
-                .acquire_here_contended(key, token, ttl),
-        )
-        .await;
+        let answer = self.ask_node(first, key, token, ttl, true, None).await;
         self.then_the_rest(key, token, ttl, started, first, answer)
             .await
     }
@@ -143,7 +163,6 @@ where
         known: Vec<Option<Result<Acquire>>>,
         contended: bool,
     ) -> Result<Acquire> {
-        let limit = self.node_timeout;
         let mut known = known;
         known.resize_with(self.nodes.len(), || None);
         // The nodes to ask now, and their index among all nodes.
@@ -155,14 +174,7 @@ where
         // losing its majority.
         let asked = join_all(
             ask.iter()
-                .map(|&i| async move {
-                    let store = &self.nodes[i].store;
-                    if contended {
-                        bounded(limit, store.acquire_here_contended(key, token, ttl)).await
-                    } else {
-                        bounded(limit, store.acquire_here(key, token, ttl, false)).await
-                    }
-                })
+                .map(|&i| self.ask_node(i, key, token, ttl, contended, None))
                 .collect(),
         )
         .await;
@@ -171,7 +183,7 @@ where
         }
         let answers: Vec<Result<Acquire>> = known
             .into_iter()
-            .map(|answer| answer.unwrap_or_else(|| Err(no_answer(limit))))
+            .map(|answer| answer.unwrap_or_else(|| Err(no_answer(self.node_timeout))))
             .collect();
         self.settle(key, token, ttl, started, answers).await
     }
@@ -196,12 +208,7 @@ where
         // that answered "held" provably has no key of ours. If this future is dropped
         // during the cleanup, the manager's abandoned-acquire release (on all nodes)
         // covers it.
-        let maybe_ours: Vec<usize> = answers
-            .iter()
-            .enumerate()
-            .filter(|(_, a)| !matches!(a, Ok(Acquire::Held { .. })))
-            .map(|(i, _)| i)
-            .collect();
+        let maybe_ours = maybe_ours(&answers);
         // Waiters hear of the cleanup only if it may free the lock: not when another owner
         // provably holds a majority, which a cleanup does not change.
         let held = count(&answers, |a| matches!(a, Acquire::Held { .. }));
@@ -270,13 +277,9 @@ where
             return self.acquire_fair_named(key, token, ttl, queue).await;
         }
         // "Held" here means queued (or refreshed) on the first node.
-        let answer = bounded(
-            self.node_timeout,
-            self.nodes[first]
-                .store
-                .acquire_queued_here(key, token, ttl, false, queue),
-        )
-        .await;
+        let answer = self
+            .ask_node(first, key, token, ttl, false, Some(queue))
+            .await;
         self.then_the_rest(key, token, ttl, started, first, answer)
             .await
     }
@@ -295,31 +298,17 @@ where
     ) -> Result<Acquire> {
         let started = Instant::now();
         let first = self.first_node(key);
-        let limit = self.node_timeout;
         let answers = join_all(
             (0..self.nodes.len())
-                .map(|i| async move {
-                    let store = &self.nodes[i].store;
-                    if i == first {
-                        let call = store.acquire_queued_here(key, token, ttl, false, queue);
-                        bounded(limit, call).await
-                    } else {
-                        bounded(limit, store.acquire_here_contended(key, token, ttl)).await
-                    }
-                })
+                .map(|i| self.ask_node(i, key, token, ttl, true, (i == first).then_some(queue)))
                 .collect(),
         )
         .await;
         if let Some(Ok(held @ Acquire::Held { .. })) = answers.get(first) {
             let held = *held;
-            let maybe_ours: Vec<usize> = answers
-                .iter()
-                .enumerate()
-                .filter(|(_, a)| !matches!(a, Ok(Acquire::Held { .. })))
-                .map(|(i, _)| i)
-                .collect();
             tracing::debug!(key = %key, "named as the next waiter, but queued on the first node");
-            self.release_on(&maybe_ours, key, token, true).await;
+            self.release_on(&maybe_ours(&answers), key, token, true)
+                .await;
             return Ok(held);
         }
         self.settle(key, token, ttl, started, answers).await
@@ -339,4 +328,15 @@ where
     pub(super) fn queue_node(&self, key: &LockKey) -> usize {
         self.first_node(key)
     }
+}
+
+/// The nodes where an attempt may have set its token: every node but those that answered
+/// "held" (which provably have no key of ours).
+fn maybe_ours(answers: &[Result<Acquire>]) -> Vec<usize> {
+    answers
+        .iter()
+        .enumerate()
+        .filter(|(_, a)| !matches!(a, Ok(Acquire::Held { .. })))
+        .map(|(i, _)| i)
+        .collect()
 }

@@ -31,13 +31,7 @@ where
             // future (moved on each call) that large.
             return Box::pin(self.acquire_fenced(key, token, ttl, &mut conn)).await;
         }
-        let mut set = redis::cmd("SET");
-        set.arg(key.lease())
-            .arg(token.as_bytes())
-            .arg("NX")
-            .arg("PX")
-            .arg(ttl.as_millis())
-            .arg("GET");
+        let set = set_if_free(key, token, ttl);
         // A key of another type answers `WRONGTYPE`: an error, not contention.
         let held: Option<redis::Value> = self.bounded(set.query_async(&mut conn)).await?;
         let Some(held) = held else {
@@ -65,13 +59,7 @@ where
     ) -> Result<Acquire> {
         let mut conn = self.conn.clone();
         let mut pipe = redis::pipe();
-        pipe.cmd("SET")
-            .arg(key.lease())
-            .arg(token.as_bytes())
-            .arg("NX")
-            .arg("PX")
-            .arg(ttl.as_millis())
-            .arg("GET")
+        pipe.add_command(set_if_free(key, token, ttl))
             .cmd("PTTL")
             .arg(key.lease());
         // A key of another type answers `WRONGTYPE`: an error, not contention.
@@ -113,9 +101,22 @@ where
     }
 }
 
+/// The card's acquire: `SET key token NX PX ttl GET` (with `GET`, one reply tells
+/// "ours", "another holder's" and "not a lease").
+pub(super) fn set_if_free(key: &LockKey, token: &Token, ttl: Ttl) -> redis::Cmd {
+    let mut set = redis::cmd("SET");
+    set.arg(key.lease())
+        .arg(token.as_bytes())
+        .arg("NX")
+        .arg("PX")
+        .arg(ttl.as_millis())
+        .arg("GET");
+    set
+}
+
 /// "Held": the holder's token as the `SET ... GET` answered it, and the `PTTL` of its
 /// lease (-1: a key without expiry, set by something else than distlock; -2: gone since).
-fn held_by(held: &redis::Value, pttl: i64) -> Acquire {
+pub(super) fn held_by(held: &redis::Value, pttl: i64) -> Acquire {
     Acquire::Held {
         pttl: u64::try_from(pttl).ok().map(Duration::from_millis),
         holder: match held {

@@ -302,13 +302,7 @@ where
             };
             (outcome, acked)
         } else {
-            let mut set = redis::cmd("SET");
-            set.arg(key.lease())
-                .arg(token.as_bytes())
-                .arg("NX")
-                .arg("PX")
-                .arg(ttl.as_millis())
-                .arg("GET");
+            let set = super::acquire::set_if_free(key, token, ttl);
             let mut pttl = redis::cmd("PTTL");
             pttl.arg(key.lease());
             // PTTL rides along: a contended attempt needs no second round trip.
@@ -324,10 +318,7 @@ where
             } else {
                 let pttl: i64 = redis::from_redis_value(pttl)
                     .map_err(|e| Error::unexpected_reply(e.to_string()))?;
-                Acquire::Held {
-                    pttl: u64::try_from(pttl).ok().map(Duration::from_millis),
-                    holder: None,
-                }
+                super::acquire::held_by(&held, pttl)
             };
             (outcome, acked)
         };
