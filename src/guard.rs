@@ -2,7 +2,7 @@
 
 use std::fmt;
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use tokio::runtime::Handle;
@@ -10,11 +10,13 @@ use tracing::Instrument;
 
 use crate::auto_extend::AutoExtension;
 use crate::error::{Error, LostReason, Result};
-use crate::key::{LockKey, Token};
+
 use crate::lease::{Lease, LeaseHandle, PendingExtend};
 use crate::metrics::Meter;
+use crate::notify::Notifier;
+use crate::notify::pass_on;
 use crate::options::Ttl;
-use crate::store::{LeaseStore, Verdict};
+use crate::store::{LeaseStore, Verdict, release_in_background, release_retrying};
 
 /// A held lease on one lock. Created by [`LockManager::lock`](crate::LockManager::lock) and
 /// friends.
@@ -43,6 +45,11 @@ pub struct LockGuard {
     finished: bool,
     /// Metrics of this lease (a no-op without the `metrics` feature).
     meter: Meter,
+    /// The notifications of the manager whose next waiter this lease may be passed to
+    /// (see [`crate::notify::pass`]), if its store passes leases.
+    passer: Option<Weak<Notifier>>,
+    /// How many times in a row the lease had been passed when this guard took it up.
+    streak: u32,
 }
 
 impl LockGuard {
@@ -60,7 +67,22 @@ impl LockGuard {
             extension,
             finished: false,
             meter,
+            passer: None,
+            streak: 0,
         }
+    }
+
+    /// Ends the lease by passing it to the next waiter of the manager behind `notifier`
+    /// where it can (see [`crate::notify::pass`]).
+    pub(crate) fn passing(mut self, notifier: Weak<Notifier>) -> Self {
+        self.passer = Some(notifier);
+        self
+    }
+
+    /// The lease was passed `streak` times in a row when this guard took it up.
+    pub(crate) fn passed_times(mut self, streak: u32) -> Self {
+        self.streak = streak;
+        self
     }
 
     fn lease(&self) -> &Lease {
@@ -272,12 +294,16 @@ impl LockGuard {
             token = lease.token.short()
         );
         async {
-            let verdict = self
-                .store
-                .release(&lease.key, &lease.token)
-                .await
-                // On a Redis error `finished` stays false: Drop tries once more.
-                .inspect_err(|e| tracing::warn!(error = %e, "release failed"))?;
+            let passed = match &self.passer {
+                Some(notifier) => pass_on(notifier, &self.store, &lease, self.streak).await,
+                None => None,
+            };
+            let verdict = match passed {
+                Some(outcome) => outcome,
+                None => self.store.release(&lease.key, &lease.token).await,
+            }
+            // On a Redis error `finished` stays false: Drop tries once more.
+            .inspect_err(|e| tracing::warn!(error = %e, "release failed"))?;
             self.finished = true;
             self.judge(verdict, || {
                 lease.mark_lost(LostReason::Released);
@@ -380,71 +406,24 @@ impl Drop for LockGuard {
             return;
         };
         let ttl = lease.state().ttl.as_duration();
-        release_in_background(
-            &runtime,
-            Arc::clone(&self.store),
-            lease.key.clone(),
-            lease.token,
-            ttl,
-        );
-    }
-}
-
-/// The first pause between two tries of a background release; doubled per failure.
-const RELEASE_RETRY_MIN: Duration = Duration::from_millis(50);
-/// The longest pause between two tries of a background release.
-const RELEASE_RETRY_MAX: Duration = Duration::from_secs(1);
-/// The longest a background release keeps trying, whatever the lease's TTL.
-const RELEASE_RETRY_FOR: Duration = Duration::from_secs(300);
-
-/// Hands a compare-and-delete of (`key`, `token`) to `runtime` and returns at once: the one
-/// way a lease is released in the background (a dropped guard, a release that failed, an
-/// abandoned acquire).
-///
-/// A release that cannot reach the server is tried again, with a growing pause, until the
-/// server answers: a command of this lease held up by a paused server or a slow link may
-/// still run after the first try, and a lease nobody releases would block the lock for its
-/// whole TTL. The tries stop once `ttl` (at most [`RELEASE_RETRY_FOR`]) has passed: the
-/// lease cannot outlive that unless a command of it runs later still; or on an error the
-/// server answered. The compare-and-delete never touches another owner's lease.
-///
-/// `Handle::spawn` neither blocks nor panics; on a runtime that has shut down the task is
-/// dropped unrun and the TTL ends the lease.
-pub(crate) fn release_in_background(
-    runtime: &Handle,
-    store: Arc<dyn LeaseStore>,
-    key: LockKey,
-    token: Token,
-    ttl: Duration,
-) {
-    let span =
-        tracing::debug_span!("distlock.background_release", key = %key, token = token.short());
-    runtime.spawn(
-        async move {
-            let mut pause = RELEASE_RETRY_MIN;
-            let give_up = Instant::now() + ttl.min(RELEASE_RETRY_FOR);
-            loop {
-                match store.release_in_background(&key, &token).await {
-                    Ok(Verdict::Done) => return tracing::debug!("released in the background"),
-                    Ok(other) => return tracing::debug!(?other, "nothing to release"),
-                    Err(e) if retryable(&e) && Instant::now() < give_up => {
-                        tracing::debug!(error = %e, ?pause, "background release failed; retrying");
+        let store = Arc::clone(&self.store);
+        match self.passer.take() {
+            Some(notifier) => {
+                let streak = self.streak;
+                let span = tracing::debug_span!("distlock.background_release", key = %lease.key, token = lease.token.short());
+                runtime.spawn(
+                    async move {
+                        match pass_on(&notifier, &store, &lease, streak).await {
+                            Some(Ok(_)) => tracing::debug!("released in the background"),
+                            _ => release_retrying(store, lease.key.clone(), lease.token, ttl).await,
+                        }
                     }
-                    Err(e) => {
-                        return tracing::warn!(error = %e, "background release failed; the TTL will end the lease");
-                    }
-                }
-                tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(RELEASE_RETRY_MAX);
+                    .instrument(span),
+                );
             }
+            None => release_in_background(&runtime, store, lease.key.clone(), lease.token, ttl),
         }
-        .instrument(span),
-    );
-}
-
-/// Errors after which a background release is worth another try.
-fn retryable(e: &Error) -> bool {
-    e.is_transient() || e.is_quorum()
+    }
 }
 
 impl fmt::Debug for LockGuard {

@@ -30,7 +30,9 @@ use std::time::{Duration, Instant};
 use crate::backoff::Delays;
 use crate::error::Error;
 use crate::key::LockKey;
+use crate::notify::PassedLease;
 use crate::notify::{Handoff, Notifier, Waiter};
+use crate::options::Ttl;
 
 /// Waiting past a holder's reported remaining TTL by this much finds the key expired.
 const EXPIRY_SLACK: Duration = Duration::from_millis(1);
@@ -77,6 +79,9 @@ pub(crate) struct Wait<'a> {
     held_for: Option<Duration>,
     /// The last attempt failed on the connection (not on a holder).
     failure: Option<Error>,
+    /// The TTL this call takes a lease passed by a holder of its manager for, if it takes
+    /// one (see [`crate::notify::pass`]).
+    passes: Option<Ttl>,
 }
 
 impl<'a> Wait<'a> {
@@ -109,6 +114,7 @@ impl<'a> Wait<'a> {
             attempted_at: started,
             held_for: None,
             failure: None,
+            passes: None,
         };
         if let Some(notifier) = notifier
             && queue.is_none()
@@ -118,6 +124,19 @@ impl<'a> Wait<'a> {
             wait.queued_behind = wait.waiter.is_some();
         }
         wait
+    }
+
+    /// Takes a lease a holder of this manager passes on (see [`crate::notify::pass`]), for `ttl`.
+    pub(crate) fn take_passes(&mut self, ttl: Ttl) {
+        self.passes = Some(ttl);
+        if let Some(waiter) = &self.waiter {
+            waiter.offer(ttl);
+        }
+    }
+
+    /// A lease a holder of this manager passed to this call, if any.
+    pub(crate) fn passed(&self) -> Option<PassedLease> {
+        self.waiter.as_ref()?.take_passed()
     }
 
     /// Whether to attempt now; if so, the attempt is counted.
@@ -213,6 +232,9 @@ impl<'a> Wait<'a> {
         {
             // Subscribe, then try again at once. The subscription is waited for no longer
             // than the poll would be; until it is confirmed, this waiter polls.
+            if let Some(ttl) = self.passes {
+                registered.offer(ttl);
+            }
             let confirmed = registered.until_listening(poll).await;
             self.waiter = Some(registered);
             if confirmed {

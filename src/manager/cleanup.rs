@@ -7,11 +7,11 @@ use std::sync::Arc;
 use tokio::runtime::Handle;
 use tracing::Instrument;
 
-use crate::guard::release_in_background;
 use crate::key::{LockKey, Token};
 use crate::notify::Notifier;
 use crate::options::Ttl;
 use crate::store::LeaseStore;
+use crate::store::release_in_background;
 
 /// Cleans up after an acquire whose outcome is unknown: dropped mid-flight, or failed
 /// after the command may have reached the server. The compare-and-delete only removes a

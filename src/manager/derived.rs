@@ -18,7 +18,7 @@ impl LockManager {
             return Ok(key);
         }
         if !self.shared.store.queues() {
-            return Err(super::no_queue());
+            return Err(crate::store::no_queue());
         }
         Ok(key.queued())
     }

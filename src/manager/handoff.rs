@@ -1,5 +1,6 @@
-//! Guards of acquired leases, and (fair mode on one primary) taking up a lease the previous
-//! holder's release handed over.
+//! Guards of acquired leases, and taking up a lease the previous holder handed over: its
+//! release (fair mode on one primary), or a holder of this manager passing it on (a lock
+//! over several primaries).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -59,6 +60,40 @@ impl LockManager {
         Some(guard)
     }
 
+    /// The guard of a lease a holder of this manager passed to this call, if one did (see
+    /// [`crate::notify::pass`]) and its validity has not run out (then it is released in the
+    /// background, and the call attempts on its own).
+    pub(super) fn take_passed(
+        &self,
+        key: &LockKey,
+        request: &Checked,
+        wait: &Wait<'_>,
+    ) -> Option<LockGuard> {
+        let passed = wait.passed()?.take_up(Instant::now())?;
+        tracing::debug!(
+            token = passed.token.short(),
+            streak = passed.streak,
+            "passed the lease by its holder"
+        );
+        let lease = Lease::new(
+            key.clone(),
+            passed.token,
+            None,
+            passed.ttl,
+            passed.sent,
+            passed.replied,
+        );
+        let runtime = Handle::try_current().ok();
+        let guard = self.guard_for(
+            lease,
+            passed.sent,
+            request.auto_extend,
+            request.max_hold,
+            runtime,
+        );
+        Some(guard.passed_times(passed.streak))
+    }
+
     /// The guard of `lease`, taken by an attempt sent at `sent`; with `auto_extend` (and a
     /// runtime to run in) registered for auto-extension, up to `max_hold`.
     pub(super) fn guard_for(
@@ -81,12 +116,16 @@ impl LockManager {
             )),
             _ => None,
         };
-        LockGuard::new(
+        let guard = LockGuard::new(
             lease,
             Arc::clone(&self.shared.store),
             runtime,
             extension,
             meter,
-        )
+        );
+        match &self.shared.notifier {
+            Some(notifier) if self.shared.store.passes() => guard.passing(Arc::downgrade(notifier)),
+            _ => guard,
+        }
     }
 }

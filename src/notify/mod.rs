@@ -35,6 +35,7 @@
 //! least one node it listens to, so one failed node cannot silence a release.
 
 mod link;
+pub(crate) mod pass;
 mod queue;
 mod task;
 
@@ -46,6 +47,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 
 pub(crate) use link::Source;
+pub(crate) use pass::{PassedLease, pass_on};
 use queue::Queues;
 
 /// The pub/sub side of one manager. Dropping it closes the subscription connection and
@@ -106,6 +108,8 @@ struct Slot {
     handed: Mutex<Option<Handoff>>,
     /// Fair mode: a release named this waiter since its last attempt.
     named: AtomicBool,
+    /// What it offers and receives when a holder of this manager passes it the lease.
+    passing: pass::PassingLock,
 }
 
 /// A lease a fair-mode release handed to a waiter (announced `<id> <token> <fence>`): the
@@ -263,6 +267,7 @@ impl Notifier {
             id: id.map(Into::into),
             handed: Mutex::new(None),
             named: AtomicBool::new(false),
+            passing: Default::default(),
         });
         {
             let mut state = self.inner.state();

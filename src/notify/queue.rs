@@ -57,6 +57,15 @@ impl<T: Clone> Queues<T> {
         Some(slot)
     }
 
+    /// Hands a notification to the first waiter in line if it matches `is`.
+    pub(super) fn wake_first_if(&mut self, channel: &[u8], is: impl Fn(&T) -> bool) -> Option<T> {
+        let queue = self.channels.get_mut(channel)?;
+        if !queue.waiting.front().is_some_and(is) {
+            return None;
+        }
+        self.wake_one(channel)
+    }
+
     /// Hands a notification to the first waiter in line unless a waiter of `channel` holds
     /// one it has not yet acted on: an announcement several servers repeat (a release on
     /// several primaries) wakes one waiter, and a repeat that arrives after that waiter

@@ -32,6 +32,11 @@
 //!   (`connect_cluster`) the scripts announce with `SPUBLISH` instead (sharded pub/sub: the
 //!   channel shares the lock's hash tag, so only the lock's shard carries the message).
 //! - **Extend**: [`EXTEND`], key lease, arguments token and TTL in ms; compare-and-`PEXPIRE`.
+//! - **Pass** (a lock over several primaries, from a holder to the next waiter of the same
+//!   manager): [`PASS`], key lease, arguments the holder's token, the waiter's fresh token
+//!   and its TTL in ms; compare-and-`SET`, so the lease goes from one token to the other
+//!   without the key ever being free, in one round trip instead of a release and an
+//!   acquire.
 //! - **Extend many** (auto-extension): [`EXTEND_MANY`], keys the leases, arguments token and
 //!   TTL in ms per lease.
 //! - **Fair mode** (`LockOptions::with_fair`): acquire with [`ACQUIRE_FAIR`] (queues the
@@ -178,6 +183,22 @@ end
 return 0
 "#;
 
+/// Hand the lease to another token, only if it still holds ours: the holder's release
+/// when the next waiter of its manager takes the lease over.
+///
+/// `KEYS[1]` lease key. `ARGV[1]` the holder's token, `ARGV[2]` the next holder's token,
+/// `ARGV[3]` its TTL in ms. Nothing is announced: the lock is never free.
+pub const PASS: &str = r#"
+local v = redis.call('GET', KEYS[1])
+if v == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+  return 1
+elseif v then
+  return -1
+end
+return 0
+"#;
+
 /// [`EXTEND`] for many leases in one call: the auto-extension task's batch.
 ///
 /// `KEYS[i]` lease key i. `ARGV[2i-1]` token i, `ARGV[2i]` new TTL in ms for lease i.
@@ -268,6 +289,8 @@ pub(crate) mod script {
     pub(crate) static RELEASE: LazyLock<Script> = LazyLock::new(|| Script::new(super::RELEASE));
     /// [`super::EXTEND`].
     pub(crate) static EXTEND: LazyLock<Script> = LazyLock::new(|| Script::new(super::EXTEND));
+    /// [`super::PASS`].
+    pub(crate) static PASS: LazyLock<Script> = LazyLock::new(|| Script::new(super::PASS));
     /// [`super::EXTEND_MANY`].
     pub(crate) static EXTEND_MANY: LazyLock<Script> =
         LazyLock::new(|| Script::new(super::EXTEND_MANY));

@@ -20,6 +20,7 @@
 
 mod acquire;
 mod fanout;
+mod pass;
 mod vote;
 
 use std::future::Future;
@@ -34,8 +35,8 @@ use crate::error::{
 use crate::key::{LockKey, Token};
 use crate::options::Ttl;
 use crate::store::{
-    Acquire, BoxFuture, Extension, LeaseStore, NodeAnswer, Queue, RENEWALS_PER_CALL, RedisStore,
-    Verdict,
+    Acquire, BoxFuture, Extension, LeaseStore, NodeAnswer, Passed, Queue, RENEWALS_PER_CALL,
+    RedisStore, Verdict,
 };
 
 use fanout::no_answer;
@@ -230,7 +231,16 @@ where
             )
             .await
         };
-        let elapsed = started.elapsed();
+        self.release_verdict(key, answers, started.elapsed())
+    }
+
+    /// What the release answers of every node come to: a verdict, or a quorum error.
+    fn release_verdict(
+        &self,
+        key: &LockKey,
+        answers: Vec<Result<NodeAnswer>>,
+        elapsed: Duration,
+    ) -> Result<Verdict> {
         match decide_verdict(&answers, self.quorum, true) {
             Verdict::Lost(LostReason::NoQuorum) => {
                 let error = QuorumError {
@@ -392,6 +402,20 @@ where
 
     fn release<'a>(&'a self, key: &'a LockKey, token: &'a Token) -> BoxFuture<'a, Result<Verdict>> {
         Box::pin(self.release_all(key, token, false))
+    }
+
+    fn passes(&self) -> bool {
+        true
+    }
+
+    fn pass<'a>(
+        &'a self,
+        key: &'a LockKey,
+        from: &'a Token,
+        to: &'a Token,
+        ttl: Ttl,
+    ) -> BoxFuture<'a, Result<Passed>> {
+        Box::pin(self.pass_all(key, from, to, ttl))
     }
 
     fn release_in_background<'a>(

@@ -18,12 +18,14 @@ use crate::options::{Replicas, Ttl};
 use crate::protocol::{Script, script};
 
 mod acquire;
+mod background;
 mod lease_store;
 mod queue;
 mod release;
 mod replicas;
 mod scripts;
 
+pub(crate) use background::{release_in_background, release_retrying};
 pub(crate) use scripts::ScriptRunner;
 
 pub(crate) use queue::{Queue, no_queue};
@@ -81,6 +83,16 @@ impl From<NodeAnswer> for Verdict {
     }
 }
 
+/// What passing a lease to the next waiter came to (see [`LeaseStore::pass`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Passed {
+    /// The lease now holds the next holder's token where it had to, with validity left.
+    Passed,
+    /// It did not: the store released the holder's lease instead (and whatever the pass
+    /// may have set), and this is that release's verdict.
+    Released(Verdict),
+}
+
 /// Acquire, extend and release one lease. Implementations bound every call in time.
 pub(crate) trait LeaseStore: Send + Sync + 'static {
     /// `SET key token NX PX ttl`; with `fenced`, also a fencing token on success (only
@@ -133,6 +145,26 @@ pub(crate) trait LeaseStore: Send + Sync + 'static {
     /// Compare-and-`PEXPIRE` for many leases at once, in as few round trips as the store
     /// allows: one verdict (or error) per lease, in order.
     fn extend_many<'a>(&'a self, batch: &'a [Extension]) -> BoxFuture<'a, Vec<Result<Verdict>>>;
+
+    /// Whether a holder's release may [`pass`](Self::pass) the lease to the next waiter of
+    /// its manager.
+    fn passes(&self) -> bool {
+        false
+    }
+
+    /// Ends the lease of `from` by handing it to `to` for `ttl` (validity counted from
+    /// before the call), or, where that does not take, by releasing it: never leaves `to`'s
+    /// lease behind unless it answers [`Passed::Passed`]. An error leaves both tokens to
+    /// the caller to release.
+    fn pass<'a>(
+        &'a self,
+        key: &'a LockKey,
+        from: &'a Token,
+        _to: &'a Token,
+        _ttl: Ttl,
+    ) -> BoxFuture<'a, Result<Passed>> {
+        Box::pin(async move { Ok(Passed::Released(self.release(key, from).await?)) })
+    }
 
     /// Whether this store keeps a waiter queue beside the lease (fair mode).
     fn queues(&self) -> bool {

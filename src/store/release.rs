@@ -5,6 +5,8 @@ use redis::aio::ConnectionLike;
 use super::{NodeAnswer, RedisStore, answer, release_script};
 use crate::error::Result;
 use crate::key::{LockKey, Token};
+use crate::options::Ttl;
+use crate::protocol::script;
 
 impl<C> RedisStore<C>
 where
@@ -15,6 +17,27 @@ where
         let mut conn = self.conn.clone();
         let call = |cmd: &mut redis::Cmd| self.release_args(cmd, key, token);
         let code: i64 = self.invoke(release_script(key), call, &mut conn).await?;
+        answer(code)
+    }
+
+    /// Compare-and-`SET` on this server: the lease goes from `from` to `to`, for `ttl`
+    /// ([`PASS`](crate::protocol::PASS)); nothing is announced.
+    pub(crate) async fn pass_here(
+        &self,
+        key: &LockKey,
+        from: &Token,
+        to: &Token,
+        ttl: Ttl,
+    ) -> Result<NodeAnswer> {
+        let mut conn = self.conn.clone();
+        let call = |cmd: &mut redis::Cmd| {
+            cmd.arg(1)
+                .arg(key.lease())
+                .arg(from.as_bytes())
+                .arg(to.as_bytes())
+                .arg(ttl.as_millis());
+        };
+        let code: i64 = self.invoke(&script::PASS, call, &mut conn).await?;
         answer(code)
     }
 

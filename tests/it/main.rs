@@ -39,6 +39,7 @@ mod primitive_cancellation;
 mod redlock;
 mod redlock_fair;
 mod redlock_notify;
+mod redlock_pass;
 mod replicas;
 #[cfg(feature = "sentinel")]
 mod replicas_failover;
