@@ -97,7 +97,10 @@
 //! [`LockManagerBuilder::connect_redlock`] (or [`build_redlock`](LockManagerBuilder::build_redlock)
 //! from your own connections). A lock is then held on a majority (`N/2 + 1`) of the nodes and
 //! survives the loss of any minority. The guard, waiting, backoff, drop and extension work
-//! as for one primary.
+//! as for one primary. One thing is added: when a guard ends while another call of the
+//! same manager waits for the lock (not in fair mode), the lease is passed to that call on
+//! every node at once (one round trip, the key never free in between; at most 4 times in
+//! a row, then released for every manager), see [`protocol::PASS`].
 //!
 //! ```no_run
 //! # async fn demo() -> distlock::Result<()> {
