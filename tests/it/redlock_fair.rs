@@ -8,18 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use distlock::{LockManager, LockOptions};
-use support::{Baseline, RedisNode, lease_key, unique_key};
-
-async fn five_nodes() -> Vec<RedisNode> {
-    let (a, b, c, d, e) = tokio::join!(
-        RedisNode::start(),
-        RedisNode::start(),
-        RedisNode::start(),
-        RedisNode::start(),
-        RedisNode::start()
-    );
-    vec![a, b, c, d, e]
-}
+use support::{Baseline, RedisNode, five_nodes, lease_key, unique_key};
 
 async fn redlock(nodes: &[RedisNode]) -> LockManager {
     LockManager::builder()

@@ -7,7 +7,7 @@ use crate::support;
 use std::time::{Duration, Instant};
 
 use distlock::{Backoff, LockManager, LockOptions};
-use support::{Baseline, RedisNode, unique_key};
+use support::{Baseline, RedisNode, five_nodes, unique_key};
 
 /// Generous next to a loopback round trip on a loaded machine.
 const NODE_TIMEOUT: Duration = Duration::from_secs(1);
@@ -32,17 +32,6 @@ fn slow_polling(wait: Duration) -> LockOptions {
                 .with_cap(POLL)
                 .with_jitter(false),
         )
-}
-
-async fn five_nodes() -> Vec<RedisNode> {
-    let (a, b, c, d, e) = tokio::join!(
-        RedisNode::start(),
-        RedisNode::start(),
-        RedisNode::start(),
-        RedisNode::start(),
-        RedisNode::start()
-    );
-    vec![a, b, c, d, e]
 }
 
 async fn redlock(nodes: &[RedisNode]) -> LockManager {

@@ -12,20 +12,9 @@ use std::time::{Duration, Instant};
 
 use distlock::{Backoff, LockManager, LockOptions};
 use proptest::prelude::*;
-use support::{Baseline, RedisNode, command_calls, lease_key, unique_key};
+use support::{Baseline, RedisNode, command_calls, five_nodes, lease_key, unique_key};
 
 const NODE_TIMEOUT: Duration = Duration::from_secs(1);
-
-async fn five_nodes() -> Vec<RedisNode> {
-    let (a, b, c, d, e) = tokio::join!(
-        RedisNode::start(),
-        RedisNode::start(),
-        RedisNode::start(),
-        RedisNode::start(),
-        RedisNode::start()
-    );
-    vec![a, b, c, d, e]
-}
 
 async fn redlock(nodes: &[RedisNode]) -> LockManager {
     LockManager::builder()

@@ -592,6 +592,18 @@ fn spawn_process(port: u16, options: &NodeOptions, dir: &std::path::Path) -> Chi
         .unwrap_or_else(|e| panic!("spawn {binary}: {e}"))
 }
 
+/// Five independent nodes, started together: the nodes of a lock over several primaries.
+pub async fn five_nodes() -> Vec<RedisNode> {
+    let (a, b, c, d, e) = tokio::join!(
+        RedisNode::start(),
+        RedisNode::start(),
+        RedisNode::start(),
+        RedisNode::start(),
+        RedisNode::start()
+    );
+    vec![a, b, c, d, e]
+}
+
 /// How many times the server ran `command` (lower case, e.g. `"evalsha"`) since it
 /// started, from `INFO commandstats`: proof that a request reached it.
 pub async fn command_calls(conn: &mut redis::aio::MultiplexedConnection, command: &str) -> u64 {
