@@ -46,9 +46,14 @@ where
             .enumerate()
             .map(|(i, answer)| async move {
                 let passed = matches!(answer, Ok(NodeAnswer::Done));
-                if passed || answer.is_err() {
-                    // `to` may be set here: take it back.
-                    if let Err(e) = bounded(limit, self.release_one(i, key, to, false)).await {
+                // `to` may be set where the pass took or did not answer: take it back,
+                // and release `from` where the pass did not move it, both at once (each
+                // a compare-and-delete of its own token), so a node that does not answer
+                // costs one node timeout, not two.
+                let take_back = async {
+                    if (passed || answer.is_err())
+                        && let Err(e) = bounded(limit, self.release_one(i, key, to, false)).await
+                    {
                         tracing::warn!(
                             node = self.nodes[i].name,
                             key = %key,
@@ -56,13 +61,16 @@ where
                             "could not undo a pass; the lease set there ends with its TTL"
                         );
                     }
-                }
-                if passed {
-                    // The key held `from` until the pass moved it: released.
-                    Ok(NodeAnswer::Done)
-                } else {
-                    bounded(limit, self.release_one(i, key, from, false)).await
-                }
+                };
+                let release = async {
+                    if passed {
+                        // The key held `from` until the pass moved it: released.
+                        Ok(NodeAnswer::Done)
+                    } else {
+                        bounded(limit, self.release_one(i, key, from, false)).await
+                    }
+                };
+                tokio::join!(take_back, release).1
             })
             .collect();
         let released = join_all(undo).await;

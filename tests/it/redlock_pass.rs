@@ -194,6 +194,110 @@ async fn passing_within_one_manager_still_lets_a_waiter_of_another_manager_in() 
     assert!(values(&nodes, &name).await.iter().all(Option::is_none));
 }
 
+/// Takes the lock, starts a waiter in the same manager and waits until it waits; returns
+/// the holder's guard and the waiter's task.
+async fn holder_and_waiter(
+    nodes: &[RedisNode],
+    locks: &LockManager,
+    name: &str,
+    wait: Duration,
+) -> (
+    distlock::LockGuard,
+    tokio::task::JoinHandle<distlock::Result<distlock::LockGuard>>,
+) {
+    let holder = locks
+        .lock_with(name, slow_polling(Duration::ZERO))
+        .await
+        .unwrap();
+    let waiter = {
+        let (locks, name) = (locks.clone(), name.to_owned());
+        tokio::spawn(async move { locks.lock_with(&name, slow_polling(wait)).await })
+    };
+    until_waiting(nodes).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    (holder, waiter)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_two_nodes_of_five_stopped_the_lease_is_still_passed() {
+    let nodes = five_nodes().await;
+    let locks = redlock(&nodes).await;
+    let name = unique_key("redlock-pass-two-down");
+    let (holder, waiter) = holder_and_waiter(&nodes, &locks, &name, Duration::from_secs(60)).await;
+    nodes[0].stop().await;
+    nodes[3].stop().await;
+    // The lost subscriptions wake the waiter, which attempts again (held) before it
+    // sleeps: a waiter acting on a wake-up is not passed a lease.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let live = [&nodes[1], &nodes[2], &nodes[4]];
+    let mut dels = Vec::new();
+    for node in live {
+        dels.push(command_calls(&mut node.conn().await, "del").await);
+    }
+    holder.release().await.unwrap();
+    let guard = tokio::time::timeout(Duration::from_secs(10), waiter)
+        .await
+        .expect("the waiter ends")
+        .unwrap()
+        .expect("the waiter is passed the lease on the three nodes left");
+    for (node, before) in live.iter().zip(&dels) {
+        assert_eq!(
+            command_calls(&mut node.conn().await, "del").await,
+            *before,
+            "passed, not released and taken again"
+        );
+    }
+    assert!(guard.is_held());
+    guard.release().await.unwrap();
+    for node in live {
+        support::wait_until_gone(
+            &mut node.conn().await,
+            &lease_key(&name),
+            Duration::from_secs(5),
+        )
+        .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pass_three_frozen_nodes_cannot_answer_ends_in_one_more_node_timeout_and_leaves_nothing()
+{
+    let nodes = five_nodes().await;
+    let mut baselines = Vec::new();
+    for node in &nodes {
+        baselines.push(Baseline::take(node).await);
+    }
+    let locks = redlock(&nodes).await;
+    let name = unique_key("redlock-pass-frozen");
+    let (holder, waiter) = holder_and_waiter(&nodes, &locks, &name, Duration::from_secs(3)).await;
+    for node in &nodes[..3] {
+        node.pause().await;
+    }
+    let started = Instant::now();
+    let released = holder.release().await;
+    let took = started.elapsed();
+    let e = released.expect_err("three of five nodes cannot confirm the release");
+    assert!(e.is_quorum(), "{e}");
+    // The pass waits one node timeout (1 s) for the frozen nodes, and undoing it another:
+    // the waiter's token and the holder's are deleted at once, not one after the other.
+    assert!(
+        took < Duration::from_millis(2600),
+        "a pass the frozen nodes could not answer took {took:?} to release"
+    );
+    let got = tokio::time::timeout(Duration::from_secs(30), waiter)
+        .await
+        .expect("the waiter ends by its budget")
+        .unwrap();
+    assert!(got.is_err(), "no majority can answer the waiter either");
+    for node in &nodes[..3] {
+        node.resume().await;
+    }
+    drop(locks);
+    for (node, baseline) in nodes.iter().zip(&baselines) {
+        baseline.assert_settled(node, Duration::from_secs(15)).await;
+    }
+}
+
 /// One caller of a generated schedule.
 #[derive(Debug, Clone)]
 struct Caller {
