@@ -334,6 +334,24 @@ mod tests {
     }
 
     #[test]
+    fn a_pass_claims_only_the_first_in_line_and_a_repeat_then_wakes_nobody() {
+        let mut q = Queues::default();
+        q.enqueue(CH, 1u8);
+        q.enqueue(CH, 2u8);
+        assert_eq!(q.wake_first_if(CH, |s| *s == 2), None, "not first in line");
+        assert_eq!(q.wake_first_if(b"other", |_| true), None);
+        assert_eq!(q.wake_first_if(CH, |s| *s == 1), Some(1));
+        assert_eq!(
+            q.wake_one_unless_acting(CH),
+            None,
+            "the claimed waiter counts as acting"
+        );
+        // Back in line when it acts (the claim ended): first again.
+        q.rearm(CH, |s| *s == 1);
+        assert!(q.is_first(CH, |s| *s == 1));
+    }
+
+    #[test]
     fn a_release_for_everyone_wakes_every_waiter_of_its_channel_only() {
         let mut q: Queues<u8> = Queues::default();
         for i in 1..=3 {
