@@ -126,6 +126,21 @@ async fn a_waiter_of_the_holders_manager_takes_the_lease_over_with_the_key_never
         "every node holds the new holder's token: held {held:?}, now {passed:?}"
     );
     assert!(guard.is_held());
+    // Belief never exceeds truth: read every node's TTL first, the guard's belief after.
+    let mut pttls = Vec::new();
+    for node in &nodes {
+        let ms: i64 = redis::cmd("PTTL")
+            .arg(lease_key(&name))
+            .query_async(&mut node.conn().await)
+            .await
+            .unwrap();
+        pttls.push(ms);
+    }
+    let believed = guard.remaining().as_millis() as i64;
+    assert!(
+        pttls.iter().all(|&ms| believed <= ms + 1),
+        "the passed lease believes {believed} ms left; the nodes hold it for {pttls:?} ms"
+    );
     guard.release().await.unwrap();
     assert!(values(&nodes, &name).await.iter().all(Option::is_none));
     drop(locks);
@@ -296,6 +311,40 @@ async fn a_pass_three_frozen_nodes_cannot_answer_ends_in_one_more_node_timeout_a
     for (node, baseline) in nodes.iter().zip(&baselines) {
         baseline.assert_settled(node, Duration::from_secs(15)).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pass_that_finds_another_owner_passes_nothing_and_reports_the_lease_taken() {
+    let nodes = five_nodes().await;
+    let locks = redlock(&nodes).await;
+    let name = unique_key("redlock-pass-taken");
+    let (holder, waiter) = holder_and_waiter(&nodes, &locks, &name, Duration::from_secs(3)).await;
+    // Another owner, speaking the raw protocol, holds the key on a majority now.
+    for node in &nodes[..3] {
+        support::set_lease(&mut node.conn().await, &name, "another-owner", 30_000).await;
+    }
+    let e = holder.release().await.expect_err("the lease was taken");
+    assert!(e.is_lost(), "{e}");
+    assert!(
+        e.to_string().contains("taken"),
+        "the reason says another token is there: {e}"
+    );
+    let got = tokio::time::timeout(Duration::from_secs(10), waiter)
+        .await
+        .expect("the waiter ends by its budget")
+        .unwrap();
+    assert!(got.is_err(), "nobody passed the waiter a lease");
+    let left = values(&nodes, &name).await;
+    assert!(
+        left[..3]
+            .iter()
+            .all(|v| v.as_deref() == Some("another-owner")),
+        "the other owner's lease is untouched: {left:?}"
+    );
+    assert!(
+        left[3..].iter().all(Option::is_none),
+        "the holder's lease is gone where it was: {left:?}"
+    );
 }
 
 /// One caller of a generated schedule.
